@@ -1,0 +1,282 @@
+//! The transport over real socketpairs: partial reads and writes, non-blocking use,
+//! fd passing, the fd limit, and rejected messages that leave the stream in sync and
+//! leak no fd.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::vfio_user::{Header, MessageType};
+
+fn message(id: u16, command: u16, payload: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    Header::command(id, command, payload.len()).encode(&mut v);
+    v.extend_from_slice(payload);
+    v
+}
+
+fn eventfd() -> OwnedFd {
+    let e = EventFd::new(libc::EFD_CLOEXEC).unwrap();
+    // SAFETY: into_raw_fd hands over sole ownership of the fd.
+    unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) }
+}
+
+/// A pipe; the write end is what gets sent, the read end tells whether every copy of
+/// the write end is closed (EOF) or one is still open somewhere (EAGAIN).
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two fds into the array we pass.
+    assert_eq!(
+        unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) },
+        0
+    );
+    // SAFETY: both fds were just created and are owned by nobody else.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// Whether every copy of the pipe's write end has been closed.
+fn writers_closed(read_end: &OwnedFd) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: reads at most one byte into a valid buffer.
+    let r = unsafe { libc::read(read_end.as_raw_fd(), b.as_mut_ptr() as *mut _, 1) };
+    r == 0
+}
+
+fn expect_message(frame: Option<Frame>) -> RawMessage {
+    match frame {
+        Some(Frame::Message(m)) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+/// A message written one byte at a time (many partial reads) arrives whole, and a
+/// non-blocking reader returns `None` until then without losing what it has.
+#[test]
+fn byte_by_byte_on_nonblocking_socket() {
+    let (a, b) = UnixStream::pair().unwrap();
+    b.set_nonblocking(true).unwrap();
+    let mut reader = MessageReader::new(Limits::DEFAULT);
+    let bytes = message(
+        5,
+        9,
+        &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16],
+    );
+    for (i, byte) in bytes.iter().enumerate() {
+        assert!(
+            reader.read(&b).unwrap().is_none(),
+            "complete too early at {i}"
+        );
+        (&a).write_all(&[*byte]).unwrap();
+    }
+    let m = expect_message(reader.read(&b).unwrap());
+    assert_eq!(m.header.msg_id, 5);
+    assert_eq!(m.payload.len(), 16);
+    assert!(!reader.is_mid_message());
+    assert!(reader.read(&b).unwrap().is_none());
+}
+
+/// fds sent with a message are received with it, usable, and close-on-exec.
+#[test]
+fn passes_fds_with_message() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut writer = MessageWriter::new(Limits {
+        max_msg_fds: 2,
+        ..Limits::DEFAULT
+    });
+    let (e1, e2) = (eventfd(), eventfd());
+    writer
+        .send_blocking(&a, message(1, 8, &[0; 20]), vec![e1, e2])
+        .unwrap();
+    let mut reader = MessageReader::new(Limits {
+        max_msg_fds: 2,
+        ..Limits::DEFAULT
+    });
+    let m = expect_message(reader.read(&b).unwrap());
+    assert_eq!(m.fds.len(), 2);
+    for fd in &m.fds {
+        // SAFETY: F_GETFD only queries the descriptor table.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        // Writing to the received eventfd works.
+        // SAFETY: writing 8 bytes from a valid u64 to an fd we own.
+        let one = 1u64;
+        let r = unsafe { libc::write(fd.as_raw_fd(), &one as *const u64 as *const _, 8) };
+        assert_eq!(r, 8);
+    }
+}
+
+/// More fds than max_msg_fds: the message is rejected with E2BIG, its fds are closed,
+/// and the next message on the stream is read correctly.
+#[test]
+fn too_many_fds_rejected_without_leak() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut writer = MessageWriter::new(Limits {
+        max_msg_fds: 8,
+        ..Limits::DEFAULT
+    });
+    let (r1, w1) = pipe();
+    let (r2, w2) = pipe();
+    let (r3, w3) = pipe();
+    writer
+        .send_blocking(&a, message(1, 8, &[0; 20]), vec![w1, w2, w3])
+        .unwrap();
+    writer
+        .send_blocking(&a, message(2, 4, &[0; 16]), vec![])
+        .unwrap();
+    let mut reader = MessageReader::new(Limits {
+        max_msg_fds: 2,
+        ..Limits::DEFAULT
+    });
+    match reader.read(&b).unwrap() {
+        Some(Frame::Rejected(r)) => {
+            assert_eq!(r.header.msg_id, 1);
+            assert_eq!(r.error.errno(), libc::E2BIG as u32);
+        }
+        other => panic!("expected rejection, got {other:?}"),
+    }
+    for r in [&r1, &r2, &r3] {
+        assert!(writers_closed(r), "a rejected fd was leaked");
+    }
+    let m = expect_message(reader.read(&b).unwrap());
+    assert_eq!(m.header.msg_id, 2);
+}
+
+/// An oversize message is skipped without allocating its size and rejected with E2BIG;
+/// its fds are closed and the stream stays in sync.
+#[test]
+fn oversize_message_is_skipped() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let limits = Limits {
+        max_msg_size: 64,
+        max_msg_fds: 1,
+    };
+    let mut writer = MessageWriter::new(Limits {
+        max_msg_size: 1 << 20,
+        max_msg_fds: 1,
+    });
+    let (r1, w1) = pipe();
+    let big = message(1, 10, &vec![0xaa; 100_000]);
+    let sender = std::thread::spawn(move || {
+        writer.send_blocking(&a, big, vec![w1]).unwrap();
+        writer
+            .send_blocking(&a, message(2, 9, &[0; 16]), vec![])
+            .unwrap();
+        a
+    });
+    let mut reader = MessageReader::new(limits);
+    match reader.read(&b).unwrap() {
+        Some(Frame::Rejected(r)) => {
+            assert!(matches!(
+                r.error,
+                crate::vfio_user::DecodeError::TooLarge { .. }
+            ));
+            assert_eq!(r.error.errno(), libc::E2BIG as u32);
+        }
+        other => panic!("expected rejection, got {other:?}"),
+    }
+    let m = expect_message(reader.read(&b).unwrap());
+    assert_eq!(m.header.msg_id, 2);
+    let _a = sender.join().unwrap();
+    assert!(writers_closed(&r1), "the skipped message's fd was leaked");
+}
+
+/// A header whose size is below 16 cannot be framed: the connection is reported broken.
+#[test]
+fn unframeable_header_is_fatal() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut h = Header::command(1, 1, 0).to_bytes();
+    h[4] = 8;
+    (&a).write_all(&h).unwrap();
+    let mut reader = MessageReader::new(Limits::DEFAULT);
+    assert!(matches!(reader.read(&b), Err(TransportError::BadHeader(_))));
+}
+
+/// EOF between messages is `Closed`; EOF inside one is `ClosedMidMessage`.
+#[test]
+fn eof_is_reported() {
+    let (a, b) = UnixStream::pair().unwrap();
+    drop(a);
+    let mut reader = MessageReader::new(Limits::DEFAULT);
+    assert!(matches!(reader.read(&b), Err(TransportError::Closed)));
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let bytes = message(1, 9, &[0; 16]);
+    (&a).write_all(&bytes[..20]).unwrap();
+    drop(a);
+    let mut reader = MessageReader::new(Limits::DEFAULT);
+    assert!(matches!(
+        reader.read(&b),
+        Err(TransportError::ClosedMidMessage {
+            received: 20,
+            expected: 32
+        })
+    ));
+}
+
+/// A writer on a full non-blocking socket keeps the rest of its queue and finishes
+/// later; the fds travel once, with the first byte.
+#[test]
+fn partial_writes_resume() {
+    let (a, b) = UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    let mut writer = MessageWriter::new(Limits::DEFAULT);
+    let big = message(1, 10, &vec![0x55; 900_000]);
+    writer.push(big.clone(), vec![eventfd()]).unwrap();
+    writer.push(message(2, 13, &[]), vec![]).unwrap();
+    assert!(!writer.flush(&a).unwrap(), "socket buffer should fill up");
+    let reader_thread = std::thread::spawn(move || {
+        let mut reader = MessageReader::new(Limits::DEFAULT);
+        let m1 = expect_message(reader.read(&b).unwrap());
+        let m2 = expect_message(reader.read(&b).unwrap());
+        (m1, m2)
+    });
+    while !writer.flush(&a).unwrap() {
+        std::thread::yield_now();
+    }
+    let (m1, m2) = reader_thread.join().unwrap();
+    assert_eq!(m1.payload, big[16..]);
+    assert_eq!(m1.fds.len(), 1);
+    assert_eq!(m2.header.msg_id, 2);
+    assert!(m2.fds.is_empty());
+}
+
+/// The writer refuses messages over the peer's limits before sending anything.
+#[test]
+fn writer_enforces_peer_limits() {
+    let mut writer = MessageWriter::new(Limits {
+        max_msg_size: 32,
+        max_msg_fds: 0,
+    });
+    assert!(matches!(
+        writer.push(message(1, 10, &[0; 17]), vec![]),
+        Err(TransportError::SendTooLarge { .. })
+    ));
+    assert!(matches!(
+        writer.push(message(1, 2, &[0; 16]), vec![eventfd()]),
+        Err(TransportError::SendTooManyFds { .. })
+    ));
+    assert!(writer.is_empty());
+}
+
+/// A header with invalid flags is rejected (EINVAL) and skipped, keeping the stream.
+#[test]
+fn bad_flags_rejected_in_sync() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut bad = message(1, 9, &[0; 16]);
+    bad[8] = 0x7; // type 7
+    (&a).write_all(&bad).unwrap();
+    (&a).write_all(&message(2, 9, &[0; 16])).unwrap();
+    let mut reader = MessageReader::new(Limits::DEFAULT);
+    match reader.read(&b).unwrap() {
+        Some(Frame::Rejected(r)) => {
+            assert_eq!(r.header.msg_id, 1);
+            assert_eq!(r.header.msg_type, MessageType::Command);
+            assert_eq!(r.error.errno(), libc::EINVAL as u32);
+        }
+        other => panic!("expected rejection, got {other:?}"),
+    }
+    assert_eq!(expect_message(reader.read(&b).unwrap()).header.msg_id, 2);
+}
