@@ -382,9 +382,7 @@ impl RegionIoFds {
             });
         }
         let rest = r.remaining();
-        let layout = if rest == 0 {
-            IoFdLayout::Spec40
-        } else if count as usize * 40 == rest {
+        let layout = if rest == 0 || count as usize * 40 == rest {
             IoFdLayout::Spec40
         } else if count as usize * 48 == rest {
             IoFdLayout::LibVfioUser48

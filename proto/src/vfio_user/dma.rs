@@ -204,19 +204,31 @@ fn decode_addr_count(
     let mut r = Reader::new(payload);
     let address = r.u64()?;
     let len = payload.len() as u64;
+    let mut count = Reader::new(&payload[8..]);
+    if !data_follows {
+        // Only the count follows the address: its width is the rest of the payload.
+        return match len {
+            16 => Ok((address, count.u64()?, CountWidth::U64)),
+            12 => Ok((address, count.u32()?.into(), CountWidth::U32)),
+            _ => Err(DecodeError::LengthMismatch {
+                field: "DMA address/count",
+                value: 16,
+                actual: len,
+            }),
+        };
+    }
     let c64 = Reader::new(&payload[8..]).u64().ok();
-    let c32 = u64::from(Reader::new(&payload[8..]).u32()?);
-    let data = |hdr: u64, c: u64| if data_follows { hdr + c } else { hdr };
+    let c32 = u64::from(count.u32()?);
     // The u64 reading is the spec's; it wins where both readings fit.
     if let Some(c) = c64 {
-        if c <= len && len == data(16, c) {
+        if c <= len && len == 16 + c {
             return Ok((address, c, CountWidth::U64));
         }
     }
-    if len == data(12, c32) {
+    if len == 12 + c32 {
         return Ok((address, c32, CountWidth::U32));
     }
-    if data_follows && len == 16 + c32 {
+    if len == 16 + c32 {
         return Ok((address, c32, CountWidth::U32Padded));
     }
     Err(DecodeError::LengthMismatch {
@@ -243,11 +255,7 @@ impl DmaAccess {
         Ok(Self {
             address,
             count,
-            width: if width == CountWidth::U32Padded {
-                CountWidth::U32
-            } else {
-                width
-            },
+            width,
         })
     }
 
