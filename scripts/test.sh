@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, unit and cross-process tests, and a bounded
+# run of every fuzz target. This is what CI runs (.ci/run), on a clean clone.
+#
+#   scripts/test.sh                 (FUZZ_SECONDS=15 per fuzz target by default)
+#   FUZZ_SECONDS=0 scripts/test.sh  (skip fuzzing)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (all targets, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo test"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+passed=$(grep -Eo '[0-9]+ passed' "$log" | awk '{s += $1} END {print s + 0}')
+failed=$(grep -Eo '[0-9]+ failed' "$log" | awk '{s += $1} END {print s + 0}')
+
+fuzz_seconds=${FUZZ_SECONDS:-15}
+if [ "$fuzz_seconds" -gt 0 ]; then
+    step "fuzz targets, ${fuzz_seconds}s each"
+    scripts/fuzz.sh "$fuzz_seconds"
+fi
+
+# One closing line for the whole suite (cargo prints one per test binary).
+echo "tests: ${passed} passed, ${failed} failed"
