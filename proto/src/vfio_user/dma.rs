@@ -294,7 +294,8 @@ impl DmaReadReply {
             _ => u64::from(r.u32()?),
         };
         let pad = if width == CountWidth::U32Padded { 4 } else { 0 };
-        if payload.len() as u64 != width.header_len() as u64 + count + pad {
+        let expected = (width.header_len() as u64 + pad).checked_add(count);
+        if expected != Some(payload.len() as u64) {
             return Err(DecodeError::LengthMismatch {
                 field: "DMA_READ count",
                 value: count,
@@ -311,8 +312,11 @@ impl DmaReadReply {
         width: CountWidth,
     ) -> Result<Self, DecodeError> {
         let start = width.header_len();
-        let data = payload
-            .get(start..start + count as usize)
+        let end = usize::try_from(count)
+            .ok()
+            .and_then(|c| c.checked_add(start));
+        let data = end
+            .and_then(|end| payload.get(start..end))
             .ok_or(DecodeError::LengthMismatch {
                 field: "DMA_READ count",
                 value: count,

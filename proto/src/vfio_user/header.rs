@@ -91,7 +91,7 @@ impl Header {
 
     /// Bytes of payload that follow the header.
     pub fn payload_len(&self) -> usize {
-        self.size as usize - HEADER_SIZE
+        (self.size as usize).saturating_sub(HEADER_SIZE)
     }
 
     /// Decodes and validates a header.

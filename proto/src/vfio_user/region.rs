@@ -134,7 +134,7 @@ pub struct MultiWrite {
 impl MultiWrite {
     /// The bytes written.
     pub fn bytes(&self) -> &[u8] {
-        &self.data[..self.count as usize]
+        &self.data[..(self.count as usize).min(MAX_MULTI_WRITE_DATA)]
     }
 
     pub(crate) fn decode_all(r: &mut Reader<'_>) -> Result<Vec<Self>, DecodeError> {

@@ -1466,7 +1466,9 @@ proptest! {
                                       payload in proptest::collection::vec(any::<u8>(), 0..160)) {
         let _ = Request::decode(command, &payload, nfds);
         let _ = Reply::decode(command, &payload, nfds);
-        let _ = DmaReadReply::decode_as(&payload, CountWidth::U32Padded);
+        for width in [CountWidth::U64, CountWidth::U32, CountWidth::U32Padded] {
+            let _ = DmaReadReply::decode_as(&payload, width);
+        }
         let _ = Header::decode(&payload);
     }
 
