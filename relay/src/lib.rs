@@ -1,1 +1,95 @@
+//! vfu-relay: terminates vfio-user sockets on the host and tunnels their messages into a
+//! device VM over a virtio device whose vhost-user backend it is.
+//!
+//! - [`config`]: what to export, from the command line or a TOML file.
+//! - [`channel`]: one exported device: its client connection, requests in flight,
+//!   interrupt eventfds.
+//! - [`switch`]: the thread that owns the device sockets and client connections and
+//!   forwards client requests into the tunnel.
+//! - [`tunnel`]: the vhost-user backend of the tunnel device, the queue-level link and
+//!   the tunnel protocol (HELLO, channels, sessions, replies, interrupts).
+//! - [`version`]: the honest VERSION negotiation between client and device model.
 
+pub mod channel;
+pub mod config;
+pub mod switch;
+pub mod tunnel;
+pub mod version;
+
+use std::sync::Arc;
+
+use log::{error, info};
+use thiserror::Error;
+
+pub use config::{Config, DeviceConfig};
+
+/// Everything that stops the relay.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// Invalid configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// A socket could not be created.
+    #[error("socket {path}: {source}")]
+    Socket {
+        /// The path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The vhost-user backend failed to start.
+    #[error("vhost-user backend: {0}")]
+    Backend(String),
+    /// Any other system error.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Result of relay operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Runs the relay until it fails or a termination signal arrives.
+pub fn run(config: Config) -> Result<()> {
+    let relay = Arc::new(switch::Relay::new(config)?);
+    handle_termination(relay.clone())?;
+    let switch = switch::Switch::start(relay.clone())?;
+    info!(
+        "vfu-relay: {} device(s); waiting for the device VM on {}",
+        relay.channels.len(),
+        relay.config.frontend_socket.display()
+    );
+    let result = tunnel::serve_frontends(relay.clone());
+    if let Err(e) = &result {
+        error!("tunnel: {e}");
+    }
+    switch.stop();
+    result
+}
+
+/// SIGINT and SIGTERM remove the relay's sockets and end the process. The signals are
+/// blocked in every thread (they inherit the mask) and taken by one thread with sigwait.
+fn handle_termination(relay: Arc<switch::Relay>) -> Result<()> {
+    // SAFETY: plain libc signal-set manipulation on a local sigset_t.
+    let set = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    };
+    std::thread::Builder::new()
+        .name("vfu-signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait on a valid set, writing into a local.
+            unsafe { libc::sigwait(&set, &mut sig) };
+            info!("signal {sig}: removing sockets and exiting");
+            for ch in &relay.channels {
+                let _ = std::fs::remove_file(&ch.socket);
+            }
+            let _ = std::fs::remove_file(&relay.config.frontend_socket);
+            std::process::exit(0);
+        })?;
+    Ok(())
+}

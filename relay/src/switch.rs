@@ -1,0 +1,387 @@
+//! The switch: the thread that owns the device sockets and the client connections. It
+//! accepts clients, reads their requests (non-blocking, so a slow or hostile client
+//! cannot stall the others), forwards them into the tunnel, flushes replies that did not
+//! fit a socket, and answers requests that outlive the timeout.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use log::{debug, error, info, warn};
+use vfu_proto::transport::{Frame, Limits, MessageReader, TransportError};
+use vfu_proto::tunnel::{Body, TunnelMessage};
+use vfu_proto::vfio_user::encode_error_reply;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::channel::{Channel, SendOutcome};
+use crate::tunnel::Link;
+use crate::version::RelayLimits;
+use crate::{Config, Error, Result};
+
+const WAKE_TOKEN: u64 = u64::MAX;
+const KIND_LISTENER: u64 = 0;
+const KIND_CLIENT: u64 = 1;
+
+fn token(kind: u64, index: usize) -> u64 {
+    (index as u64) << 1 | kind
+}
+
+/// State shared by the switch, the tunnel threads and the frontend loop.
+#[derive(Debug)]
+pub struct Relay {
+    /// The configuration.
+    pub config: Config,
+    /// Channels; channel id `n` is `channels[n - 1]`.
+    pub channels: Vec<Arc<Channel>>,
+    /// The tunnel toward the device VM.
+    pub link: Link,
+    /// What the relay can carry.
+    pub limits: RelayLimits,
+    poll: Epoll,
+    wake: EventFd,
+    /// Channels whose client must be dropped (set by other threads).
+    broken: Mutex<Vec<u32>>,
+    stopping: AtomicBool,
+}
+
+impl Relay {
+    /// Builds the shared state for `config`.
+    pub fn new(config: Config) -> Result<Self> {
+        let channels = config
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Arc::new(Channel::new(i as u32 + 1, d.name.clone(), d.socket.clone())))
+            .collect();
+        let limits = RelayLimits::DEFAULT;
+        Ok(Self {
+            link: Link::new(config.queue_pairs, limits),
+            config,
+            channels,
+            limits,
+            poll: Epoll::new()?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            broken: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+        })
+    }
+
+    /// The channel with tunnel id `id`.
+    pub fn channel(&self, id: u32) -> Option<&Arc<Channel>> {
+        id.checked_sub(1).and_then(|i| self.channels.get(i as usize))
+    }
+
+    /// Sends a control request to the device VM; a link that is down is logged only
+    /// (the device VM gets the full picture again with its next HELLO).
+    pub fn send_control(&self, channel: u32, body: Body) {
+        let msg = TunnelMessage {
+            channel,
+            tag: self.link.next_tag(),
+            body,
+        };
+        if let Err(e) = self.link.send(&msg) {
+            debug!("control message for channel {channel} not sent: {e}");
+        }
+    }
+
+    /// Deals with the outcome of writing to a channel's client from any thread.
+    pub fn after_send(&self, channel: &Channel, outcome: SendOutcome) {
+        match outcome {
+            SendOutcome::Done => {}
+            SendOutcome::Queued => {
+                let st = channel.lock();
+                if let Some(fd) = st.client.as_ref().map(|c| c.raw_fd()) {
+                    let ev = EpollEvent::new(
+                        EventSet::IN | EventSet::OUT,
+                        token(KIND_CLIENT, channel.id as usize - 1),
+                    );
+                    if let Err(e) = self.poll.ctl(ControlOperation::Modify, fd, ev) {
+                        warn!("{}: cannot watch for writability: {e}", channel.name);
+                    }
+                }
+            }
+            SendOutcome::Broken => {
+                self.broken
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(channel.id);
+                let _ = self.wake.write(1);
+            }
+        }
+    }
+
+    /// Whether the relay is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+}
+
+/// A client connection as the switch sees it: the read side.
+struct ClientReader {
+    sock: UnixStream,
+    reader: MessageReader,
+}
+
+/// Handle of the running switch thread.
+pub struct Switch {
+    relay: Arc<Relay>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Switch {
+    /// Creates every device socket and starts the switch thread.
+    pub fn start(relay: Arc<Relay>) -> Result<Self> {
+        let mut listeners = Vec::new();
+        for (i, ch) in relay.channels.iter().enumerate() {
+            let l = bind(&ch.socket)?;
+            l.set_nonblocking(true)?;
+            relay.poll.ctl(
+                ControlOperation::Add,
+                l.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token(KIND_LISTENER, i)),
+            )?;
+            info!("{}: vfio-user socket {}", ch.name, ch.socket.display());
+            listeners.push(l);
+        }
+        relay.poll.ctl(
+            ControlOperation::Add,
+            relay.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+        )?;
+        let r = relay.clone();
+        let thread = std::thread::Builder::new()
+            .name("vfu-switch".into())
+            .spawn(move || run(r, listeners))?;
+        Ok(Self {
+            relay,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops the switch thread and removes the device sockets.
+    pub fn stop(mut self) {
+        self.relay.stopping.store(true, Ordering::Release);
+        let _ = self.relay.wake.write(1);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        for ch in &self.relay.channels {
+            let _ = std::fs::remove_file(&ch.socket);
+        }
+    }
+}
+
+/// Binds a device socket, replacing a stale socket file but never a live one.
+fn bind(path: &Path) -> Result<UnixListener> {
+    let socket_err = |source| Error::Socket {
+        path: path.display().to_string(),
+        source,
+    };
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            return Err(socket_err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                "another process is listening on it",
+            )));
+        }
+        std::fs::remove_file(path).map_err(socket_err)?;
+    }
+    UnixListener::bind(path).map_err(socket_err)
+}
+
+fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
+    let mut clients: HashMap<usize, ClientReader> = HashMap::new();
+    let mut events = vec![EpollEvent::default(); 64];
+    while !relay.is_stopping() {
+        let timeout = next_timeout(&relay);
+        let n = match relay.poll.wait(timeout, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                error!("switch: epoll failed: {e}");
+                return;
+            }
+        };
+        for ev in &events[..n] {
+            let data = ev.data();
+            if data == WAKE_TOKEN {
+                let _ = relay.wake.read();
+                continue;
+            }
+            let index = (data >> 1) as usize;
+            match data & 1 {
+                KIND_LISTENER => accept(&relay, &listeners[index], index, &mut clients),
+                _ => {
+                    let set = ev.event_set();
+                    if set.contains(EventSet::OUT) {
+                        flush_client(&relay, index);
+                    }
+                    if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+                        && !read_client(&relay, index, &mut clients)
+                    {
+                        drop_client(&relay, index, &mut clients);
+                    }
+                }
+            }
+        }
+        let broken: Vec<u32> =
+            std::mem::take(&mut *relay.broken.lock().unwrap_or_else(|p| p.into_inner()));
+        for id in broken {
+            drop_client(&relay, id as usize - 1, &mut clients);
+        }
+        let now = Instant::now();
+        for (i, ch) in relay.channels.iter().enumerate() {
+            if ch.expire(now) == SendOutcome::Broken {
+                drop_client(&relay, i, &mut clients);
+            }
+        }
+    }
+    for i in clients.keys().copied().collect::<Vec<_>>() {
+        drop_client(&relay, i, &mut clients);
+    }
+}
+
+/// Milliseconds until the earliest request deadline (-1: none).
+fn next_timeout(relay: &Relay) -> i32 {
+    let now = Instant::now();
+    relay
+        .channels
+        .iter()
+        .filter_map(|ch| ch.lock().client.as_ref().and_then(|c| c.next_deadline()))
+        .min()
+        .map_or(-1, |d| {
+            let ms = d.saturating_duration_since(now).as_millis();
+            (ms.min(i32::MAX as u128) as i32) + 1
+        })
+}
+
+fn accept(
+    relay: &Relay,
+    listener: &UnixListener,
+    index: usize,
+    clients: &mut HashMap<usize, ClientReader>,
+) {
+    loop {
+        let sock = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                warn!("accept: {e}");
+                return;
+            }
+        };
+        let ch = &relay.channels[index];
+        if clients.contains_key(&index) {
+            warn!(
+                "{}: refusing a second client (one client per device socket)",
+                ch.name
+            );
+            continue; // dropping `sock` closes it
+        }
+        let setup = || -> std::io::Result<(UnixStream, UnixStream)> {
+            sock.set_nonblocking(true)?;
+            let write_side = sock.try_clone()?;
+            relay.poll.ctl(
+                ControlOperation::Add,
+                sock.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, token(KIND_CLIENT, index)),
+            )?;
+            Ok((sock, write_side))
+        };
+        match setup() {
+            Ok((read_side, write_side)) => {
+                clients.insert(
+                    index,
+                    ClientReader {
+                        sock: read_side,
+                        reader: MessageReader::new(Limits {
+                            max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
+                            max_msg_fds: relay.limits.max_msg_fds as usize,
+                        }),
+                    },
+                );
+                ch.on_client_connected(relay, write_side);
+            }
+            Err(e) => warn!("{}: cannot set up client: {e}", ch.name),
+        }
+    }
+}
+
+/// Reads and forwards every complete message. Returns false when the client must go.
+fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) -> bool {
+    let Some(c) = clients.get_mut(&index) else {
+        return true;
+    };
+    let ch = &relay.channels[index];
+    loop {
+        match c.reader.read(&c.sock) {
+            Ok(Some(Frame::Message(msg))) => {
+                let outcome = ch.on_client_message(relay, msg);
+                if outcome == SendOutcome::Broken {
+                    return false;
+                }
+                relay.after_send(ch, outcome);
+            }
+            Ok(Some(Frame::Rejected(r))) => {
+                debug!("{}: rejected message: {}", ch.name, r.error);
+                if !r.header.no_reply {
+                    let mut st = ch.lock();
+                    let outcome = match st.client.as_mut() {
+                        Some(client) => {
+                            client.send(encode_error_reply(&r.header, r.error.errno()), vec![])
+                        }
+                        None => SendOutcome::Broken,
+                    };
+                    drop(st);
+                    if outcome == SendOutcome::Broken {
+                        return false;
+                    }
+                    relay.after_send(ch, outcome);
+                }
+            }
+            Ok(None) => return true,
+            Err(TransportError::Closed) => return false,
+            Err(e) => {
+                warn!("{}: dropping client: {e}", ch.name);
+                return false;
+            }
+        }
+    }
+}
+
+fn flush_client(relay: &Relay, index: usize) {
+    let ch = &relay.channels[index];
+    let mut st = ch.lock();
+    let Some(client) = st.client.as_mut() else {
+        return;
+    };
+    match client.flush() {
+        SendOutcome::Done => {
+            let fd = client.raw_fd();
+            drop(st);
+            let ev = EpollEvent::new(EventSet::IN, token(KIND_CLIENT, index));
+            let _ = relay.poll.ctl(ControlOperation::Modify, fd, ev);
+        }
+        SendOutcome::Queued => {}
+        SendOutcome::Broken => {
+            drop(st);
+            relay.after_send(ch, SendOutcome::Broken);
+        }
+    }
+}
+
+fn drop_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) {
+    if let Some(c) = clients.remove(&index) {
+        let fd: RawFd = c.sock.as_raw_fd();
+        let _ = relay
+            .poll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
+        relay.channels[index].on_client_disconnected(relay);
+    }
+}

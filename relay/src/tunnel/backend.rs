@@ -1,0 +1,90 @@
+//! The vhost-user backend of the tunnel device, on `vhost-user-backend`.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use log::warn;
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::dispatch;
+use crate::switch::Relay;
+
+/// Largest queue the backend accepts.
+const MAX_QUEUE_SIZE: usize = 1024;
+
+/// The backend of one frontend connection.
+#[derive(Clone)]
+pub struct TunnelBackend {
+    relay: Arc<Relay>,
+    event_idx: Arc<AtomicBool>,
+}
+
+impl TunnelBackend {
+    /// A backend feeding `relay`.
+    pub fn new(relay: Arc<Relay>) -> Self {
+        Self {
+            relay,
+            event_idx: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl VhostUserBackend for TunnelBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2 * self.relay.link.offered_pairs as usize
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        1 << VIRTIO_F_VERSION_1
+            | 1 << VIRTIO_RING_F_EVENT_IDX
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        self.relay.link.attach_memory(mem);
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            warn!("tunnel queue {device_event}: unexpected event {evset:?}");
+            return Ok(());
+        }
+        self.relay.link.attach_vrings(vrings);
+        let pair = device_event as usize / 2;
+        if device_event % 2 == 1 {
+            for msg in self.relay.link.receive(pair) {
+                dispatch(&self.relay, msg);
+            }
+        } else {
+            self.relay.link.flush(pair);
+        }
+        Ok(())
+    }
+}

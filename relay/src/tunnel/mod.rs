@@ -1,0 +1,223 @@
+//! The tunnel device, relay side: a vhost-user backend on `vhost-user-backend`, the
+//! queue-level [`Link`], and the tunnel protocol (`docs/tunnel.md`): HELLO, channels,
+//! sessions, replies, interrupts.
+
+mod backend;
+mod link;
+
+pub use backend::TunnelBackend;
+pub use link::{Link, LinkError, Negotiated};
+
+use std::sync::Arc;
+
+use log::{debug, info, warn};
+use vfu_proto::tunnel::{
+    features, Body, Hello, HelloReply, Kind, TunnelError, TunnelMessage, VERSION_MAJOR,
+    VERSION_MINOR,
+};
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+use crate::channel::GuestState;
+use crate::switch::Relay;
+use crate::{Error, Result};
+
+/// Features the relay supports today.
+const RELAY_FEATURES: u64 = 0;
+
+/// Serves one device VM after another on the frontend socket, until the relay stops.
+/// Between two device VMs, clients get ENODEV.
+pub fn serve_frontends(relay: Arc<Relay>) -> Result<()> {
+    let socket = relay.config.frontend_socket.clone();
+    while !relay.is_stopping() {
+        let backend = TunnelBackend::new(relay.clone());
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
+            .map_err(|e| Error::Backend(e.to_string()))?;
+        info!("waiting for the device VM's VMM on {}", socket.display());
+        match daemon.serve(&socket) {
+            Ok(()) => info!("device VM disconnected"),
+            Err(vhost_user_backend::Error::CreateVhostUserListener(e)) => {
+                return Err(Error::Backend(format!(
+                    "cannot listen on {}: {e}",
+                    socket.display()
+                )))
+            }
+            Err(e) => warn!("device VM connection ended: {e}"),
+        }
+        device_vm_gone(&relay);
+    }
+    Ok(())
+}
+
+/// The device VM went away: requests in flight fail, channels wait for the next HELLO.
+fn device_vm_gone(relay: &Relay) {
+    relay.link.reset();
+    for ch in &relay.channels {
+        let outcome = ch.fail_pending(libc::ENODEV as u32);
+        relay.after_send(ch, outcome);
+    }
+}
+
+/// Handles one message from the device VM.
+pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, TunnelError>) {
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("malformed message from the device VM: {e}");
+            report(relay, 0, 0, e.errno(), &e.to_string());
+            return;
+        }
+    };
+    let (channel, tag) = (msg.channel, msg.tag);
+    match msg.body {
+        Body::Hello(h) => hello(relay, tag, h),
+        Body::Status { kind, status } => on_status(relay, channel, kind, status),
+        Body::VfioUser(frame) => match relay.channel(channel) {
+            Some(ch) => {
+                let outcome = ch.on_device_message(relay, frame);
+                relay.after_send(ch, outcome);
+            }
+            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+        },
+        Body::Irq(t) => match relay.channel(channel) {
+            Some(ch) => ch.on_irq(t.index, t.start, t.count),
+            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+        },
+        Body::DmaRead { .. } => {
+            // The copy path arrives with DMA support.
+            let reply = Body::DmaReadReply {
+                status: libc::EOPNOTSUPP as u32,
+                data: Vec::new(),
+            };
+            send_reply(relay, channel, tag, reply);
+        }
+        Body::DmaWrite { .. } => send_reply(
+            relay,
+            channel,
+            tag,
+            Body::Status {
+                kind: Kind::DmaWrite as u16,
+                status: libc::EOPNOTSUPP as u32,
+            },
+        ),
+        Body::Error { errno, text } => {
+            warn!("device VM reports error {errno} on channel {channel}: {text}")
+        }
+        other => {
+            let (kind, reply) = other.kind();
+            warn!("device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored");
+            report(relay, channel, tag, libc::EINVAL as u32, "unexpected message kind");
+        }
+    }
+}
+
+fn send_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
+    if let Err(e) = relay.link.send(&TunnelMessage { channel, tag, body }) {
+        debug!("reply on channel {channel} not sent: {e}");
+    }
+}
+
+/// Sends an ERROR to the device VM.
+fn report(relay: &Relay, channel: u32, tag: u32, errno: u32, text: &str) {
+    let mut text = text.to_string();
+    text.truncate(vfu_proto::tunnel::MAX_ERROR_TEXT);
+    send_reply(relay, channel, tag, Body::Error { errno, text });
+}
+
+/// HELLO: negotiate, then bring every channel up.
+fn hello(relay: &Relay, tag: u32, h: Hello) {
+    if h.version_major != VERSION_MAJOR {
+        warn!(
+            "device VM speaks tunnel version {}.{}, the relay {VERSION_MAJOR}.{VERSION_MINOR}",
+            h.version_major, h.version_minor
+        );
+        // The link is not up, so answer directly through a temporary negotiation.
+        relay.link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: h.max_msg_size as usize,
+            features: 0,
+        });
+        send_reply(
+            relay,
+            0,
+            tag,
+            Body::HelloReply(HelloReply {
+                status: libc::EPROTONOSUPPORT as u32,
+                version_major: VERSION_MAJOR,
+                version_minor: VERSION_MINOR,
+                queue_pairs: 1,
+                max_msg_size: relay.link.max_msg_size as u32,
+                features: 0,
+                shm_size: 0,
+            }),
+        );
+        relay.link.reset_negotiation();
+        return;
+    }
+    let negotiated = Negotiated {
+        pairs: h.queue_pairs.min(relay.link.offered_pairs).max(1),
+        guest_max_msg: h.max_msg_size as usize,
+        features: h.features & RELAY_FEATURES & features::ALL,
+    };
+    // A HELLO after the first: the driver restarted; what it had is gone.
+    for ch in &relay.channels {
+        let outcome = ch.fail_pending(libc::ECONNRESET as u32);
+        relay.after_send(ch, outcome);
+    }
+    relay.link.set_up(negotiated);
+    info!(
+        "device VM said HELLO: tunnel {}.{}, {} queue pair(s), messages up to {} bytes",
+        h.version_major, h.version_minor, negotiated.pairs, negotiated.guest_max_msg
+    );
+    send_reply(
+        relay,
+        0,
+        tag,
+        Body::HelloReply(HelloReply {
+            status: 0,
+            version_major: VERSION_MAJOR,
+            version_minor: VERSION_MINOR,
+            queue_pairs: negotiated.pairs,
+            max_msg_size: relay.link.max_msg_size as u32,
+            features: negotiated.features,
+            shm_size: 0,
+        }),
+    );
+    for ch in &relay.channels {
+        relay.send_control(
+            ch.id,
+            Body::ChannelUp {
+                name: ch.name.clone(),
+            },
+        );
+    }
+}
+
+fn on_status(relay: &Relay, channel: u32, kind: u16, status: u32) {
+    let Some(ch) = relay.channel(channel) else {
+        warn!("status for unknown channel {channel}");
+        return;
+    };
+    match Kind::from_u16(kind) {
+        Some(Kind::ChannelUp) => {
+            let mut st = ch.lock();
+            if status == 0 {
+                st.guest = GuestState::Served;
+                info!("{}: served by the device VM", ch.name);
+                if st.client.is_some() {
+                    relay.send_control(ch.id, Body::SessionStart);
+                }
+            } else {
+                st.guest = GuestState::NotServed;
+                warn!(
+                    "{}: the device VM does not serve this device (errno {status}); clients get ENODEV",
+                    ch.name
+                );
+            }
+        }
+        Some(k) if status != 0 => warn!("{}: device VM answered {k:?} with errno {status}", ch.name),
+        Some(_) => {}
+        None => warn!("{}: status for unknown kind {kind:#x}", ch.name),
+    }
+}
