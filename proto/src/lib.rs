@@ -5,6 +5,7 @@
 //!   and encoded back.
 //! - [`transport`]: framing of vfio-user messages on a UNIX stream socket, with file
 //!   descriptors passed as SCM_RIGHTS.
+//! - [`client`]: a blocking vfio-user client for tests, tools and benchmarks.
 //! - [`tunnel`]: the messages of the tunnel virtio device (`docs/tunnel.md`).
 //!
 //! Decoders never panic, never read out of bounds, and never allocate more than the
@@ -14,6 +15,7 @@
 
 #![deny(missing_docs)]
 
+pub mod client;
 pub mod transport;
 pub mod tunnel;
 pub mod vfio_user;

@@ -135,7 +135,8 @@ impl Client {
 
     /// Queues a message and writes what the socket takes.
     pub fn send(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) -> SendOutcome {
-        if self.writer.push(bytes, fds).is_err() || self.writer.queued_bytes() > MAX_CLIENT_BACKLOG {
+        if self.writer.push(bytes, fds).is_err() || self.writer.queued_bytes() > MAX_CLIENT_BACKLOG
+        {
             return SendOutcome::Broken;
         }
         self.flush()
@@ -233,7 +234,10 @@ impl Channel {
         let header = msg.header;
         if header.msg_type == MessageType::Reply {
             // Replies to server-to-client DMA_READ / DMA_WRITE; the relay sends none yet.
-            warn!("{}: unexpected reply from client (msg {})", self.name, header.msg_id);
+            warn!(
+                "{}: unexpected reply from client (msg {})",
+                self.name, header.msg_id
+            );
             return SendOutcome::Done;
         }
         let request = match Request::decode(header.command, &msg.payload, msg.fds.len()) {
@@ -249,6 +253,13 @@ impl Channel {
         }
         if request.command().is_server_to_client() {
             return client.error(&header, libc::EINVAL as u32);
+        }
+        if let Request::RegionRead(a) = &request {
+            // The reply would not fit a tunnel message: refuse here, whatever the device
+            // would say.
+            if a.count > relay.limits.max_data_xfer_size {
+                return client.error(&header, libc::EINVAL as u32);
+            }
         }
         if guest != GuestState::Served || !relay.link.is_up() {
             let errno = libc::ENODEV as u32;
@@ -311,7 +322,10 @@ impl Channel {
             payload: msg.payload,
             slots,
         };
-        if let Err(e) = relay.link.send(&TunnelMessage::new(self.id, Body::VfioUser(frame))) {
+        if let Err(e) = relay
+            .link
+            .send(&TunnelMessage::new(self.id, Body::VfioUser(frame)))
+        {
             debug!("{}: tunnel refused a request: {e}", self.name);
             return client.error(&header, e.errno());
         }
@@ -360,7 +374,10 @@ impl Channel {
             Ok(r) => r,
             Err(e) => {
                 warn!("{}: invalid reply from the device VM: {e}", self.name);
-                return client.send(encode_error_reply(&pending.header, libc::EIO as u32), vec![]);
+                return client.send(
+                    encode_error_reply(&pending.header, libc::EIO as u32),
+                    vec![],
+                );
             }
         };
         if !frame.slots.is_empty() {
@@ -368,7 +385,10 @@ impl Channel {
                 "{}: reply carries fd slots the relay does not hand out yet",
                 self.name
             );
-            return client.send(encode_error_reply(&pending.header, libc::EIO as u32), vec![]);
+            return client.send(
+                encode_error_reply(&pending.header, libc::EIO as u32),
+                vec![],
+            );
         }
         match (pending.kind, reply) {
             (PendingKind::Version(proposal), Reply::Version(device)) => {
@@ -421,7 +441,10 @@ impl Channel {
                 Command::try_from(p.header.command).map_or("?", |c| c.name()),
                 p.header.msg_id
             );
-            let o = client.send(encode_error_reply(&p.header, libc::ETIMEDOUT as u32), vec![]);
+            let o = client.send(
+                encode_error_reply(&p.header, libc::ETIMEDOUT as u32),
+                vec![],
+            );
             if o != SendOutcome::Done {
                 outcome = o;
             }

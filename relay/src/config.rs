@@ -74,8 +74,8 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        let config: Config = toml::from_str(&text)
-            .map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        let config: Config =
+            toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
         config.validate()
     }
 
@@ -101,10 +101,16 @@ impl Config {
                 )));
             }
             if !names.insert(d.name.clone()) {
-                return Err(Error::Config(format!("device name {:?} used twice", d.name)));
+                return Err(Error::Config(format!(
+                    "device name {:?} used twice",
+                    d.name
+                )));
             }
             if d.socket.as_os_str().is_empty() {
-                return Err(Error::Config(format!("device {:?}: empty socket path", d.name)));
+                return Err(Error::Config(format!(
+                    "device {:?}: empty socket path",
+                    d.name
+                )));
             }
             if !sockets.insert(d.socket.clone()) {
                 return Err(Error::Config(format!(
@@ -163,10 +169,12 @@ mod tests {
     fn validation() {
         assert!(base().validate().is_ok());
         let mut c = base();
-        c.devices.push(DeviceConfig::parse("gpio0=/tmp/h.sock").unwrap());
+        c.devices
+            .push(DeviceConfig::parse("gpio0=/tmp/h.sock").unwrap());
         assert!(c.validate().unwrap_err().to_string().contains("used twice"));
         let mut c = base();
-        c.devices.push(DeviceConfig::parse("other=/tmp/g.sock").unwrap());
+        c.devices
+            .push(DeviceConfig::parse("other=/tmp/g.sock").unwrap());
         assert!(c.validate().is_err());
         let mut c = base();
         c.devices[0].socket = "/tmp/f.sock".into();

@@ -92,7 +92,14 @@ mod tests {
         assert_eq!(c.devices.len(), 2);
         assert_eq!(c.request_timeout_ms, 3000);
         assert!(parse(&["vfu-relay", "--device", "a=/tmp/a"]).is_err());
-        assert!(parse(&["vfu-relay", "--frontend-socket", "/tmp/f", "--device", "nope"]).is_err());
+        assert!(parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/tmp/f",
+            "--device",
+            "nope"
+        ])
+        .is_err());
         assert!(parse(&["vfu-relay", "--frontend-socket", "/tmp/f"]).is_err());
         assert!(parse(&["vfu-relay", "--config", "/x", "--device", "a=/tmp/a"]).is_err());
     }

@@ -74,7 +74,8 @@ impl Relay {
 
     /// The channel with tunnel id `id`.
     pub fn channel(&self, id: u32) -> Option<&Arc<Channel>> {
-        id.checked_sub(1).and_then(|i| self.channels.get(i as usize))
+        id.checked_sub(1)
+            .and_then(|i| self.channels.get(i as usize))
     }
 
     /// Sends a control request to the device VM; a link that is down is logged only

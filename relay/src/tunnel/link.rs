@@ -252,14 +252,20 @@ impl Link {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let mut data = Vec::new();
-                let read = chain.clone().reader(&*guard).map_err(|e| e.to_string()).and_then(|r| {
-                    if r.available_bytes() > max {
-                        Err(format!("buffer of {} bytes", r.available_bytes()))
-                    } else {
-                        let mut r = r;
-                        r.read_to_end(&mut data).map(|_| ()).map_err(|e| e.to_string())
-                    }
-                });
+                let read = chain
+                    .clone()
+                    .reader(&*guard)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| {
+                        if r.available_bytes() > max {
+                            Err(format!("buffer of {} bytes", r.available_bytes()))
+                        } else {
+                            let mut r = r;
+                            r.read_to_end(&mut data)
+                                .map(|_| ())
+                                .map_err(|e| e.to_string())
+                        }
+                    });
                 let _ = vring.add_used(head, 0);
                 if let Err(e) = read {
                     warn!("g2h queue {pair}: bad buffer: {e}");

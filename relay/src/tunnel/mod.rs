@@ -107,7 +107,13 @@ pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, TunnelErr
         other => {
             let (kind, reply) = other.kind();
             warn!("device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored");
-            report(relay, channel, tag, libc::EINVAL as u32, "unexpected message kind");
+            report(
+                relay,
+                channel,
+                tag,
+                libc::EINVAL as u32,
+                "unexpected message kind",
+            );
         }
     }
 }
@@ -216,7 +222,9 @@ fn on_status(relay: &Relay, channel: u32, kind: u16, status: u32) {
                 );
             }
         }
-        Some(k) if status != 0 => warn!("{}: device VM answered {k:?} with errno {status}", ch.name),
+        Some(k) if status != 0 => {
+            warn!("{}: device VM answered {k:?} with errno {status}", ch.name)
+        }
         Some(_) => {}
         None => warn!("{}: status for unknown kind {kind:#x}", ch.name),
     }

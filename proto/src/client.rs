@@ -1,0 +1,276 @@
+//! A blocking vfio-user client on the typed codec and the socket transport: for tests,
+//! the demo, benchmarks and tools. One request at a time, plus posted (NO_REPLY) writes.
+
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use thiserror::Error;
+
+use crate::transport::{Frame, Limits, MessageReader, MessageWriter, TransportError};
+use crate::vfio_user::{
+    encode_request, Capabilities, DecodeError, DeviceInfo, GetInfoRequest, IrqInfo, MessageType,
+    RegionAccess, RegionInfo, RegionWrite, Reply, Request, Version, REGION_INFO_SIZE,
+};
+
+/// A failed request.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The server answered with an error reply.
+    #[error("server replied errno {0}")]
+    Errno(u32),
+    /// No reply within the timeout.
+    #[error("no reply within the timeout")]
+    Timeout,
+    /// The reply does not decode, or answers something else.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+    /// The connection failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// Connecting or configuring the socket failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<DecodeError> for ClientError {
+    fn from(e: DecodeError) -> Self {
+        ClientError::BadReply(e.to_string())
+    }
+}
+
+/// A connected vfio-user client.
+#[derive(Debug)]
+pub struct Client {
+    sock: UnixStream,
+    reader: MessageReader,
+    writer: MessageWriter,
+    next_id: u16,
+    /// What the server stated in VERSION (defaults until [`Client::negotiate`]).
+    pub server_caps: Capabilities,
+}
+
+impl Client {
+    /// Connects to the server socket at `path`; replies are awaited for `timeout`.
+    pub fn connect(path: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let sock = UnixStream::connect(path)?;
+        sock.set_read_timeout(Some(timeout))?;
+        let limits = Limits {
+            max_msg_fds: 16,
+            ..Limits::DEFAULT
+        };
+        // The server enforces its limits on what it receives; the client sends whatever
+        // it is asked to (tests send oversize messages on purpose).
+        let unlimited = Limits {
+            max_msg_size: usize::MAX,
+            max_msg_fds: crate::transport::SCM_MAX_FD,
+        };
+        Ok(Self {
+            sock,
+            reader: MessageReader::new(limits),
+            writer: MessageWriter::new(unlimited),
+            next_id: 0,
+            server_caps: Capabilities::default(),
+        })
+    }
+
+    /// VERSION with `caps` (QEMU's version 0.0); keeps the server's capabilities.
+    pub fn negotiate(&mut self, caps: Capabilities) -> Result<Version, ClientError> {
+        let v = Version {
+            major: 0,
+            minor: 0,
+            capabilities: Some(caps),
+        };
+        match self.request(&Request::Version(v), Vec::new())?.0 {
+            Reply::Version(v) => {
+                self.server_caps = v.capabilities.unwrap_or_default();
+                Ok(v)
+            }
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `req` with `fds` and waits for its reply.
+    pub fn request(
+        &mut self,
+        req: &Request,
+        fds: Vec<OwnedFd>,
+    ) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
+        let id = self.send(req, fds, false)?;
+        loop {
+            let msg = match self.reader.read(&self.sock) {
+                Ok(Some(Frame::Message(m))) => m,
+                Ok(Some(Frame::Rejected(r))) => {
+                    return Err(ClientError::BadReply(r.error.to_string()))
+                }
+                Ok(None) => return Err(ClientError::Timeout),
+                Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(ClientError::Timeout)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if msg.header.msg_type != MessageType::Reply || msg.header.msg_id != id {
+                // Not ours (a server-to-client command, or a stale reply): skip it.
+                continue;
+            }
+            if let Some(errno) = msg.header.error {
+                return Err(ClientError::Errno(errno));
+            }
+            let reply = Reply::decode(msg.header.command, &msg.payload, msg.fds.len())?;
+            if reply.command() != req.command() {
+                return Err(ClientError::BadReply("reply to another command".into()));
+            }
+            return Ok((reply, msg.fds));
+        }
+    }
+
+    /// Sends a command with a raw payload (possibly malformed) and returns the raw
+    /// payload of its reply, or the errno of an error reply.
+    pub fn call_raw(&mut self, command: u16, payload: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        let mut bytes = Vec::with_capacity(16 + payload.len());
+        crate::vfio_user::Header::command(id, command, payload.len()).encode(&mut bytes);
+        bytes.extend_from_slice(payload);
+        self.writer.send_blocking(&self.sock, bytes, Vec::new())?;
+        loop {
+            let msg = match self.reader.read(&self.sock) {
+                Ok(Some(Frame::Message(m))) => m,
+                Ok(Some(Frame::Rejected(r))) => {
+                    return Err(ClientError::BadReply(r.error.to_string()))
+                }
+                Ok(None) => return Err(ClientError::Timeout),
+                Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    return Err(ClientError::Timeout)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if msg.header.msg_type != MessageType::Reply || msg.header.msg_id != id {
+                continue;
+            }
+            return match msg.header.error {
+                Some(errno) => Err(ClientError::Errno(errno)),
+                None => Ok(msg.payload),
+            };
+        }
+    }
+
+    /// Sends `req` with NO_REPLY (a posted write): returns once it is written.
+    pub fn post(&mut self, req: &Request) -> Result<(), ClientError> {
+        self.send(req, Vec::new(), true).map(|_| ())
+    }
+
+    fn send(
+        &mut self,
+        req: &Request,
+        fds: Vec<OwnedFd>,
+        no_reply: bool,
+    ) -> Result<u16, ClientError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.writer
+            .send_blocking(&self.sock, encode_request(id, req, no_reply), fds)?;
+        Ok(id)
+    }
+
+    /// DEVICE_GET_INFO.
+    pub fn device_info(&mut self) -> Result<DeviceInfo, ClientError> {
+        let req = Request::DeviceGetInfo(GetInfoRequest {
+            argsz: DeviceInfo::SIZE,
+            index: 0,
+        });
+        match self.request(&req, Vec::new())?.0 {
+            Reply::DeviceGetInfo(i) => Ok(i),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_GET_REGION_INFO, asking again with a larger argsz when the first reply
+    /// says the full one does not fit. Returns the info and the region's fd, if any.
+    pub fn region_info(
+        &mut self,
+        index: u32,
+    ) -> Result<(RegionInfo, Option<OwnedFd>), ClientError> {
+        let mut argsz = REGION_INFO_SIZE;
+        for _ in 0..2 {
+            let req = Request::DeviceGetRegionInfo(GetInfoRequest { argsz, index });
+            let (reply, mut fds) = self.request(&req, Vec::new())?;
+            let Reply::DeviceGetRegionInfo(info) = reply else {
+                return Err(ClientError::BadReply("not a region info".into()));
+            };
+            if info.argsz <= argsz {
+                return Ok((info, fds.pop()));
+            }
+            argsz = info.argsz;
+        }
+        Err(ClientError::BadReply("region info keeps growing".into()))
+    }
+
+    /// DEVICE_GET_IRQ_INFO.
+    pub fn irq_info(&mut self, index: u32) -> Result<IrqInfo, ClientError> {
+        let req = Request::DeviceGetIrqInfo(GetInfoRequest {
+            argsz: IrqInfo::SIZE,
+            index,
+        });
+        match self.request(&req, Vec::new())?.0 {
+            Reply::DeviceGetIrqInfo(i) => Ok(i),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// REGION_READ of `count` bytes.
+    pub fn region_read(
+        &mut self,
+        region: u32,
+        offset: u64,
+        count: u32,
+    ) -> Result<Vec<u8>, ClientError> {
+        let req = Request::RegionRead(RegionAccess {
+            offset,
+            region,
+            count,
+        });
+        match self.request(&req, Vec::new())?.0 {
+            Reply::RegionRead(r) if r.data.len() == count as usize => Ok(r.data),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// REGION_WRITE, waiting for the reply.
+    pub fn region_write(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        let req = Request::RegionWrite(RegionWrite {
+            offset,
+            region,
+            data: data.to_vec(),
+        });
+        match self.request(&req, Vec::new())?.0 {
+            Reply::RegionWrite(_) => Ok(()),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// REGION_WRITE posted with NO_REPLY.
+    pub fn region_write_posted(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), ClientError> {
+        self.post(&Request::RegionWrite(RegionWrite {
+            offset,
+            region,
+            data: data.to_vec(),
+        }))
+    }
+
+    /// DEVICE_RESET.
+    pub fn reset(&mut self) -> Result<(), ClientError> {
+        self.request(&Request::DeviceReset, Vec::new()).map(|_| ())
+    }
+}
