@@ -15,6 +15,9 @@ cargo fmt --all -- --check
 step "cargo clippy (all targets, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo build (the cross-process tests run the built binaries)"
+cargo build --workspace --locked
+
 step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

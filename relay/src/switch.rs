@@ -278,6 +278,11 @@ fn accept(
             }
         };
         let ch = &relay.channels[index];
+        // The current client may have gone already with its EOF not yet read (a quick
+        // reconnect): take what it sent first.
+        if clients.contains_key(&index) && !read_client(relay, index, clients) {
+            drop_client(relay, index, clients);
+        }
         if clients.contains_key(&index) {
             warn!(
                 "{}: refusing a second client (one client per device socket)",

@@ -1,1 +1,199 @@
-//! Shared helpers for the cross-process tests.
+//! Helpers for the cross-process tests, the demo and the benchmark: start vfu-relay and
+//! vfu-guest as real processes, wait for their sockets, and clean up after them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A scratch directory for sockets, removed on drop.
+#[derive(Debug)]
+pub struct Scratch {
+    /// Its path.
+    pub path: PathBuf,
+}
+
+impl Scratch {
+    /// A new directory under the system temp dir, unique to this process and `tag`.
+    pub fn new(tag: &str) -> Self {
+        let path = std::env::temp_dir().join(format!("vfu-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("create scratch directory");
+        Self { path }
+    }
+
+    /// A path inside it.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// A child process that is terminated (SIGTERM, then SIGKILL) when dropped.
+#[derive(Debug)]
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: String,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `bin` with `args`; its output goes to this process's stderr only when
+    /// `VFU_TEST_LOG` is set, so test output stays readable.
+    pub fn spawn(name: &str, bin: &Path, args: &[&str]) -> Self {
+        let mut cmd = Command::new(bin);
+        cmd.args(args).stdin(Stdio::null());
+        match std::env::var("VFU_TEST_LOG") {
+            Ok(level) => {
+                cmd.env("RUST_LOG", level);
+            }
+            Err(_) => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            }
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
+        Self {
+            name: name.to_string(),
+            child,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and waits up to 5 s, then SIGKILL. Returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        self.child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if self.is_running() {
+            self.stop();
+        }
+    }
+}
+
+/// Finds a workspace binary next to the running executable (`target/<profile>/`, or
+/// its parent when running from `deps/`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    for _ in 0..2 {
+        let candidate = dir.join(name);
+        if candidate.exists() {
+            return candidate;
+        }
+        if !dir.pop() {
+            break;
+        }
+    }
+    panic!(
+        "{name} not found next to {}: build the workspace first (cargo build --workspace)",
+        exe.display()
+    );
+}
+
+/// Waits until a UNIX socket at `path` accepts connections.
+pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+/// Starts vfu-relay with a frontend socket and devices `(name, socket)`.
+pub fn start_relay(frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
+    let mut args = vec![
+        "--frontend-socket".to_string(),
+        frontend.display().to_string(),
+    ];
+    for (name, sock) in devices {
+        args.push("--device".into());
+        args.push(format!("{name}={}", sock.display()));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn("vfu-relay", &binary("vfu-relay"), &args)
+}
+
+/// Starts vfu-guest as the loopback device VM serving `(name, model)` pairs.
+pub fn start_loopback_guest(frontend: &Path, serve: &[(&str, &str)]) -> Proc {
+    let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
+    for (name, model) in serve {
+        args.push("--serve".into());
+        args.push(format!("{name}={model}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn("vfu-guest (loopback)", &binary("vfu-guest"), &args)
+}
+
+/// Starts vfu-guest in direct mode: `model` on `socket`, no relay.
+pub fn start_direct(socket: &Path, model: &str) -> Proc {
+    let s = socket.display().to_string();
+    Proc::spawn(
+        "vfu-guest (direct)",
+        &binary("vfu-guest"),
+        &["--listen", &s, "--model", model],
+    )
+}
+
+/// Latency statistics of a set of samples, in microseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Samples.
+    pub count: usize,
+}
+
+impl Latency {
+    /// From durations (sorted here).
+    pub fn from_samples(samples: &mut [Duration]) -> Self {
+        samples.sort_unstable();
+        let pick = |q: f64| {
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e6)
+        };
+        Self {
+            p50: pick(0.5),
+            p99: pick(0.99),
+            count: samples.len(),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The device API: what libvfio-user is for C, in Rust.
+//!
+//! A device author implements [`DeviceModel`]: a static [`DeviceDescription`] (PCI
+//! identity, BARs, interrupts, capabilities), BAR accesses and reset. The library does
+//! the rest: [`DeviceServer`] answers every vfio-user request for the model — the
+//! version handshake, device/region/IRQ information, the PCI configuration space
+//! ([`pci_config`]), region dispatch with bounds, width and alignment checks, interrupt
+//! assignment and masking ([`irq`]), the DMA map table ([`dma`]) and reset. The same
+//! server runs behind a plain vfio-user socket ([`crate::direct`]) or behind the
+//! tunnel (where eventfds are replaced by slots: [`DeviceServer::handle_tunnel`]).
+//!
+//! A model talks back through the [`DeviceContext`] it is handed on every call, e.g.
+//! to raise an interrupt.
+
+pub mod description;
+pub mod dma;
+pub mod errno;
+pub mod irq;
+pub mod lspci;
+pub mod pci_config;
+pub mod server;
+
+use std::os::fd::BorrowedFd;
+
+pub use description::{
+    BarDesc, BarKind, Capability, DescriptionError, DeviceDescription, MsixDesc, PcieDeviceType,
+};
+pub use dma::{DmaRegion, DmaTable};
+pub use errno::Errno;
+pub use irq::{EventFdIrqs, IrqSink};
+pub use server::{DeviceServer, Response};
+
+use irq::IrqState;
+use pci_config::ConfigSpace;
+use vfu_proto::vfio_user::pci_irq;
+
+/// A device model: what a device author implements.
+///
+/// Every method gets a [`DeviceContext`] to signal interrupts and look at the state the
+/// library keeps (command register, MSI enables). Errors are positive errnos
+/// ([`errno`]); the server answers the client with them.
+pub trait DeviceModel: Send {
+    /// Static description: PCI identity, BARs, capabilities, IRQ counts. Called once,
+    /// when the server is built.
+    fn describe(&self) -> DeviceDescription;
+
+    /// Reads `data.len()` bytes at `offset` of BAR `bar` (0..=5). Width, alignment and
+    /// bounds have been checked against the [`BarDesc`].
+    fn bar_read(
+        &mut self,
+        ctx: &mut DeviceContext<'_>,
+        bar: u8,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), Errno>;
+
+    /// Writes `data` at `offset` of BAR `bar` (0..=5), checked like
+    /// [`bar_read`](Self::bar_read).
+    fn bar_write(
+        &mut self,
+        ctx: &mut DeviceContext<'_>,
+        bar: u8,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), Errno>;
+
+    /// Device reset (DEVICE_RESET, or a function level reset written to the PCI Express
+    /// capability): back to the power-on state. The configuration space and the
+    /// interrupt state are already reset when this is called.
+    fn reset(&mut self, ctx: &mut DeviceContext<'_>);
+
+    /// Reads configuration space bytes the library does not emulate: those after the
+    /// 64-byte header that no capability covers (device-specific registers), and the
+    /// extended space of a PCI Express device. `offset` is where `data` starts; the run
+    /// never covers an emulated byte. Default: reads 0.
+    fn config_read(
+        &mut self,
+        ctx: &mut DeviceContext<'_>,
+        offset: u16,
+        data: &mut [u8],
+    ) -> Result<(), Errno> {
+        let _ = (ctx, offset);
+        data.fill(0);
+        Ok(())
+    }
+
+    /// Writes configuration space bytes the library does not emulate (see
+    /// [`config_read`](Self::config_read)). Default: ignored.
+    fn config_write(
+        &mut self,
+        ctx: &mut DeviceContext<'_>,
+        offset: u16,
+        data: &[u8],
+    ) -> Result<(), Errno> {
+        let _ = (ctx, offset, data);
+        Ok(())
+    }
+
+    /// An fd that becomes readable when the model has work to do outside a request
+    /// (an input changed, a timer expired). The serving loop polls it and then calls
+    /// [`service`](Self::service), which must consume what made it readable.
+    fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+
+    /// Does the work announced by [`event_fd`](Self::event_fd).
+    fn service(&mut self, ctx: &mut DeviceContext<'_>) {
+        let _ = ctx;
+    }
+}
+
+/// The handle the library gives a model on every call.
+pub struct DeviceContext<'a> {
+    config: &'a mut ConfigSpace,
+    irqs: &'a mut IrqState,
+}
+
+impl<'a> DeviceContext<'a> {
+    pub(crate) fn new(config: &'a mut ConfigSpace, irqs: &'a mut IrqState) -> Self {
+        Self { config, irqs }
+    }
+
+    /// Raises vector `vector` of IRQ index `index` (`pci_irq::INTX` vector 0,
+    /// `pci_irq::MSI`, `pci_irq::MSIX`, ...).
+    ///
+    /// INTx is a level: this asserts it until [`lower_intx`](Self::lower_intx); it
+    /// reaches the client as one edge when it is not masked, not disabled by the
+    /// command register's INTx disable bit and has an eventfd, and is held pending
+    /// otherwise. MSI and MSI-X vectors masked in their capability are held pending
+    /// until unmasked. Vectors that do not exist are ignored (logged).
+    pub fn raise_irq(&mut self, index: u32, vector: u32) {
+        self.irqs.raise(self.config, index, vector);
+    }
+
+    /// De-asserts INTx.
+    pub fn lower_intx(&mut self) {
+        self.irqs.lower_intx(self.config);
+    }
+
+    /// Whether the device asserts INTx.
+    pub fn intx_asserted(&self) -> bool {
+        self.config.intx_level()
+    }
+
+    /// Whether the client masked INTx (or it was automasked after a signal).
+    pub fn intx_masked(&self) -> bool {
+        self.irqs.intx_masked()
+    }
+
+    /// Whether the client assigned an eventfd (or tunnel slot) to the vector.
+    pub fn irq_assigned(&self, index: u32, vector: u32) -> bool {
+        self.irqs.is_assigned(index, vector)
+    }
+
+    /// The PCI command register (memory/IO enable, bus master, INTx disable).
+    pub fn command(&self) -> u16 {
+        self.config.command()
+    }
+
+    /// Whether the driver enabled MSI in the MSI capability.
+    pub fn msi_enabled(&self) -> bool {
+        self.config.msi_enabled()
+    }
+
+    /// Whether the driver enabled MSI-X in the MSI-X capability.
+    pub fn msix_enabled(&self) -> bool {
+        self.config.msix_enabled()
+    }
+
+    /// Number of vectors of IRQ index `index`.
+    pub fn irq_count(&self, index: u32) -> u32 {
+        self.irqs.count(index)
+    }
+
+    /// Shorthand for raising INTx.
+    pub fn raise_intx(&mut self) {
+        self.raise_irq(pci_irq::INTX, 0);
+    }
+}

@@ -1,0 +1,471 @@
+//! [`DeviceServer`]: answers every vfio-user request for one [`DeviceModel`].
+//!
+//! What it answers:
+//!
+//! | command | answer |
+//! |---|---|
+//! | VERSION | major 0 (another major: `EINVAL`), minor 0, this server's capabilities |
+//! | DEVICE_GET_INFO | PCI and RESET, 9 regions, 5 IRQ indexes |
+//! | DEVICE_GET_REGION_INFO | BARs as described, config space 256 or 4096 bytes, ROM and VGA size 0; index >= 9 `EINVAL`; the argsz retry rule |
+//! | DEVICE_GET_REGION_IO_FDS | no sub-regions for a valid index, else `EINVAL` |
+//! | DEVICE_GET_IRQ_INFO | as Linux vfio-pci: INTx (maskable, automasked), MSI, MSI-X, ERR (PCI Express only), REQ; index >= 5 `EINVAL` |
+//! | DEVICE_SET_IRQS | see [`super::irq`] |
+//! | REGION_READ / REGION_WRITE | config space emulation, or the model after bounds, width and alignment checks (`EINVAL`) |
+//! | REGION_WRITE_MULTI | each write in order; the first failure is the answer |
+//! | DEVICE_RESET | config space and interrupt state to power-on, then the model's reset |
+//! | DMA_MAP / DMA_UNMAP | the map table ([`super::dma`]) |
+//! | DMA_READ / DMA_WRITE | `EINVAL`: those go from server to client |
+//! | DEVICE_FEATURE, MIG_DATA_READ/WRITE | `EOPNOTSUPP` |
+//!
+//! BAR accesses reach the model whatever the command register's memory and I/O enable
+//! bits say: clients address BARs by region, not by bus address, as with vfio-pci.
+
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use log::{info, warn};
+use vfu_proto::vfio_user::{
+    pci_irq, pci_region, Capabilities, DeviceInfo, GetInfoRequest, Header, IoFdLayout, IrqInfo,
+    RegionInfo, RegionIoFds, RegionReadReply, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE,
+    DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+};
+
+use super::dma::{DmaRegion, DmaTable};
+use super::errno::{Errno, EINVAL, EOPNOTSUPP};
+use super::irq::{IrqFds, IrqSink, IrqState};
+use super::pci_config::{ConfigSpace, WriteEffects};
+use super::{lspci, DeviceContext, DeviceDescription, DeviceModel};
+
+/// Most fds this server accepts in one message (its `max_msg_fds`).
+pub const MAX_MSG_FDS: u32 = 16;
+/// Largest data transfer this server accepts (its `max_data_xfer_size`).
+pub const MAX_DATA_XFER_SIZE: u32 = DEFAULT_MAX_DATA_XFER_SIZE;
+
+/// What to send back for one request.
+#[derive(Debug)]
+pub enum Response {
+    /// A successful reply, with the fds that go with it.
+    Reply {
+        /// The reply.
+        reply: Reply,
+        /// Fds to send with it.
+        fds: Vec<OwnedFd>,
+    },
+    /// An error reply carrying this errno.
+    Error(Errno),
+    /// Nothing: the request had NO_REPLY set.
+    NoReply,
+}
+
+/// Answers the vfio-user requests of one client for one device model.
+pub struct DeviceServer {
+    model: Box<dyn DeviceModel>,
+    desc: DeviceDescription,
+    config: ConfigSpace,
+    irqs: IrqState,
+    dma: DmaTable,
+    caps: Capabilities,
+    client_caps: Capabilities,
+}
+
+impl std::fmt::Debug for DeviceServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceServer")
+            .field("desc", &self.desc)
+            .field("dma_maps", &self.dma.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceServer {
+    /// A server for `model`, signalling interrupts into `irqs`.
+    ///
+    /// The model's description is sanitized: parts that are invalid are left out and
+    /// logged ([`DeviceDescription::sanitized`]).
+    pub fn new(model: Box<dyn DeviceModel>, irqs: Box<dyn IrqSink>) -> Self {
+        let (desc, errors) = model.describe().sanitized();
+        for e in &errors {
+            log::error!(
+                "device {:04x}:{:04x}: invalid description, left out: {e}",
+                desc.vendor_id,
+                desc.device_id
+            );
+        }
+        let config = ConfigSpace::new(&desc);
+        let counts = [
+            u32::from(desc.intx),
+            desc.msi_vectors,
+            desc.msix.map_or(0, |m| u32::from(m.vectors)),
+            u32::from(desc.is_pcie()),
+            1,
+        ];
+        let caps = Capabilities {
+            max_msg_fds: Some(MAX_MSG_FDS),
+            max_data_xfer_size: Some(MAX_DATA_XFER_SIZE),
+            pgsizes: Some(DEFAULT_PGSIZES),
+            max_dma_maps: Some(DEFAULT_MAX_DMA_MAPS),
+            twin_socket: None,
+            write_multiple: Some(true),
+            migration: None,
+        };
+        Self {
+            model,
+            config,
+            irqs: IrqState::new(irqs, counts),
+            dma: DmaTable::new(DEFAULT_MAX_DMA_MAPS as usize),
+            desc,
+            caps,
+            client_caps: Capabilities::default(),
+        }
+    }
+
+    /// The (sanitized) description the server presents.
+    pub fn description(&self) -> &DeviceDescription {
+        &self.desc
+    }
+
+    /// Capabilities this server states in its VERSION reply.
+    pub fn capabilities(&self) -> Capabilities {
+        self.caps
+    }
+
+    /// Capabilities the client stated in its VERSION request (defaults before it).
+    pub fn client_capabilities(&self) -> Capabilities {
+        self.client_caps
+    }
+
+    /// The client's DMA maps.
+    pub fn dma_regions(&self) -> impl Iterator<Item = &DmaRegion> {
+        self.dma.iter()
+    }
+
+    /// One vfio-user request from the client, with the fds that came with it.
+    ///
+    /// With `header.no_reply` the work is done and [`Response::NoReply`] returned (a
+    /// failure is logged).
+    pub fn handle(&mut self, header: &Header, request: Request, fds: Vec<OwnedFd>) -> Response {
+        let result = self.dispatch(request, IrqFds::Direct(fds));
+        Self::respond(header, result)
+    }
+
+    /// One request that came through the tunnel, where fds do not exist: a SET_IRQS
+    /// whose eventfds the relay kept says how many in `eventfd_slots` (the sink's
+    /// [`IrqSink::assign_slots`] is called instead of `set_eventfds`); a DMA_MAP carries
+    /// no fd. Otherwise as [`handle`](Self::handle).
+    pub fn handle_tunnel(
+        &mut self,
+        header: &Header,
+        request: Request,
+        eventfd_slots: usize,
+    ) -> Response {
+        let result = self.dispatch(request, IrqFds::Slots(eventfd_slots));
+        Self::respond(header, result)
+    }
+
+    fn respond(header: &Header, result: Result<(Reply, Vec<OwnedFd>), Errno>) -> Response {
+        if header.no_reply {
+            if let Err(e) = result {
+                warn!(
+                    "command {} (msg {}, no reply wanted) failed: errno {e}",
+                    header.command, header.msg_id
+                );
+            }
+            return Response::NoReply;
+        }
+        match result {
+            Ok((reply, fds)) => Response::Reply { reply, fds },
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    /// The client disconnected: every DMA map is dropped and every IRQ assignment
+    /// cleared (their fds closed); the device state is kept.
+    pub fn client_disconnected(&mut self) {
+        info!(
+            "client disconnected: dropping {} DMA maps and the IRQ assignments",
+            self.dma.len()
+        );
+        self.dma.clear();
+        self.irqs.client_gone();
+        self.client_caps = Capabilities::default();
+    }
+
+    /// The model's event fd ([`DeviceModel::event_fd`]), to poll.
+    pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        self.model.event_fd()
+    }
+
+    /// Lets the model do the work its event fd announced ([`DeviceModel::service`]).
+    pub fn service(&mut self) {
+        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+        self.model.service(&mut ctx);
+    }
+
+    /// Device reset, as DEVICE_RESET.
+    pub fn reset(&mut self) {
+        self.config.reset();
+        self.irqs.device_reset(&mut self.config);
+        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+        self.model.reset(&mut ctx);
+    }
+
+    /// An lspci-like description of the device as a client sees it: config space read
+    /// through REGION_READ, region and IRQ information.
+    pub fn lspci(&mut self) -> String {
+        let size = self.config.size();
+        let config = self.region_read(pci_region::CONFIG, 0, size as u32);
+        let regions: Vec<RegionInfo> = (0..pci_region::COUNT)
+            .filter_map(|i| self.region_info(i).ok())
+            .collect();
+        let irqs: Vec<IrqInfo> = (0..pci_irq::COUNT)
+            .filter_map(|i| self.irqs.info(i))
+            .collect();
+        lspci::render(&config.unwrap_or_default(), &regions, &irqs)
+    }
+
+    fn dispatch(&mut self, request: Request, fds: IrqFds) -> Result<(Reply, Vec<OwnedFd>), Errno> {
+        let takes_fds = matches!(request, Request::DmaMap(_) | Request::DeviceSetIrqs(_));
+        if !takes_fds && matches!(&fds, IrqFds::Direct(v) if !v.is_empty()) {
+            warn!("{} came with fds; rejected", request.command().name());
+            return Err(EINVAL);
+        }
+        let reply = match request {
+            Request::Version(v) => self.version(v)?,
+            Request::DmaMap(m) => {
+                let fd = match fds {
+                    IrqFds::Direct(v) if v.len() > 1 => return Err(EINVAL),
+                    IrqFds::Direct(v) => v.into_iter().next(),
+                    IrqFds::Slots(_) => None,
+                };
+                self.dma.map(&m, fd)?;
+                Reply::DmaMap
+            }
+            Request::DmaUnmap(u) => {
+                self.dma.unmap(&u)?;
+                Reply::DmaUnmap(u)
+            }
+            Request::DeviceGetInfo(_) => Reply::DeviceGetInfo(DeviceInfo {
+                argsz: DeviceInfo::SIZE,
+                flags: DEVICE_FLAGS_PCI | DEVICE_FLAGS_RESET,
+                num_regions: pci_region::COUNT,
+                num_irqs: pci_irq::COUNT,
+            }),
+            Request::DeviceGetRegionInfo(GetInfoRequest { argsz, index }) => {
+                let (info, _with_fd) = self.region_info(index)?.reply_for(argsz);
+                Reply::DeviceGetRegionInfo(info)
+            }
+            Request::DeviceGetRegionIoFds(GetInfoRequest { index, .. }) => {
+                if index >= pci_region::COUNT {
+                    return Err(EINVAL);
+                }
+                Reply::DeviceGetRegionIoFds(RegionIoFds {
+                    argsz: RegionIoFds::FIXED,
+                    index,
+                    count: 0,
+                    sub_regions: Vec::new(),
+                    layout: IoFdLayout::Spec40,
+                })
+            }
+            Request::DeviceGetIrqInfo(GetInfoRequest { index, .. }) => {
+                Reply::DeviceGetIrqInfo(self.irqs.info(index).ok_or(EINVAL)?)
+            }
+            Request::DeviceSetIrqs(s) => {
+                self.irqs.set_irqs(&mut self.config, &s, fds)?;
+                Reply::DeviceSetIrqs
+            }
+            Request::RegionRead(a) => {
+                let data = self.region_read(a.region, a.offset, a.count)?;
+                Reply::RegionRead(RegionReadReply {
+                    offset: a.offset,
+                    region: a.region,
+                    data,
+                })
+            }
+            Request::RegionWrite(w) => {
+                self.region_write(w.region, w.offset, &w.data)?;
+                Reply::RegionWrite(w.access())
+            }
+            Request::RegionWriteMulti(writes) => {
+                for w in &writes {
+                    self.region_write(w.region, w.offset, w.bytes())?;
+                }
+                Reply::RegionWriteMulti {
+                    wr_cnt: writes.len() as u64,
+                }
+            }
+            Request::DeviceReset => {
+                self.reset();
+                Reply::DeviceReset
+            }
+            Request::DmaRead(_) | Request::DmaWrite(_) => {
+                warn!("the client sent a server-to-client command; rejected");
+                return Err(EINVAL);
+            }
+            Request::DeviceFeature(_) | Request::MigDataRead(_) | Request::MigDataWrite(_) => {
+                return Err(EOPNOTSUPP);
+            }
+        };
+        Ok((reply, Vec::new()))
+    }
+
+    fn version(&mut self, v: Version) -> Result<Reply, Errno> {
+        if v.major != 0 {
+            warn!(
+                "client proposes version {}.{}; only 0.x is spoken",
+                v.major, v.minor
+            );
+            return Err(EINVAL);
+        }
+        self.client_caps = v.capabilities.unwrap_or_default();
+        Ok(Reply::Version(Version {
+            major: 0,
+            minor: 0,
+            capabilities: Some(self.caps),
+        }))
+    }
+
+    /// Size of region `index` (0 for a region that does not exist).
+    fn region_size(&self, index: u32) -> u64 {
+        match index {
+            0..=5 => self.desc.bars[index as usize].map_or(0, |b| b.size),
+            pci_region::CONFIG => self.config.size() as u64,
+            _ => 0,
+        }
+    }
+
+    /// DEVICE_GET_REGION_INFO of `index` (the full reply).
+    pub fn region_info(&self, index: u32) -> Result<RegionInfo, Errno> {
+        if index >= pci_region::COUNT {
+            return Err(EINVAL);
+        }
+        let size = self.region_size(index);
+        let flags = if size > 0 {
+            REGION_INFO_FLAG_READ | REGION_INFO_FLAG_WRITE
+        } else {
+            0
+        };
+        Ok(RegionInfo::new(index, flags, size))
+    }
+
+    /// Checks a region access and returns the BAR number for a BAR (`None` for the
+    /// config space).
+    fn check_access(&self, region: u32, offset: u64, count: usize) -> Result<Option<u8>, Errno> {
+        if count > MAX_DATA_XFER_SIZE as usize {
+            return Err(EINVAL);
+        }
+        let size = self.region_size(region);
+        let end = offset.checked_add(count as u64).ok_or(EINVAL)?;
+        if size == 0 || end > size {
+            return Err(EINVAL);
+        }
+        match region {
+            0..=5 => {
+                let bar = self.desc.bars[region as usize].ok_or(EINVAL)?;
+                if count != 0 && !bar.access_ok(offset, count) {
+                    return Err(EINVAL);
+                }
+                Ok(Some(region as u8))
+            }
+            pci_region::CONFIG => Ok(None),
+            _ => Err(EINVAL),
+        }
+    }
+
+    /// REGION_READ: `count` bytes at `offset` of region `region`.
+    pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, Errno> {
+        let count = count as usize;
+        let target = self.check_access(region, offset, count)?;
+        let mut data = vec![0u8; count];
+        if count == 0 {
+            return Ok(data);
+        }
+        match target {
+            Some(bar) => {
+                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                self.model.bar_read(&mut ctx, bar, offset, &mut data)?;
+            }
+            None => self.config_read(offset as usize, &mut data)?,
+        }
+        Ok(data)
+    }
+
+    /// REGION_WRITE: `data` at `offset` of region `region`.
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        let target = self.check_access(region, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        match target {
+            Some(bar) => {
+                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                self.model.bar_write(&mut ctx, bar, offset, data)
+            }
+            None => self.config_write(offset as usize, data),
+        }
+    }
+
+    /// Splits `offset..offset + len` into runs of bytes that are all emulated, or all
+    /// the model's: (start, end, emulated).
+    fn config_runs(&self, offset: usize, len: usize) -> Vec<(usize, usize, bool)> {
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < len {
+            let owned = self.config.is_owned(offset + i);
+            let mut j = i + 1;
+            while j < len && self.config.is_owned(offset + j) == owned {
+                j += 1;
+            }
+            runs.push((i, j, owned));
+            i = j;
+        }
+        runs
+    }
+
+    fn config_read(&mut self, offset: usize, out: &mut [u8]) -> Result<(), Errno> {
+        for (i, j, owned) in self.config_runs(offset, out.len()) {
+            let chunk = &mut out[i..j];
+            if owned {
+                self.config.read(offset + i, chunk);
+            } else {
+                let at = u16::try_from(offset + i).map_err(|_| EINVAL)?;
+                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                self.model.config_read(&mut ctx, at, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn config_write(&mut self, offset: usize, data: &[u8]) -> Result<(), Errno> {
+        let mut fx = WriteEffects::default();
+        let mut result = Ok(());
+        for (i, j, owned) in self.config_runs(offset, data.len()) {
+            let chunk = &data[i..j];
+            if owned {
+                fx.merge(self.config.write(offset + i, chunk));
+            } else {
+                let Ok(at) = u16::try_from(offset + i) else {
+                    result = Err(EINVAL);
+                    break;
+                };
+                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                if let Err(e) = self.model.config_write(&mut ctx, at, chunk) {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        // What was written stays written; carry out its effects even if the model
+        // failed a later part.
+        if fx.flr {
+            info!("function level reset");
+            self.reset();
+        } else {
+            self.irqs.after_config_write(&mut self.config, fx);
+        }
+        result
+    }
+}
+
+#[cfg(test)]
+#[path = "server_tests.rs"]
+mod tests;

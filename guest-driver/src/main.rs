@@ -1,0 +1,120 @@
+//! `vfu-guest`: the driver of the vfu-relay tunnel device, or a plain vfio-user server.
+//!
+//! ```text
+//! vfu-guest --loopback /run/vfu-relay/frontend.sock --serve gpio0=gpio
+//! vfu-guest --listen /tmp/gpio.sock --model gpio
+//! vfu-guest --list-models
+//! ```
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{ArgGroup, Parser};
+use log::{error, info};
+
+use vfu_guest::transport::loopback::Loopback;
+use vfu_guest::tunnel::{DriverConfig, ServeSpec, TunnelDriver};
+use vfu_guest::{direct, models};
+
+/// Serves vfio-user device models: inside a device VM behind vfu-relay (here with the
+/// loopback VMM, which plays the device VM's VMM in this process), or directly on a
+/// host socket.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+#[command(group(ArgGroup::new("mode").required(true).args(["loopback", "listen", "list_models"])))]
+struct Args {
+    /// Loopback VMM: connect to the relay's frontend socket as the vhost-user frontend.
+    #[arg(long, value_name = "PATH", requires = "serve")]
+    loopback: Option<PathBuf>,
+    /// With --loopback: serve device NAME (as exported by the relay) with model MODEL.
+    #[arg(long = "serve", value_name = "NAME=MODEL", value_parser = ServeSpec::parse)]
+    serve: Vec<ServeSpec>,
+    /// Direct mode: serve --model as a plain vfio-user server on this socket (no relay).
+    #[arg(long, value_name = "SOCKET", requires = "model")]
+    listen: Option<PathBuf>,
+    /// With --listen: the model to serve.
+    #[arg(long, value_name = "MODEL")]
+    model: Option<String>,
+    /// List the device models and exit.
+    #[arg(long)]
+    list_models: bool,
+    /// With --loopback: MiB of guest memory.
+    #[arg(long, value_name = "MIB", default_value_t = 64)]
+    memory_mib: usize,
+    /// With --loopback: seconds to wait for the relay to appear.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    connect_timeout: u64,
+    /// Queue pairs to set up.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    queue_pairs: u16,
+}
+
+fn stop_on_signals() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // A second signal kills the process the default way.
+        let _ = register_stop(sig, stop.clone());
+    }
+    stop
+}
+
+/// Sets `flag` on `sig` (async-signal-safe: an atomic store).
+fn register_stop(sig: i32, flag: Arc<AtomicBool>) -> std::io::Result<()> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, Ordering::Release);
+        }
+    }
+    // SAFETY: installs a handler that only performs an atomic store.
+    let r = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    if r == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn run(args: Args) -> Result<(), String> {
+    if args.list_models {
+        for name in models::NAMES {
+            println!("{name}");
+        }
+        return Ok(());
+    }
+    let stop = stop_on_signals();
+    if let Some(path) = args.listen {
+        let name = args.model.unwrap_or_default();
+        let model = models::build(&name).map_err(|e| e.to_string())?;
+        info!("serving model {name} on {}", path.display());
+        return direct::serve(&path, model, stop).map_err(|e| e.to_string());
+    }
+    let path = args.loopback.unwrap_or_default();
+    let transport = Loopback::connect(
+        &path,
+        args.memory_mib << 20,
+        Duration::from_secs(args.connect_timeout),
+    )
+    .map_err(|e| e.to_string())?;
+    let config = DriverConfig {
+        serve: args.serve,
+        queue_pairs: args.queue_pairs,
+        queue_size: 256,
+    };
+    let mut driver = TunnelDriver::new(transport, config).map_err(|e| e.to_string())?;
+    driver.run(stop).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

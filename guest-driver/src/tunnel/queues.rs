@@ -1,0 +1,204 @@
+//! One queue pair of the tunnel device, driver side: `h2g` buffers kept posted and the
+//! messages reassembled from them, `g2h` messages cut into buffers from a pool.
+//! Framing follows `docs/tunnel.md` section 6.1: a message starts at the beginning of a
+//! buffer and continues in the next buffers of the same queue.
+
+use std::collections::VecDeque;
+
+use log::warn;
+use vfu_proto::tunnel::{TunnelError, TunnelHeader, TunnelMessage, TUNNEL_HEADER_SIZE};
+
+use crate::virtqueue::{Allocation, DriverQueue, QueueError, Segment, SharedMemory};
+
+/// Size of each buffer, both directions.
+pub const BUFFER_SIZE: usize = 16 << 10;
+
+/// Driver side of a queue pair.
+pub struct QueuePair {
+    /// Queue index of `h2g`.
+    pub h2g_index: u16,
+    /// Queue index of `g2h`.
+    pub g2h_index: u16,
+    h2g: DriverQueue,
+    g2h: DriverQueue,
+    /// `h2g` buffer of each descriptor head.
+    rx_buffers: Vec<Option<Allocation>>,
+    /// Free `g2h` buffers, and the one in flight per head.
+    tx_free: Vec<Allocation>,
+    tx_in_flight: Vec<Option<Allocation>>,
+    /// Messages waiting for `g2h` room: bytes and how much is already queued.
+    tx_pending: VecDeque<(Vec<u8>, usize)>,
+    rx_partial: Vec<u8>,
+    rx_expected: usize,
+    max_msg: usize,
+}
+
+/// A queue pair's failure (the device misbehaved, or memory ran out).
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// A ring operation failed.
+    #[error("virtqueue: {0}")]
+    Queue(#[from] QueueError),
+    /// Shared memory ran out.
+    #[error("out of shared memory for buffers")]
+    NoMemory,
+}
+
+impl QueuePair {
+    /// Allocates the rings and buffers of pair `pair` with `size` entries per queue.
+    pub fn new(
+        mem: &SharedMemory,
+        pair: u16,
+        size: u16,
+        event_idx: bool,
+        max_msg: usize,
+    ) -> Result<Self, PairError> {
+        let h2g = DriverQueue::new(mem, size, event_idx)?;
+        let g2h = DriverQueue::new(mem, size, event_idx)?;
+        let tx_free = (0..size)
+            .map(|_| mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut p = Self {
+            h2g_index: pair * 2,
+            g2h_index: pair * 2 + 1,
+            h2g,
+            g2h,
+            rx_buffers: vec![None; size as usize],
+            tx_free,
+            tx_in_flight: vec![None; size as usize],
+            tx_pending: VecDeque::new(),
+            rx_partial: Vec::new(),
+            rx_expected: 0,
+            max_msg,
+        };
+        for _ in 0..size {
+            let buf = mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory)?;
+            p.post_rx(buf)?;
+        }
+        Ok(p)
+    }
+
+    /// Ring addresses of `h2g` and `g2h`.
+    pub fn rings(&self) -> [(u16, u16, (u64, u64, u64)); 2] {
+        [
+            (self.h2g_index, self.h2g.size(), self.h2g.addresses()),
+            (self.g2h_index, self.g2h.size(), self.g2h.addresses()),
+        ]
+    }
+
+    fn post_rx(&mut self, buf: Allocation) -> Result<(), PairError> {
+        let head = self.h2g.add(&[Segment {
+            gpa: buf.gpa,
+            len: buf.len as u32,
+            device_writable: true,
+        }])?;
+        self.rx_buffers[head as usize] = Some(buf);
+        Ok(())
+    }
+
+    /// Queues a message toward the device and writes what fits.
+    pub fn send(&mut self, msg: &TunnelMessage) -> Result<(), PairError> {
+        self.tx_pending.push_back((msg.encode(), 0));
+        self.flush_tx()
+    }
+
+    /// Moves waiting messages into free `g2h` buffers.
+    pub fn flush_tx(&mut self) -> Result<(), PairError> {
+        while let Some((bytes, done)) = self.tx_pending.front_mut() {
+            if self.tx_free.is_empty() || self.g2h.num_free() == 0 {
+                break;
+            }
+            let buf = self.tx_free.pop().expect("checked non-empty");
+            let n = (bytes.len() - *done).min(buf.len);
+            if let Some(s) = buf.slice(0, n) {
+                s.copy_from(&bytes[*done..*done + n]);
+            }
+            let head = self.g2h.add(&[Segment {
+                gpa: buf.gpa,
+                len: n as u32,
+                device_writable: false,
+            }])?;
+            self.tx_in_flight[head as usize] = Some(buf);
+            *done += n;
+            if *done == bytes.len() {
+                self.tx_pending.pop_front();
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back `g2h` buffers the device has read.
+    pub fn reclaim_tx(&mut self) -> Result<(), PairError> {
+        while let Some(used) = self.g2h.pop_used()? {
+            if let Some(buf) = self.tx_in_flight[used.head as usize].take() {
+                self.tx_free.push(buf);
+            }
+        }
+        Ok(())
+    }
+
+    /// Collects complete messages from `h2g` and re-posts the buffers.
+    pub fn receive(&mut self) -> Result<Vec<Result<TunnelMessage, TunnelError>>, PairError> {
+        let mut out = Vec::new();
+        while let Some(used) = self.h2g.pop_used()? {
+            let Some(buf) = self.rx_buffers[used.head as usize].take() else {
+                continue;
+            };
+            let mut chunk = vec![0u8; used.len as usize];
+            if let Some(s) = buf.slice(0, chunk.len()) {
+                s.copy_to(&mut chunk);
+            }
+            self.post_rx(buf)?;
+            if let Some(done) = self.reassemble(&chunk) {
+                out.push(done);
+            }
+        }
+        Ok(out)
+    }
+
+    fn reassemble(&mut self, chunk: &[u8]) -> Option<Result<TunnelMessage, TunnelError>> {
+        if self.rx_expected == 0 {
+            let header = match TunnelHeader::decode(chunk) {
+                Ok(h) => h,
+                Err(e) => return Some(Err(e)),
+            };
+            let total = header.message_size();
+            if total > self.max_msg {
+                return Some(Err(TunnelError::TooLarge {
+                    size: total,
+                    limit: self.max_msg,
+                }));
+            }
+            self.rx_expected = total;
+            self.rx_partial = Vec::with_capacity(total);
+        }
+        if self.rx_partial.len() + chunk.len() > self.rx_expected {
+            warn!("h2g: a buffer holds bytes of two messages; dropped");
+            let extra = self.rx_partial.len() + chunk.len() - self.rx_expected;
+            self.rx_expected = 0;
+            return Some(Err(TunnelError::TrailingBytes { extra }));
+        }
+        self.rx_partial.extend_from_slice(chunk);
+        if self.rx_partial.len() < self.rx_expected {
+            return None;
+        }
+        self.rx_expected = 0;
+        let bytes = std::mem::take(&mut self.rx_partial);
+        Some(
+            TunnelHeader::decode(&bytes)
+                .and_then(|h| TunnelMessage::decode_body(&h, &bytes[TUNNEL_HEADER_SIZE..])),
+        )
+    }
+
+    /// Whether the device must be notified about new `h2g` / `g2h` buffers.
+    pub fn kicks_needed(&mut self) -> (bool, bool) {
+        (self.h2g.kick_needed(), self.g2h.kick_needed())
+    }
+
+    /// Re-arms interrupts; true if work arrived meanwhile.
+    pub fn rearm(&mut self) -> bool {
+        let a = self.h2g.enable_interrupts();
+        let b = self.g2h.enable_interrupts();
+        a || b
+    }
+}
