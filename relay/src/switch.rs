@@ -319,13 +319,15 @@ fn accept(
     }
 }
 
-/// Reads and forwards every complete message. Returns false when the client must go.
+/// Reads and forwards one complete message (epoll is level-triggered: if more is
+/// waiting, the next wait returns at once, and a single message costs no extra read
+/// that would only say EAGAIN). Returns false when the client must go.
 fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) -> bool {
     let Some(c) = clients.get_mut(&index) else {
         return true;
     };
     let ch = &relay.channels[index];
-    loop {
+    {
         match c.reader.read(&c.sock) {
             Ok(Some(Frame::Message(msg))) => {
                 let outcome = ch.on_client_message(relay, msg);
@@ -333,6 +335,7 @@ fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientR
                     return false;
                 }
                 relay.after_send(ch, outcome);
+                true
             }
             Ok(Some(Frame::Rejected(r))) => {
                 debug!("{}: rejected message: {}", ch.name, r.error);
@@ -350,12 +353,13 @@ fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientR
                     }
                     relay.after_send(ch, outcome);
                 }
+                true
             }
-            Ok(None) => return true,
-            Err(TransportError::Closed) => return false,
+            Ok(None) => true,
+            Err(TransportError::Closed) => false,
             Err(e) => {
                 warn!("{}: dropping client: {e}", ch.name);
-                return false;
+                false
             }
         }
     }

@@ -115,12 +115,12 @@ impl<T: Transport> TunnelDriver<T> {
     pub fn run(&mut self, stop: Arc<AtomicBool>) -> Result<(), DriverError> {
         let epoll = Epoll::new()?;
         let npairs = self.pairs.len();
-        for (p, pair) in self.pairs.iter().enumerate() {
+        for pair in &self.pairs {
             for q in [pair.h2g_index, pair.g2h_index] {
                 epoll.ctl(
                     ControlOperation::Add,
                     self.transport.interrupt_fd(q),
-                    EpollEvent::new(EventSet::IN, p as u64),
+                    EpollEvent::new(EventSet::IN, u64::from(q)),
                 )?;
             }
         }
@@ -162,10 +162,8 @@ impl<T: Transport> TunnelDriver<T> {
                     }
                     continue;
                 }
-                if let Some(pair) = self.pairs.get(ev.data() as usize) {
-                    self.transport.ack_interrupt(pair.h2g_index);
-                    self.transport.ack_interrupt(pair.g2h_index);
-                }
+                // The token is the queue index.
+                self.transport.ack_interrupt(ev.data() as u16);
             }
             for p in 0..npairs {
                 self.service(p)?;

@@ -195,10 +195,17 @@ impl QueuePair {
         (self.h2g.kick_needed(), self.g2h.kick_needed())
     }
 
-    /// Re-arms interrupts; true if work arrived meanwhile.
+    /// Re-arms interrupts; true if work arrived meanwhile. Incoming messages always
+    /// interrupt; `g2h` completions only while messages wait for room (otherwise the
+    /// buffers are reclaimed on the next pass, without a wake-up per message).
     pub fn rearm(&mut self) -> bool {
-        let a = self.h2g.enable_interrupts();
-        let b = self.g2h.enable_interrupts();
-        a || b
+        let incoming = self.h2g.enable_interrupts();
+        let reclaimable = if self.tx_pending.is_empty() {
+            self.g2h.disable_interrupts();
+            false
+        } else {
+            self.g2h.enable_interrupts()
+        };
+        incoming || reclaimable
     }
 }

@@ -263,11 +263,6 @@ impl DriverQueue {
         self.free_head = head;
         self.num_free += count;
         self.in_flight[head as usize] = false;
-        if self.event_idx {
-            // Ask to be interrupted when the next element is used.
-            let off = 4 + 2 * self.size as usize;
-            Self::u16_at(&self.avail, off).store(self.last_used.to_le(), Ordering::Relaxed);
-        }
         Ok(Some(UsedElem { head, len }))
     }
 

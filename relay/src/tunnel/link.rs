@@ -316,6 +316,12 @@ fn flush_pair(inner: &mut Inner, pair: usize) {
             }
         };
         let Some(chain) = chain else {
+            // Out of buffers: ask the driver to kick when it posts more (with
+            // EVENT_IDX this arms one notification), then look once more in case it
+            // posted some meanwhile.
+            if vring.enable_notification().unwrap_or(false) {
+                continue;
+            }
             debug!("h2g queue {pair}: no buffer; message waits");
             break;
         };
