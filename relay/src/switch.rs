@@ -200,6 +200,7 @@ fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
     let mut clients: HashMap<usize, ClientReader> = HashMap::new();
     let mut events = vec![EpollEvent::default(); 64];
     while !relay.is_stopping() {
+        relay.link.signal_pending();
         let timeout = next_timeout(&relay);
         let n = match relay.poll.wait(timeout, &mut events) {
             Ok(n) => n,
@@ -319,15 +320,17 @@ fn accept(
     }
 }
 
-/// Reads and forwards one complete message (epoll is level-triggered: if more is
-/// waiting, the next wait returns at once, and a single message costs no extra read
-/// that would only say EAGAIN). Returns false when the client must go.
+/// Most messages taken from one client per wake-up, so that a client sending a flood
+/// cannot hold the others off (epoll is level-triggered: the rest comes next round).
+const BATCH: usize = 32;
+
+/// Reads and forwards up to [`BATCH`] messages. Returns false when the client must go.
 fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) -> bool {
     let Some(c) = clients.get_mut(&index) else {
         return true;
     };
     let ch = &relay.channels[index];
-    {
+    for _ in 0..BATCH {
         match c.reader.read(&c.sock) {
             Ok(Some(Frame::Message(msg))) => {
                 let outcome = ch.on_client_message(relay, msg);
@@ -335,7 +338,6 @@ fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientR
                     return false;
                 }
                 relay.after_send(ch, outcome);
-                true
             }
             Ok(Some(Frame::Rejected(r))) => {
                 debug!("{}: rejected message: {}", ch.name, r.error);
@@ -353,16 +355,16 @@ fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientR
                     }
                     relay.after_send(ch, outcome);
                 }
-                true
             }
-            Ok(None) => true,
-            Err(TransportError::Closed) => false,
+            Ok(None) => return true,
+            Err(TransportError::Closed) => return false,
             Err(e) => {
                 warn!("{}: dropping client: {e}", ch.name);
-                false
+                return false;
             }
         }
     }
+    true
 }
 
 fn flush_client(relay: &Relay, index: usize) {

@@ -45,8 +45,31 @@ impl Proc {
     /// Starts `bin` with `args`; its output goes to this process's stderr only when
     /// `VFU_TEST_LOG` is set, so test output stays readable.
     pub fn spawn(name: &str, bin: &Path, args: &[&str]) -> Self {
+        Self::spawn_on(None, name, bin, args)
+    }
+
+    /// Like [`Proc::spawn`], pinned to CPU `cpu` when given.
+    pub fn spawn_on(cpu: Option<usize>, name: &str, bin: &Path, args: &[&str]) -> Self {
+        use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null());
+        if let Some(cpu) = cpu {
+            let batch = std::env::var_os("VFU_SCHED_BATCH").is_some();
+            // SAFETY: the closure runs in the child between fork and exec and only calls
+            // sched_setaffinity and sched_setscheduler, which are async-signal-safe.
+            unsafe {
+                cmd.pre_exec(move || {
+                    pin_to(cpu)?;
+                    if batch {
+                        let param = libc::sched_param { sched_priority: 0 };
+                        if libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         match std::env::var("VFU_TEST_LOG") {
             Ok(level) => {
                 cmd.env("RUST_LOG", level);
@@ -104,6 +127,19 @@ impl Drop for Proc {
     }
 }
 
+/// Pins the calling thread (or, before exec, process) to CPU `cpu`.
+pub fn pin_to(cpu: usize) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET and sched_setaffinity only touch it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Finds a workspace binary next to the running executable (`target/<profile>/`, or
 /// its parent when running from `deps/`).
 pub fn binary(name: &str) -> PathBuf {
@@ -138,6 +174,11 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 
 /// Starts vfu-relay with a frontend socket and devices `(name, socket)`.
 pub fn start_relay(frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
+    start_relay_on(None, frontend, devices)
+}
+
+/// [`start_relay`] pinned to `cpu`.
+pub fn start_relay_on(cpu: Option<usize>, frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
     let mut args = vec![
         "--frontend-socket".to_string(),
         frontend.display().to_string(),
@@ -147,24 +188,39 @@ pub fn start_relay(frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
         args.push(format!("{name}={}", sock.display()));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn("vfu-relay", &binary("vfu-relay"), &args)
+    Proc::spawn_on(cpu, "vfu-relay", &binary("vfu-relay"), &args)
 }
 
 /// Starts vfu-guest as the loopback device VM serving `(name, model)` pairs.
 pub fn start_loopback_guest(frontend: &Path, serve: &[(&str, &str)]) -> Proc {
+    start_loopback_guest_on(None, frontend, serve)
+}
+
+/// [`start_loopback_guest`] pinned to `cpu`.
+pub fn start_loopback_guest_on(
+    cpu: Option<usize>,
+    frontend: &Path,
+    serve: &[(&str, &str)],
+) -> Proc {
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     for (name, model) in serve {
         args.push("--serve".into());
         args.push(format!("{name}={model}"));
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn("vfu-guest (loopback)", &binary("vfu-guest"), &args)
+    Proc::spawn_on(cpu, "vfu-guest (loopback)", &binary("vfu-guest"), &args)
 }
 
 /// Starts vfu-guest in direct mode: `model` on `socket`, no relay.
 pub fn start_direct(socket: &Path, model: &str) -> Proc {
+    start_direct_on(None, socket, model)
+}
+
+/// [`start_direct`] pinned to `cpu`.
+pub fn start_direct_on(cpu: Option<usize>, socket: &Path, model: &str) -> Proc {
     let s = socket.display().to_string();
-    Proc::spawn(
+    Proc::spawn_on(
+        cpu,
         "vfu-guest (direct)",
         &binary("vfu-guest"),
         &["--listen", &s, "--model", model],

@@ -146,6 +146,11 @@ impl<T: Transport> TunnelDriver<T> {
         let mut model_fds: Vec<(u32, RawFd)> = Vec::new();
         while !stop.load(Ordering::Acquire) {
             self.sync_model_fds(&epoll, &mut model_fds)?;
+            // Notify the device last, right before sleeping, so that the relay thread we
+            // wake does not preempt this batch half way.
+            for p in 0..npairs {
+                self.kick(p);
+            }
             let n = match epoll.wait(200, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -210,7 +215,6 @@ impl<T: Transport> TunnelDriver<T> {
                 }
             }
             self.pairs[p].flush_tx()?;
-            self.kick(p);
             if !self.pairs[p].rearm() {
                 return Ok(());
             }
@@ -231,7 +235,6 @@ impl<T: Transport> TunnelDriver<T> {
         let p = pair_of_channel(msg.channel, self.active_pairs) as usize;
         let p = p.min(self.pairs.len() - 1);
         self.pairs[p].send(&msg)?;
-        self.kick(p);
         Ok(())
     }
 

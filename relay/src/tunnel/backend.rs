@@ -85,6 +85,7 @@ impl VhostUserBackend for TunnelBackend {
         } else {
             self.relay.link.flush(pair);
         }
+        self.relay.link.signal_pending();
         Ok(())
     }
 }

@@ -112,6 +112,8 @@ struct Inner {
     tx: Vec<VecDeque<(Vec<u8>, usize)>>,
     rx: Vec<Reassembly>,
     backlog: usize,
+    /// Per pair: the driver must be signalled about used `h2g` buffers.
+    signal_due: Vec<bool>,
 }
 
 /// The link to the device VM.
@@ -172,6 +174,7 @@ impl Link {
             let pairs = vrings.len() / 2;
             inner.tx = (0..pairs).map(|_| VecDeque::new()).collect();
             inner.rx = (0..pairs).map(|_| Reassembly::default()).collect();
+            inner.signal_due = vec![false; pairs];
         }
     }
 
@@ -222,6 +225,22 @@ impl Link {
     pub fn flush(&self, pair: usize) {
         let mut inner = self.lock();
         flush_pair(&mut inner, pair);
+    }
+
+    /// Signals the driver about the `h2g` buffers filled since the last call. Sending
+    /// only queues and fills; callers signal once per batch, as the last step before
+    /// they sleep, so that a woken driver does not preempt them mid-batch.
+    pub fn signal_pending(&self) {
+        let mut inner = self.lock();
+        for pair in 0..inner.signal_due.len() {
+            if std::mem::take(&mut inner.signal_due[pair]) {
+                if let Some(vring) = inner.vrings.get(h2g_queue(pair as u16) as usize) {
+                    if vring.needs_notification().unwrap_or(true) {
+                        let _ = vring.signal_used_queue();
+                    }
+                }
+            }
+        }
     }
 
     /// Drains the `g2h` queue of `pair`: every complete message, or a framing error.
@@ -342,8 +361,10 @@ fn flush_pair(inner: &mut Inner, pair: usize) {
         }
     }
     inner.tx[pair] = queue;
-    if used_any && vring.needs_notification().unwrap_or(true) {
-        let _ = vring.signal_used_queue();
+    if used_any {
+        if let Some(due) = inner.signal_due.get_mut(pair) {
+            *due = true;
+        }
     }
 }
 
