@@ -173,6 +173,10 @@ fn main() -> ExitCode {
             println!("done: every process stopped, every socket removed");
             ExitCode::SUCCESS
         }
+        Err(_) if INTERRUPTED.load(Ordering::Acquire) => {
+            eprintln!("interrupted: every process stopped, every socket removed");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("demo failed: {e}");
             ExitCode::FAILURE
