@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::transport::{Frame, Limits, MessageReader, MessageWriter, TransportError};
+use crate::transport::{Frame, Limits, MessageReader, MessageWriter, RawMessage, TransportError};
 use crate::vfio_user::{
     encode_request, Capabilities, DecodeError, DeviceInfo, GetInfoRequest, IrqInfo, MessageType,
     RegionAccess, RegionInfo, RegionWrite, Reply, Request, Version, REGION_INFO_SIZE,
@@ -98,6 +98,20 @@ impl Client {
         fds: Vec<OwnedFd>,
     ) -> Result<(Reply, Vec<OwnedFd>), ClientError> {
         let id = self.send(req, fds, false)?;
+        let msg = self.receive(id)?;
+        if let Some(errno) = msg.header.error {
+            return Err(ClientError::Errno(errno));
+        }
+        let reply = Reply::decode(msg.header.command, &msg.payload, msg.fds.len())?;
+        if reply.command() != req.command() {
+            return Err(ClientError::BadReply("reply to another command".into()));
+        }
+        Ok((reply, msg.fds))
+    }
+
+    /// Waits for the reply with message ID `id`, skipping anything else (a
+    /// server-to-client command, or a stale reply).
+    fn receive(&mut self, id: u16) -> Result<RawMessage, ClientError> {
         loop {
             let msg = match self.reader.read(&self.sock) {
                 Ok(Some(Frame::Message(m))) => m,
@@ -110,18 +124,9 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if msg.header.msg_type != MessageType::Reply || msg.header.msg_id != id {
-                // Not ours (a server-to-client command, or a stale reply): skip it.
-                continue;
+            if msg.header.msg_type == MessageType::Reply && msg.header.msg_id == id {
+                return Ok(msg);
             }
-            if let Some(errno) = msg.header.error {
-                return Err(ClientError::Errno(errno));
-            }
-            let reply = Reply::decode(msg.header.command, &msg.payload, msg.fds.len())?;
-            if reply.command() != req.command() {
-                return Err(ClientError::BadReply("reply to another command".into()));
-            }
-            return Ok((reply, msg.fds));
         }
     }
 
@@ -134,25 +139,10 @@ impl Client {
         crate::vfio_user::Header::command(id, command, payload.len()).encode(&mut bytes);
         bytes.extend_from_slice(payload);
         self.writer.send_blocking(&self.sock, bytes, Vec::new())?;
-        loop {
-            let msg = match self.reader.read(&self.sock) {
-                Ok(Some(Frame::Message(m))) => m,
-                Ok(Some(Frame::Rejected(r))) => {
-                    return Err(ClientError::BadReply(r.error.to_string()))
-                }
-                Ok(None) => return Err(ClientError::Timeout),
-                Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    return Err(ClientError::Timeout)
-                }
-                Err(e) => return Err(e.into()),
-            };
-            if msg.header.msg_type != MessageType::Reply || msg.header.msg_id != id {
-                continue;
-            }
-            return match msg.header.error {
-                Some(errno) => Err(ClientError::Errno(errno)),
-                None => Ok(msg.payload),
-            };
+        let msg = self.receive(id)?;
+        match msg.header.error {
+            Some(errno) => Err(ClientError::Errno(errno)),
+            None => Ok(msg.payload),
         }
     }
 

@@ -79,6 +79,10 @@ pub struct Client {
     irq_fds: HashMap<(u32, u32), File>,
     /// Memory fds of DMA regions, kept for the copy and window paths.
     dma_fds: HashMap<u64, OwnedFd>,
+    /// Writing to this connection failed: the switch drops it. The mark sits on the
+    /// connection itself, so a newer client on the same channel is never dropped for an
+    /// older one's failure.
+    broken: bool,
 }
 
 /// Mutable state of a channel.
@@ -130,7 +134,13 @@ impl Client {
             versioned: false,
             irq_fds: HashMap::new(),
             dma_fds: HashMap::new(),
+            broken: false,
         }
+    }
+
+    /// Whether writing to this connection failed.
+    pub fn is_broken(&self) -> bool {
+        self.broken
     }
 
     /// Queues a message and writes what the socket takes.

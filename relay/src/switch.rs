@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -45,8 +45,6 @@ pub struct Relay {
     pub limits: RelayLimits,
     poll: Epoll,
     wake: EventFd,
-    /// Channels whose client must be dropped (set by other threads).
-    broken: Mutex<Vec<u32>>,
     stopping: AtomicBool,
 }
 
@@ -67,7 +65,6 @@ impl Relay {
             limits,
             poll: Epoll::new()?,
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
-            broken: Mutex::new(Vec::new()),
             stopping: AtomicBool::new(false),
         })
     }
@@ -108,10 +105,7 @@ impl Relay {
                 }
             }
             SendOutcome::Broken => {
-                self.broken
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(channel.id);
+                // The connection is marked broken; the switch drops it when it wakes.
                 let _ = self.wake.write(1);
             }
         }
@@ -227,25 +221,22 @@ fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
                     if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
                         && !read_client(&relay, index, &mut clients)
                     {
-                        drop_client(&relay, index, &mut clients);
+                        drop_client(&relay, index, &mut clients, "closed or failed");
                     }
                 }
             }
         }
-        let broken: Vec<u32> =
-            std::mem::take(&mut *relay.broken.lock().unwrap_or_else(|p| p.into_inner()));
-        for id in broken {
-            drop_client(&relay, id as usize - 1, &mut clients);
-        }
         let now = Instant::now();
         for (i, ch) in relay.channels.iter().enumerate() {
-            if ch.expire(now) == SendOutcome::Broken {
-                drop_client(&relay, i, &mut clients);
+            ch.expire(now);
+            let broken = ch.lock().client.as_ref().is_some_and(|c| c.is_broken());
+            if broken {
+                drop_client(&relay, i, &mut clients, "write failed");
             }
         }
     }
     for i in clients.keys().copied().collect::<Vec<_>>() {
-        drop_client(&relay, i, &mut clients);
+        drop_client(&relay, i, &mut clients, "relay stopping");
     }
 }
 
@@ -282,7 +273,7 @@ fn accept(
         // The current client may have gone already with its EOF not yet read (a quick
         // reconnect): take what it sent first.
         if clients.contains_key(&index) && !read_client(relay, index, clients) {
-            drop_client(relay, index, clients);
+            drop_client(relay, index, clients, "gone before the next client came");
         }
         if clients.contains_key(&index) {
             warn!(
@@ -388,8 +379,14 @@ fn flush_client(relay: &Relay, index: usize) {
     }
 }
 
-fn drop_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) {
+fn drop_client(
+    relay: &Relay,
+    index: usize,
+    clients: &mut HashMap<usize, ClientReader>,
+    reason: &str,
+) {
     if let Some(c) = clients.remove(&index) {
+        debug!("{}: dropping client: {reason}", relay.channels[index].name);
         let fd: RawFd = c.sock.as_raw_fd();
         let _ = relay
             .poll
