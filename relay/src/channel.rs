@@ -6,15 +6,14 @@
 //! always taken inside a channel's, never around it.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File;
-use std::io::Write;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use log::{debug, info, warn};
+use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
 use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
@@ -45,6 +44,10 @@ enum PendingKind {
     Version(Version),
     /// Apply the eventfd change once the device accepted it.
     SetIrqs { index: u32, change: IrqChange },
+    /// Keep the region's fd once the device accepted the map.
+    DmaMap { address: u64, fd: Option<OwnedFd> },
+    /// Drop the region's fd (or all) once the device acknowledged the unmap.
+    DmaUnmap { address: u64, all: bool },
 }
 
 /// What a SET_IRQS does to the relay's eventfd table.
@@ -61,7 +64,10 @@ enum IrqChange {
 /// A client request waiting for the device VM.
 #[derive(Debug)]
 struct Pending {
+    /// The client's header (its message ID goes back in the reply).
     header: Header,
+    /// The message ID the relay gave the request toward the device VM.
+    relay_id: u16,
     deadline: Instant,
     kind: PendingKind,
 }
@@ -69,16 +75,20 @@ struct Pending {
 /// The client connected to a channel's socket.
 #[derive(Debug)]
 pub struct Client {
-    /// Write side of the connection (the switch thread reads from its own clone).
-    sock: UnixStream,
+    /// The connection (the switch thread reads from it, replies are written here; one
+    /// descriptor, so epoll is always asked about the fd it watches).
+    sock: Arc<UnixStream>,
     writer: MessageWriter,
     pending: VecDeque<Pending>,
-    /// The VERSION exchange is done.
+    /// VERSION was forwarded (requests before it are refused).
     versioned: bool,
-    /// Eventfds per (IRQ index, vector).
-    irq_fds: HashMap<(u32, u32), File>,
+    /// Eventfds per (IRQ index, vector), non-blocking.
+    irq_fds: HashMap<(u32, u32), OwnedFd>,
     /// Memory fds of DMA regions, kept for the copy and window paths.
     dma_fds: HashMap<u64, OwnedFd>,
+    /// The switch stopped reading this client: its channel's budget toward the device
+    /// VM is used up (back-pressure).
+    pub paused: bool,
     /// Writing to this connection failed: the switch drops it. The mark sits on the
     /// connection itself, so a newer client on the same channel is never dropped for an
     /// older one's failure.
@@ -92,6 +102,10 @@ pub struct ChannelState {
     pub guest: GuestState,
     /// The connected client, if any.
     pub client: Option<Client>,
+    /// Message ID for the next request forwarded to the device VM. The relay numbers
+    /// requests itself, across clients, so a late reply (after a timeout, or for a
+    /// client that went away) never matches a newer request that reused the ID.
+    next_id: u16,
 }
 
 /// One exported device.
@@ -121,9 +135,13 @@ pub enum SendOutcome {
 /// Most bytes queued toward a client that does not read before it is dropped.
 const MAX_CLIENT_BACKLOG: usize = 16 << 20;
 
+/// Most requests of one client in flight through the tunnel. Beyond it the switch stops
+/// reading the client until replies come back (back-pressure, bounded state).
+pub const MAX_IN_FLIGHT: usize = 1024;
+
 impl Client {
     /// A freshly accepted client; `sock` is non-blocking.
-    pub fn new(sock: UnixStream) -> Self {
+    pub fn new(sock: Arc<UnixStream>) -> Self {
         Self {
             sock,
             writer: MessageWriter::new(Limits {
@@ -134,6 +152,7 @@ impl Client {
             versioned: false,
             irq_fds: HashMap::new(),
             dma_fds: HashMap::new(),
+            paused: false,
             broken: false,
         }
     }
@@ -145,8 +164,13 @@ impl Client {
 
     /// Queues a message and writes what the socket takes.
     pub fn send(&mut self, bytes: Vec<u8>, fds: Vec<OwnedFd>) -> SendOutcome {
-        if self.writer.push(bytes, fds).is_err() || self.writer.queued_bytes() > MAX_CLIENT_BACKLOG
+        if self.broken
+            || self.writer.queued_bytes() + bytes.len() > MAX_CLIENT_BACKLOG
+            || self.writer.push(bytes, fds).is_err()
         {
+            // A client that does not read its replies is dropped rather than buffered
+            // for without bound.
+            self.broken = true;
             return SendOutcome::Broken;
         }
         self.flush()
@@ -159,6 +183,7 @@ impl Client {
             Ok(false) => SendOutcome::Queued,
             Err(e) => {
                 debug!("client write failed: {e}");
+                self.broken = true;
                 SendOutcome::Broken
             }
         }
@@ -173,6 +198,11 @@ impl Client {
     /// Whether bytes wait for the socket.
     pub fn has_backlog(&self) -> bool {
         !self.writer.is_empty()
+    }
+
+    /// Whether the switch may read another request: few enough in flight.
+    pub fn may_read(&self) -> bool {
+        self.pending.len() < MAX_IN_FLIGHT
     }
 
     /// The earliest deadline of a request in flight.
@@ -198,6 +228,7 @@ impl Channel {
             state: Mutex::new(ChannelState {
                 guest: GuestState::Unknown,
                 client: None,
+                next_id: 0,
             }),
         }
     }
@@ -209,7 +240,7 @@ impl Channel {
     }
 
     /// A client connected: tell the device VM a session starts.
-    pub fn on_client_connected(&self, relay: &Relay, sock: UnixStream) {
+    pub fn on_client_connected(&self, relay: &Relay, sock: Arc<UnixStream>) {
         let mut st = self.lock();
         st.client = Some(Client::new(sock));
         if st.guest == GuestState::Served {
@@ -236,7 +267,8 @@ impl Channel {
 
     /// One message from the client. Returns how writing the answer went.
     pub fn on_client_message(&self, relay: &Relay, msg: RawMessage) -> SendOutcome {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let guest = st.guest;
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Broken;
@@ -257,28 +289,25 @@ impl Channel {
                 return client.error(&header, e.errno());
             }
         };
-        if !client.versioned && !matches!(request, Request::Version(_)) {
-            debug!("{}: {:?} before VERSION", self.name, request.command());
-            return client.error(&header, libc::EINVAL as u32);
-        }
-        if request.command().is_server_to_client() {
-            return client.error(&header, libc::EINVAL as u32);
-        }
-        if let Request::RegionRead(a) = &request {
-            // The reply would not fit a tunnel message: refuse here, whatever the device
-            // would say.
-            if a.count > relay.limits.max_data_xfer_size {
-                return client.error(&header, libc::EINVAL as u32);
-            }
+        let fds_ok = || match request {
+            Request::DeviceSetIrqs(_) => check_irq_fds(&msg.fds),
+            _ => Ok(()),
+        };
+        if let Err(errno) = check_request(client, &request, relay).and_then(|()| fds_ok()) {
+            debug!(
+                "{}: {} refused: errno {errno}",
+                self.name,
+                request.command().name()
+            );
+            return client.error(&header, errno);
         }
         if guest != GuestState::Served || !relay.link.is_up() {
-            let errno = libc::ENODEV as u32;
             debug!(
                 "{}: no device VM serving the device; {} gets ENODEV",
                 self.name,
                 request.command().name()
             );
-            return client.error(&header, errno);
+            return client.error(&header, libc::ENODEV as u32);
         }
 
         let mut fds = msg.fds;
@@ -310,27 +339,29 @@ impl Channel {
                 },
                 _ => PendingKind::Plain,
             },
-            Request::DmaMap(m) => {
-                // The fd stays here; the device VM reaches the memory through the relay.
-                if let Some(fd) = fds.pop() {
-                    client.dma_fds.insert(m.address, fd);
-                }
-                PendingKind::Plain
-            }
-            Request::DmaUnmap(u) => {
-                if u.all {
-                    client.dma_fds.clear();
-                } else {
-                    client.dma_fds.remove(&u.address);
-                }
-                PendingKind::Plain
-            }
+            // The memory fd stays with the relay (the device VM reaches the memory
+            // through it); it is kept once the device accepts the map.
+            Request::DmaMap(m) => PendingKind::DmaMap {
+                address: m.address,
+                fd: fds.pop(),
+            },
+            Request::DmaUnmap(u) => PendingKind::DmaUnmap {
+                address: u.address,
+                all: u.all,
+            },
             _ => PendingKind::Plain,
         };
+        let relay_id = st.next_id;
+        st.next_id = st.next_id.wrapping_add(1);
+        let mut forwarded = header;
+        forwarded.msg_id = relay_id;
         let frame = VfioUserFrame {
-            header,
+            header: forwarded,
             payload: msg.payload,
             slots,
+        };
+        let Some(client) = st.client.as_mut() else {
+            return SendOutcome::Broken;
         };
         if let Err(e) = relay
             .link
@@ -339,9 +370,14 @@ impl Channel {
             debug!("{}: tunnel refused a request: {e}", self.name);
             return client.error(&header, e.errno());
         }
+        if matches!(request, Request::Version(_)) {
+            // Requests may follow at once: the channel keeps their order behind it.
+            client.versioned = true;
+        }
         if !header.no_reply {
             client.pending.push_back(Pending {
                 header,
+                relay_id,
                 deadline: Instant::now() + relay.config.request_timeout(),
                 kind,
             });
@@ -364,11 +400,14 @@ impl Channel {
             );
             return SendOutcome::Done;
         }
-        let Some(pos) = client
-            .pending
-            .iter()
-            .position(|p| p.header.msg_id == h.msg_id && p.header.command == h.command)
-        else {
+        // Replies come in order; the first entry is the usual match.
+        let matches = |p: &Pending| p.relay_id == h.msg_id && p.header.command == h.command;
+        let found = if client.pending.front().is_some_and(matches) {
+            Some(0)
+        } else {
+            client.pending.iter().position(matches)
+        };
+        let Some(pos) = found else {
             warn!(
                 "{}: reply to no request in flight (msg {}, command {}); dropped",
                 self.name, h.msg_id, h.command
@@ -376,6 +415,13 @@ impl Channel {
             return SendOutcome::Done;
         };
         let pending = client.pending.remove(pos).expect("position is valid");
+        if client.paused
+            && client.pending.len() <= MAX_IN_FLIGHT / 2
+            && relay.link.has_room(self.id)
+        {
+            client.paused = false;
+            relay.update_interest(self, client);
+        }
         if let Some(errno) = h.error {
             // Whatever the device refused is not applied here either.
             return client.send(encode_error_reply(&pending.header, errno), vec![]);
@@ -400,36 +446,52 @@ impl Channel {
                 vec![],
             );
         }
+        let client_id = pending.header.msg_id;
         match (pending.kind, reply) {
             (PendingKind::Version(proposal), Reply::Version(device)) => {
                 let answer = negotiate(&proposal, &device, relay.limits);
-                client.versioned = true;
                 debug!("{}: VERSION negotiated: {answer:?}", self.name);
-                client.send(encode_reply(h.msg_id, &Reply::Version(answer)), vec![])
+                return client.send(encode_reply(client_id, &Reply::Version(answer)), vec![]);
             }
-            (PendingKind::SetIrqs { index, change }, reply @ Reply::DeviceSetIrqs) => {
+            (PendingKind::SetIrqs { index, change }, Reply::DeviceSetIrqs) => {
                 apply_irq_change(&mut client.irq_fds, index, change);
-                client.send(encode_reply(h.msg_id, &reply), vec![])
             }
-            _ => {
-                // Checked above; forwarded byte for byte.
-                let mut bytes = Vec::with_capacity(HEADER_SIZE + frame.payload.len());
-                Header::reply_to(&pending.header, frame.payload.len()).encode(&mut bytes);
-                bytes.extend_from_slice(&frame.payload);
-                client.send(bytes, vec![])
+            (
+                PendingKind::DmaMap {
+                    address,
+                    fd: Some(fd),
+                },
+                Reply::DmaMap,
+            ) => {
+                client.dma_fds.insert(address, fd);
             }
+            (PendingKind::DmaUnmap { address, all }, Reply::DmaUnmap(_)) => {
+                if all {
+                    client.dma_fds.clear();
+                } else {
+                    client.dma_fds.remove(&address);
+                }
+            }
+            _ => {}
         }
+        // Checked above; forwarded byte for byte under the client's message ID.
+        let mut bytes = Vec::with_capacity(HEADER_SIZE + frame.payload.len());
+        Header::reply_to(&pending.header, frame.payload.len()).encode(&mut bytes);
+        bytes.extend_from_slice(&frame.payload);
+        client.send(bytes, vec![])
     }
 
-    /// The device VM raised vectors `start .. start + count` of `index`.
+    /// The device VM raised vectors `start .. start + count` of `index`: signal the
+    /// client's eventfds among them (the others are not assigned).
     pub fn on_irq(&self, index: u32, start: u32, count: u32) {
-        let mut st = self.lock();
-        let Some(client) = st.client.as_mut() else {
+        let st = self.lock();
+        let Some(client) = st.client.as_ref() else {
             return;
         };
-        for v in start..start.saturating_add(count) {
-            if let Some(f) = client.irq_fds.get_mut(&(index, v)) {
-                if let Err(e) = f.write_all(&1u64.to_ne_bytes()) {
+        let end = u64::from(start) + u64::from(count);
+        for (&(i, v), fd) in &client.irq_fds {
+            if i == index && u64::from(v) >= u64::from(start) && u64::from(v) < end {
+                if let Err(e) = signal_eventfd(fd) {
                     warn!("{}: signalling IRQ {index}/{v}: {e}", self.name);
                 }
             }
@@ -480,12 +542,40 @@ impl Channel {
     }
 }
 
+/// Checks a request against what the relay itself allows, before it goes anywhere.
+fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<(), u32> {
+    let einval = libc::EINVAL as u32;
+    if !client.versioned && !matches!(request, Request::Version(_)) {
+        return Err(einval);
+    }
+    match request {
+        r if r.command().is_server_to_client() => Err(einval),
+        // The reply would not fit a tunnel message.
+        Request::RegionRead(a) if a.count > relay.limits.max_data_xfer_size => Err(einval),
+        Request::DmaMap(_) if client.dma_fds.len() >= relay.limits.max_dma_maps as usize => {
+            Err(libc::ENOSPC as u32)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Checks that every fd of a SET_IRQS is an eventfd, and makes them non-blocking so that
+/// signalling one never stalls the relay.
+fn check_irq_fds(fds: &[OwnedFd]) -> Result<(), u32> {
+    for fd in fds {
+        if is_eventfd(fd.as_fd()) == Some(false) || set_nonblocking(fd.as_fd()).is_err() {
+            return Err(libc::EINVAL as u32);
+        }
+    }
+    Ok(())
+}
+
 /// Applies a SET_IRQS to the relay's eventfd table, once the device accepted it.
-fn apply_irq_change(table: &mut HashMap<(u32, u32), File>, index: u32, change: IrqChange) {
+fn apply_irq_change(table: &mut HashMap<(u32, u32), OwnedFd>, index: u32, change: IrqChange) {
     match change {
         IrqChange::Assign { start, fds } => {
-            for (v, fd) in (start..).zip(fds) {
-                table.insert((index, v), File::from(fd));
+            for (v, fd) in (start..=u32::MAX).zip(fds) {
+                table.insert((index, v), fd);
             }
         }
         IrqChange::Deassign { start, count } => {

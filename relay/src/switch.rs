@@ -19,7 +19,7 @@ use vfu_proto::vfio_user::encode_error_reply;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::channel::{Channel, SendOutcome};
+use crate::channel::{Channel, Client, SendOutcome};
 use crate::tunnel::Link;
 use crate::version::RelayLimits;
 use crate::{Config, Error, Result};
@@ -58,13 +58,14 @@ impl Relay {
             .map(|(i, d)| Arc::new(Channel::new(i as u32 + 1, d.name.clone(), d.socket.clone())))
             .collect();
         let limits = RelayLimits::DEFAULT;
+        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         Ok(Self {
-            link: Link::new(config.queue_pairs, limits),
+            link: Link::new(config.queue_pairs, limits, Some(wake.try_clone()?)),
             config,
             channels,
             limits,
             poll: Epoll::new()?,
-            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            wake,
             stopping: AtomicBool::new(false),
         })
     }
@@ -94,20 +95,31 @@ impl Relay {
             SendOutcome::Done => {}
             SendOutcome::Queued => {
                 let st = channel.lock();
-                if let Some(fd) = st.client.as_ref().map(|c| c.raw_fd()) {
-                    let ev = EpollEvent::new(
-                        EventSet::IN | EventSet::OUT,
-                        token(KIND_CLIENT, channel.id as usize - 1),
-                    );
-                    if let Err(e) = self.poll.ctl(ControlOperation::Modify, fd, ev) {
-                        warn!("{}: cannot watch for writability: {e}", channel.name);
-                    }
+                if let Some(client) = st.client.as_ref() {
+                    self.update_interest(channel, client);
                 }
             }
             SendOutcome::Broken => {
                 // The connection is marked broken; the switch drops it when it wakes.
                 let _ = self.wake.write(1);
             }
+        }
+    }
+
+    /// Sets what the switch waits for on a client: input unless paused, writability
+    /// while replies wait. Called with the channel locked, so the two threads that
+    /// change it cannot undo each other.
+    pub fn update_interest(&self, channel: &Channel, client: &Client) {
+        let mut set = EventSet::empty();
+        if !client.paused {
+            set |= EventSet::IN;
+        }
+        if client.has_backlog() {
+            set |= EventSet::OUT;
+        }
+        let ev = EpollEvent::new(set, token(KIND_CLIENT, channel.id as usize - 1));
+        if let Err(e) = self.poll.ctl(ControlOperation::Modify, client.raw_fd(), ev) {
+            warn!("{}: cannot update epoll interest: {e}", channel.name);
         }
     }
 
@@ -119,7 +131,7 @@ impl Relay {
 
 /// A client connection as the switch sees it: the read side.
 struct ClientReader {
-    sock: UnixStream,
+    sock: Arc<UnixStream>,
     reader: MessageReader,
 }
 
@@ -192,6 +204,10 @@ fn bind(path: &Path) -> Result<UnixListener> {
 
 fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
     let mut clients: HashMap<usize, ClientReader> = HashMap::new();
+    // A descriptor kept in reserve: when the process runs out of fds, it is given up to
+    // accept the waiting connection and close it at once, instead of leaving it in the
+    // backlog, where it would wake the switch forever.
+    let mut reserve = std::fs::File::open("/dev/null").ok();
     let mut events = vec![EpollEvent::default(); 64];
     while !relay.is_stopping() {
         relay.link.signal_pending();
@@ -212,7 +228,9 @@ fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
             }
             let index = (data >> 1) as usize;
             match data & 1 {
-                KIND_LISTENER => accept(&relay, &listeners[index], index, &mut clients),
+                KIND_LISTENER => {
+                    accept(&relay, &listeners[index], index, &mut clients, &mut reserve)
+                }
                 _ => {
                     let set = ev.event_set();
                     if set.contains(EventSet::OUT) {
@@ -226,9 +244,13 @@ fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
                 }
             }
         }
+        if relay.link.take_room_made() {
+            resume_paused(&relay);
+        }
         let now = Instant::now();
         for (i, ch) in relay.channels.iter().enumerate() {
-            ch.expire(now);
+            let outcome = ch.expire(now);
+            relay.after_send(ch, outcome);
             let broken = ch.lock().client.as_ref().is_some_and(|c| c.is_broken());
             if broken {
                 drop_client(&relay, i, &mut clients, "write failed");
@@ -259,11 +281,22 @@ fn accept(
     listener: &UnixListener,
     index: usize,
     clients: &mut HashMap<usize, ClientReader>,
+    reserve: &mut Option<std::fs::File>,
 ) {
     loop {
         let sock = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                warn!(
+                    "out of file descriptors: refusing a client on {}",
+                    relay.channels[index].name
+                );
+                *reserve = None;
+                drop(listener.accept());
+                *reserve = std::fs::File::open("/dev/null").ok();
+                return;
+            }
             Err(e) => {
                 warn!("accept: {e}");
                 return;
@@ -282,29 +315,28 @@ fn accept(
             );
             continue; // dropping `sock` closes it
         }
-        let setup = || -> std::io::Result<(UnixStream, UnixStream)> {
+        let setup = || -> std::io::Result<Arc<UnixStream>> {
             sock.set_nonblocking(true)?;
-            let write_side = sock.try_clone()?;
             relay.poll.ctl(
                 ControlOperation::Add,
                 sock.as_raw_fd(),
                 EpollEvent::new(EventSet::IN, token(KIND_CLIENT, index)),
             )?;
-            Ok((sock, write_side))
+            Ok(Arc::new(sock))
         };
         match setup() {
-            Ok((read_side, write_side)) => {
+            Ok(sock) => {
                 clients.insert(
                     index,
                     ClientReader {
-                        sock: read_side,
+                        sock: sock.clone(),
                         reader: MessageReader::new(Limits {
                             max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
                             max_msg_fds: relay.limits.max_msg_fds as usize,
                         }),
                     },
                 );
-                ch.on_client_connected(relay, write_side);
+                ch.on_client_connected(relay, sock);
             }
             Err(e) => warn!("{}: cannot set up client: {e}", ch.name),
         }
@@ -322,6 +354,18 @@ fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientR
     };
     let ch = &relay.channels[index];
     for _ in 0..BATCH {
+        if !c.reader.is_mid_message() {
+            // Back-pressure: while the device VM has not taken this channel's messages,
+            // or too many requests are in flight, the rest stays in the client's socket.
+            let mut st = ch.lock();
+            if let Some(client) = st.client.as_mut() {
+                if !client.may_read() || !relay.link.has_room(ch.id) {
+                    client.paused = true;
+                    relay.update_interest(ch, client);
+                    return true;
+                }
+            }
+        }
         match c.reader.read(&c.sock) {
             Ok(Some(Frame::Message(msg))) => {
                 let outcome = ch.on_client_message(relay, msg);
@@ -365,16 +409,24 @@ fn flush_client(relay: &Relay, index: usize) {
         return;
     };
     match client.flush() {
-        SendOutcome::Done => {
-            let fd = client.raw_fd();
-            drop(st);
-            let ev = EpollEvent::new(EventSet::IN, token(KIND_CLIENT, index));
-            let _ = relay.poll.ctl(ControlOperation::Modify, fd, ev);
-        }
-        SendOutcome::Queued => {}
+        SendOutcome::Done | SendOutcome::Queued => relay.update_interest(ch, client),
         SendOutcome::Broken => {
             drop(st);
             relay.after_send(ch, SendOutcome::Broken);
+        }
+    }
+}
+
+/// Resumes reading clients paused for back-pressure whose channel has room again.
+fn resume_paused(relay: &Relay) {
+    for ch in &relay.channels {
+        if !relay.link.has_room(ch.id) {
+            continue;
+        }
+        let mut st = ch.lock();
+        if let Some(client) = st.client.as_mut().filter(|c| c.paused && c.may_read()) {
+            client.paused = false;
+            relay.update_interest(ch, client);
         }
     }
 }

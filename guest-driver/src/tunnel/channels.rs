@@ -94,6 +94,8 @@ impl IrqSink for TunnelIrqs {
 /// The channels the relay brought up.
 pub struct Channels {
     serve: Vec<ServeSpec>,
+    /// Largest message the relay accepts (from its HELLO reply).
+    peer_max_msg: usize,
     servers: HashMap<u32, (String, DeviceServer)>,
     outbox: Arc<Mutex<Vec<TunnelMessage>>>,
 }
@@ -103,6 +105,7 @@ impl Channels {
     pub fn new(serve: Vec<ServeSpec>) -> Self {
         Self {
             serve,
+            peer_max_msg: vfu_proto::tunnel::MIN_MSG_SIZE as usize,
             servers: HashMap::new(),
             outbox: Arc::new(Mutex::new(Vec::new())),
         }
@@ -174,6 +177,11 @@ impl Channels {
         out
     }
 
+    /// The relay accepts messages up to `max` bytes.
+    pub fn set_peer_max_msg(&mut self, max: usize) {
+        self.peer_max_msg = max;
+    }
+
     /// The event fds of the served models (channel, fd), to poll.
     pub fn event_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
         use std::os::fd::AsRawFd;
@@ -222,11 +230,14 @@ impl Channels {
     }
 
     fn vfio_user(&mut self, channel: u32, frame: VfioUserFrame) -> Vec<TunnelMessage> {
+        let header = frame.header;
         let Some((name, server)) = self.servers.get_mut(&channel) else {
             warn!("vfio-user message for channel {channel}, which is not up");
+            if header.msg_type == MessageType::Command && !header.no_reply {
+                return reply_frame(channel, encode_error_reply(&header, libc::ENODEV as u32));
+            }
             return Vec::new();
         };
-        let header = frame.header;
         if header.msg_type != MessageType::Command {
             debug!("{name}: reply from the relay ignored (no requests toward clients yet)");
             return Vec::new();
@@ -255,13 +266,24 @@ impl Channels {
                     warn!("{name}: a reply with fds cannot cross the tunnel; EIO");
                     return reply_frame(channel, encode_error_reply(&header, libc::EIO as u32));
                 }
-                reply_frame(channel, encode_reply(header.msg_id, &reply))
+                let bytes = encode_reply(header.msg_id, &reply);
+                if bytes.len() + TUNNEL_OVERHEAD > self.peer_max_msg {
+                    warn!(
+                        "{name}: reply of {} bytes exceeds what the relay accepts",
+                        bytes.len()
+                    );
+                    return reply_frame(channel, encode_error_reply(&header, libc::E2BIG as u32));
+                }
+                reply_frame(channel, bytes)
             }
             Response::Error(errno) => reply_frame(channel, encode_error_reply(&header, errno)),
             Response::NoReply => Vec::new(),
         }
     }
 }
+
+/// Tunnel header bytes around a vfio-user message.
+const TUNNEL_OVERHEAD: usize = vfu_proto::tunnel::TUNNEL_HEADER_SIZE;
 
 /// A vfio-user message (header and payload) as a VFIO_USER tunnel message.
 fn reply_frame(channel: u32, bytes: Vec<u8>) -> Vec<TunnelMessage> {

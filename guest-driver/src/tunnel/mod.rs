@@ -246,6 +246,7 @@ impl<T: Transport> TunnelDriver<T> {
                     return Err(DriverError::HelloRefused(r.status));
                 }
                 self.active_pairs = r.queue_pairs.clamp(1, self.pairs.len() as u16);
+                self.channels.set_peer_max_msg(r.max_msg_size as usize);
                 self.up = true;
                 info!(
                     "relay answered HELLO: tunnel {}.{}, {} queue pair(s)",

@@ -9,6 +9,7 @@
 //! File descriptors are owned ([`OwnedFd`](std::os::fd::OwnedFd)) from the moment they
 //! are received: a message that is rejected, or dropped, closes them.
 
+pub mod fds;
 mod reader;
 mod writer;
 

@@ -70,6 +70,9 @@ pub struct MessageReader {
     limits: Limits,
     state: State,
     fds: Vec<OwnedFd>,
+    /// fds of the current message beyond `max_msg_fds`, closed on arrival (the reader
+    /// never holds more than the limit, however a peer spreads fds over a message).
+    excess_fds: usize,
 }
 
 /// Upper bound on a message whose payload the reader skips instead of closing the
@@ -86,6 +89,7 @@ impl MessageReader {
                 filled: 0,
             },
             fds: Vec::new(),
+            excess_fds: 0,
         }
     }
 
@@ -121,7 +125,14 @@ impl MessageReader {
         loop {
             match &mut self.state {
                 State::Header { buf, filled } => {
-                    let Some(n) = recv(sock, &mut buf[*filled..], &mut self.fds)? else {
+                    let Some(n) = recv(
+                        sock,
+                        &mut buf[*filled..],
+                        &mut self.fds,
+                        self.limits.max_msg_fds,
+                        &mut self.excess_fds,
+                    )?
+                    else {
                         return Ok(None);
                     };
                     if n == 0 {
@@ -146,7 +157,14 @@ impl MessageReader {
                     if *filled == payload.len() {
                         return Ok(Some(self.finish()));
                     }
-                    let Some(n) = recv(sock, &mut payload[*filled..], &mut self.fds)? else {
+                    let Some(n) = recv(
+                        sock,
+                        &mut payload[*filled..],
+                        &mut self.fds,
+                        self.limits.max_msg_fds,
+                        &mut self.excess_fds,
+                    )?
+                    else {
                         return Ok(None);
                     };
                     if n == 0 {
@@ -163,7 +181,14 @@ impl MessageReader {
                     }
                     let mut scratch = [0u8; 4096];
                     let want = (*remaining).min(scratch.len());
-                    let Some(n) = recv(sock, &mut scratch[..want], &mut self.fds)? else {
+                    let Some(n) = recv(
+                        sock,
+                        &mut scratch[..want],
+                        &mut self.fds,
+                        self.limits.max_msg_fds,
+                        &mut self.excess_fds,
+                    )?
+                    else {
                         return Ok(None);
                     };
                     if n == 0 {
@@ -241,22 +266,21 @@ impl MessageReader {
             },
         );
         let fds = std::mem::take(&mut self.fds);
+        let excess = std::mem::take(&mut self.excess_fds);
         match state {
             State::Payload {
                 header, payload, ..
             } => {
-                if fds.len() > self.limits.max_msg_fds {
+                if excess > 0 {
+                    let count = fds.len() + excess;
                     warn!(
-                        "message {} (command {}) carries {} fds, limit {}; rejected",
-                        header.msg_id,
-                        header.command,
-                        fds.len(),
-                        self.limits.max_msg_fds
+                        "message {} (command {}) carries {count} fds, limit {}; rejected",
+                        header.msg_id, header.command, self.limits.max_msg_fds
                     );
                     return Frame::Rejected(Rejected {
                         header,
                         error: DecodeError::TooManyFds {
-                            count: fds.len(),
+                            count,
                             limit: self.limits.max_msg_fds,
                         },
                     });
@@ -278,15 +302,18 @@ impl MessageReader {
             filled: 0,
         };
         self.fds.clear();
+        self.excess_fds = 0;
     }
 }
 
-/// One `recvmsg` into `buf`, adding the fds that came with it to `fds`. `None` on
-/// `EAGAIN`; retries `EINTR`.
+/// One `recvmsg` into `buf`, adding the fds that came with it to `fds` up to `limit`
+/// and closing (counting in `excess`) the rest. `None` on `EAGAIN`; retries `EINTR`.
 fn recv(
     sock: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
+    limit: usize,
+    excess: &mut usize,
 ) -> Result<Option<usize>, TransportError> {
     let mut raw = [0 as RawFd; SCM_MAX_FD];
     loop {
@@ -303,8 +330,12 @@ fn recv(
                     // SAFETY: the kernel just installed `fd` in our table for us; nothing
                     // else owns it.
                     let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-                    set_cloexec(&owned);
-                    fds.push(owned);
+                    if fds.len() < limit {
+                        set_cloexec(&owned);
+                        fds.push(owned);
+                    } else {
+                        *excess += 1; // dropping `owned` closes it
+                    }
                 }
                 return Ok(Some(n));
             }

@@ -280,3 +280,37 @@ fn bad_flags_rejected_in_sync() {
     }
     assert_eq!(expect_message(reader.read(&b).unwrap()).header.msg_id, 2);
 }
+
+/// fds spread over the pieces of one message (a hostile peer sending a byte at a time,
+/// each with fds) are closed as they arrive beyond the limit, and the message is rejected
+/// with E2BIG; the stream stays in sync.
+#[test]
+fn fds_spread_over_a_message_are_bounded() {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let (a, b) = UnixStream::pair().unwrap();
+    let bytes = message(7, 9, &[0; 16]);
+    let mut read_ends = Vec::new();
+    a.send_with_fds(&[&bytes[..16]], &[]).unwrap();
+    for byte in &bytes[16..] {
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..3).map(|_| pipe()).collect();
+        let raw: Vec<RawFd> = pipes.iter().map(|(_, w)| w.as_raw_fd()).collect();
+        a.send_with_fds(&[&[*byte][..]], &raw).unwrap();
+        read_ends.extend(pipes.into_iter().map(|(r, _w)| r)); // write ends closed here
+    }
+    (&a).write_all(&message(8, 9, &[0; 16])).unwrap();
+    let mut reader = MessageReader::new(Limits {
+        max_msg_fds: 1,
+        ..Limits::DEFAULT
+    });
+    match reader.read(&b).unwrap() {
+        Some(Frame::Rejected(r)) => {
+            assert_eq!(r.header.msg_id, 7);
+            assert_eq!(r.error.errno(), libc::E2BIG as u32);
+        }
+        other => panic!("expected rejection, got {other:?}"),
+    }
+    for r in &read_ends {
+        assert!(writers_closed(r), "an fd beyond the limit was kept");
+    }
+    assert_eq!(expect_message(reader.read(&b).unwrap()).header.msg_id, 8);
+}

@@ -22,14 +22,18 @@ const MAX_QUEUE_SIZE: usize = 1024;
 pub struct TunnelBackend {
     relay: Arc<Relay>,
     event_idx: Arc<AtomicBool>,
+    /// The link generation of this frontend connection.
+    generation: u64,
 }
 
 impl TunnelBackend {
     /// A backend feeding `relay`.
     pub fn new(relay: Arc<Relay>) -> Self {
+        let generation = relay.link.generation();
         Self {
             relay,
             event_idx: Arc::new(AtomicBool::new(false)),
+            generation,
         }
     }
 }
@@ -61,7 +65,7 @@ impl VhostUserBackend for TunnelBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
-        self.relay.link.attach_memory(mem);
+        self.relay.link.attach_memory(self.generation, mem);
         Ok(())
     }
 
@@ -76,11 +80,23 @@ impl VhostUserBackend for TunnelBackend {
             warn!("tunnel queue {device_event}: unexpected event {evset:?}");
             return Ok(());
         }
-        self.relay.link.attach_vrings(vrings);
+        if self.generation != self.relay.link.generation() {
+            return Ok(()); // a late event of a connection that is gone
+        }
+        self.relay.link.attach_vrings(self.generation, vrings);
         let pair = device_event as usize / 2;
         if device_event % 2 == 1 {
-            for msg in self.relay.link.receive(pair) {
-                dispatch(&self.relay, msg);
+            loop {
+                // Bounded batches: the link lock is released between them, so the
+                // switch keeps forwarding requests while a busy driver talks.
+                let (messages, more) = self.relay.link.receive(pair);
+                for msg in messages {
+                    dispatch(&self.relay, msg);
+                }
+                self.relay.link.signal_pending();
+                if !more {
+                    break;
+                }
             }
         } else {
             self.relay.link.flush(pair);

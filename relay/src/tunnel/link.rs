@@ -2,29 +2,41 @@
 //! `h2g` buffers and reassembles messages from its `g2h` buffers, following the framing
 //! of `docs/tunnel.md` (section 6.1).
 //!
+//! Fairness: each channel has its own outbound queue and byte budget; buffers are
+//! handed out round-robin, a whole message at a time (a message, once started, runs to
+//! its end before another begins, as the framing requires). A channel over its budget
+//! is refused further requests, and the switch stops reading that client until the
+//! device VM has taken its messages: back-pressure instead of unbounded buffering.
+//! Control messages (sessions, channel state, replies to the driver) are never refused.
+//!
 //! Everything here is guarded by one mutex, taken innermost: callers may hold a
-//! channel's lock, never the other way round.
+//! channel's lock, never the other way round. No call blocks or loops without bound
+//! while holding it.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use log::{debug, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
-    g2h_queue, h2g_queue, pair_of_channel, TunnelError, TunnelHeader, TunnelMessage,
+    g2h_queue, h2g_queue, pair_of_channel, Body, TunnelError, TunnelHeader, TunnelMessage,
     TUNNEL_HEADER_SIZE,
 };
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::version::RelayLimits;
 
-/// Bytes of messages the relay queues toward a device VM that posts no buffers, before
-/// it refuses more (back-pressure instead of unbounded buffering).
-const MAX_BACKLOG: usize = 32 << 20;
+/// Bytes of vfio-user messages one channel may have waiting for the device VM. Above
+/// it, the switch stops reading that client.
+pub const CHANNEL_BUDGET: usize = 4 << 20;
+
+/// Most messages taken from the driver in one [`Link::receive`] call.
+pub const RECEIVE_BATCH: usize = 64;
 
 /// Why a message could not be sent.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -35,8 +47,8 @@ pub enum LinkError {
     /// Larger than the device VM accepts.
     #[error("message of {0} bytes is larger than the device VM accepts")]
     TooLarge(usize),
-    /// The device VM does not take messages fast enough.
-    #[error("backlog toward the device VM is full")]
+    /// The channel's budget is used up.
+    #[error("the channel's backlog toward the device VM is full")]
     Full,
 }
 
@@ -60,6 +72,16 @@ pub struct Negotiated {
     pub guest_max_msg: usize,
     /// Tunnel features in force.
     pub features: u64,
+}
+
+/// A message from the driver that could not be decoded; the header, when it could be
+/// read, lets the relay answer it.
+#[derive(Debug)]
+pub struct BadMessage {
+    /// The header, if it decoded.
+    pub header: Option<TunnelHeader>,
+    /// Why the message was refused.
+    pub error: TunnelError,
 }
 
 /// Reassembles one `g2h` queue's messages.
@@ -103,15 +125,52 @@ impl Reassembly {
     }
 }
 
+/// A message on its way to the driver.
+#[derive(Debug)]
+struct Outgoing {
+    bytes: Vec<u8>,
+    written: usize,
+    /// Counted against the channel's budget (vfio-user messages).
+    budgeted: bool,
+}
+
+/// Outbound state of one `h2g` queue.
+#[derive(Debug, Default)]
+struct PairTx {
+    /// Per channel: messages in order.
+    queues: BTreeMap<u32, VecDeque<Outgoing>>,
+    /// The channel whose message is partly written (it must finish first).
+    in_progress: Option<u32>,
+    /// Channel served last, for round-robin.
+    last: u32,
+}
+
+impl PairTx {
+    /// The channel whose message goes next.
+    fn next_channel(&self) -> Option<u32> {
+        if let Some(c) = self.in_progress {
+            return Some(c);
+        }
+        self.queues
+            .range(self.last.wrapping_add(1)..)
+            .chain(self.queues.range(..=self.last))
+            .find(|(_, q)| !q.is_empty())
+            .map(|(&c, _)| c)
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Vec<VringRwLock>,
+    /// A queue operation failed (the ring is stopped or corrupt): no more work on it
+    /// until the frontend sets the ring up again (a new connection).
+    broken: bool,
     up: Option<Negotiated>,
-    /// Per pair: messages (bytes, bytes already written) waiting for h2g buffers.
-    tx: Vec<VecDeque<(Vec<u8>, usize)>>,
+    tx: Vec<PairTx>,
     rx: Vec<Reassembly>,
-    backlog: usize,
+    /// vfio-user bytes waiting, per channel.
+    backlog: BTreeMap<u32, usize>,
     /// Per pair: the driver must be signalled about used `h2g` buffers.
     signal_due: Vec<bool>,
 }
@@ -120,6 +179,12 @@ struct Inner {
 pub struct Link {
     inner: Mutex<Inner>,
     tag: AtomicU32,
+    /// Bumped on every reset: a late call from a previous connection's worker thread
+    /// cannot attach that connection's vrings.
+    generation: AtomicU64,
+    /// Some channel went back under its budget: paused clients may be read again.
+    room_made: AtomicBool,
+    wake: Option<EventFd>,
     /// Queue pairs the relay offers.
     pub offered_pairs: u16,
     /// Largest message the relay accepts from the device VM.
@@ -136,11 +201,14 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// A link with no device VM.
-    pub fn new(offered_pairs: u16, limits: RelayLimits) -> Self {
+    /// A link with no device VM; `wake` is signalled when a channel gets room again.
+    pub fn new(offered_pairs: u16, limits: RelayLimits, wake: Option<EventFd>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             tag: AtomicU32::new(1),
+            generation: AtomicU64::new(1),
+            room_made: AtomicBool::new(false),
+            wake,
             offered_pairs,
             // The largest data transfer, its vfio-user headers and the tunnel header.
             max_msg_size: limits.max_data_xfer_size as usize + 4096,
@@ -156,23 +224,43 @@ impl Link {
         self.tag.fetch_add(1, Ordering::Relaxed).max(1)
     }
 
+    /// The current connection generation.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
     /// Whether a device VM has completed HELLO.
     pub fn is_up(&self) -> bool {
         self.lock().up.is_some()
     }
 
-    /// The guest memory table changed (vhost-user SET_MEM_TABLE).
-    pub fn attach_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
-        self.lock().mem = Some(mem);
+    /// Whether `channel` may queue another vfio-user message.
+    pub fn has_room(&self, channel: u32) -> bool {
+        self.lock().backlog.get(&channel).copied().unwrap_or(0) < CHANNEL_BUDGET
     }
 
-    /// Remembers the vrings of the current frontend connection.
-    pub fn attach_vrings(&self, vrings: &[VringRwLock]) {
+    /// Takes the "some channel got room again" flag.
+    pub fn take_room_made(&self) -> bool {
+        self.room_made.swap(false, Ordering::AcqRel)
+    }
+
+    /// The guest memory table changed (vhost-user SET_MEM_TABLE).
+    pub fn attach_memory(&self, generation: u64, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+        if generation == self.generation() {
+            self.lock().mem = Some(mem);
+        }
+    }
+
+    /// Remembers the vrings of connection `generation`.
+    pub fn attach_vrings(&self, generation: u64, vrings: &[VringRwLock]) {
+        if generation != self.generation() {
+            return;
+        }
         let mut inner = self.lock();
         if inner.vrings.is_empty() {
             inner.vrings = vrings.to_vec();
             let pairs = vrings.len() / 2;
-            inner.tx = (0..pairs).map(|_| VecDeque::new()).collect();
+            inner.tx = (0..pairs).map(|_| PairTx::default()).collect();
             inner.rx = (0..pairs).map(|_| Reassembly::default()).collect();
             inner.signal_due = vec![false; pairs];
         }
@@ -183,9 +271,11 @@ impl Link {
     pub fn set_up(&self, negotiated: Negotiated) {
         let mut inner = self.lock();
         inner.up = Some(negotiated);
-        inner.tx.iter_mut().for_each(VecDeque::clear);
+        inner.tx.iter_mut().for_each(|t| *t = PairTx::default());
         inner.rx.iter_mut().for_each(|r| *r = Reassembly::default());
-        inner.backlog = 0;
+        inner.backlog.clear();
+        drop(inner);
+        self.note_room();
     }
 
     /// Forgets a negotiation (after refusing a HELLO).
@@ -195,12 +285,23 @@ impl Link {
 
     /// The frontend disconnected: forget its memory, queues and negotiation.
     pub fn reset(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
         *self.lock() = Inner::default();
+        self.note_room();
+    }
+
+    fn note_room(&self) {
+        self.room_made.store(true, Ordering::Release);
+        if let Some(w) = &self.wake {
+            let _ = w.write(1);
+        }
     }
 
     /// Queues `msg` on its channel's queue pair and writes what the driver has room for.
+    /// vfio-user messages count against the channel's budget; control messages do not.
     pub fn send(&self, msg: &TunnelMessage) -> Result<(), LinkError> {
         let bytes = msg.encode();
+        let budgeted = matches!(msg.body, Body::VfioUser(_));
         let mut inner = self.lock();
         let Some(up) = inner.up else {
             return Err(LinkError::NotUp);
@@ -208,23 +309,42 @@ impl Link {
         if bytes.len() > up.guest_max_msg {
             return Err(LinkError::TooLarge(bytes.len()));
         }
-        if inner.backlog + bytes.len() > MAX_BACKLOG {
-            return Err(LinkError::Full);
-        }
         let pair = pair_of_channel(msg.channel, up.pairs) as usize;
         if pair >= inner.tx.len() {
             return Err(LinkError::NotUp);
         }
-        inner.backlog += bytes.len();
-        inner.tx[pair].push_back((bytes, 0));
-        flush_pair(&mut inner, pair);
+        if budgeted {
+            let backlog = inner.backlog.entry(msg.channel).or_insert(0);
+            // The switch stops reading at the budget; this is the hard stop for anything
+            // that slips past (one message beyond the budget at most).
+            if *backlog >= 2 * CHANNEL_BUDGET {
+                return Err(LinkError::Full);
+            }
+            *backlog += bytes.len();
+        }
+        inner.tx[pair]
+            .queues
+            .entry(msg.channel)
+            .or_default()
+            .push_back(Outgoing {
+                bytes,
+                written: 0,
+                budgeted,
+            });
+        let room = flush_pair(&mut inner, pair);
+        drop(inner);
+        if room {
+            self.note_room();
+        }
         Ok(())
     }
 
     /// The driver posted `h2g` buffers on `pair`: write what is waiting.
     pub fn flush(&self, pair: usize) {
-        let mut inner = self.lock();
-        flush_pair(&mut inner, pair);
+        let room = flush_pair(&mut self.lock(), pair);
+        if room {
+            self.note_room();
+        }
     }
 
     /// Signals the driver about the `h2g` buffers filled since the last call. Sending
@@ -243,28 +363,38 @@ impl Link {
         }
     }
 
-    /// Drains the `g2h` queue of `pair`: every complete message, or a framing error.
-    pub fn receive(&self, pair: usize) -> Vec<Result<TunnelMessage, TunnelError>> {
+    /// Takes up to [`RECEIVE_BATCH`] messages from the `g2h` queue of `pair`. The
+    /// second value says whether more may be waiting (call again).
+    pub fn receive(&self, pair: usize) -> (Vec<Result<TunnelMessage, BadMessage>>, bool) {
         let mut inner = self.lock();
         let max = self.max_msg_size;
         let mut out = Vec::new();
+        if inner.broken {
+            return (out, false);
+        }
         let Some(mem) = inner.mem.clone() else {
-            return out;
+            return (out, false);
         };
         let Some(vring) = inner.vrings.get(g2h_queue(pair as u16) as usize).cloned() else {
-            return out;
+            return (out, false);
         };
         let guard = mem.memory();
-        loop {
+        let mut more = false;
+        'outer: loop {
             let _ = vring.disable_notification();
             loop {
+                if out.len() == RECEIVE_BATCH {
+                    more = true;
+                    break 'outer;
+                }
                 let chain = {
                     let mut state = vring.get_mut();
                     match state.get_queue_mut().iter(&*guard) {
                         Ok(mut it) => it.next(),
                         Err(e) => {
-                            warn!("g2h queue {pair}: {e}");
-                            None
+                            warn!("g2h queue {pair} unusable ({e}); stopped until the frontend sets it up again");
+                            inner.broken = true;
+                            break 'outer;
                         }
                     }
                 };
@@ -275,11 +405,10 @@ impl Link {
                     .clone()
                     .reader(&*guard)
                     .map_err(|e| e.to_string())
-                    .and_then(|r| {
+                    .and_then(|mut r| {
                         if r.available_bytes() > max {
                             Err(format!("buffer of {} bytes", r.available_bytes()))
                         } else {
-                            let mut r = r;
                             r.read_to_end(&mut data)
                                 .map(|_| ())
                                 .map_err(|e| e.to_string())
@@ -290,13 +419,8 @@ impl Link {
                     warn!("g2h queue {pair}: bad buffer: {e}");
                     continue;
                 }
-                if let Some(rx) = inner.rx.get_mut(pair) {
-                    if let Some(done) = rx.push(&data, max) {
-                        out.push(done.and_then(|bytes| {
-                            let h = TunnelHeader::decode(&bytes)?;
-                            TunnelMessage::decode_body(&h, &bytes[TUNNEL_HEADER_SIZE..])
-                        }));
-                    }
+                if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(&data, max)) {
+                    out.push(decode(done));
                 }
             }
             if !vring.enable_notification().unwrap_or(false) {
@@ -306,47 +430,74 @@ impl Link {
         if vring.needs_notification().unwrap_or(true) {
             let _ = vring.signal_used_queue();
         }
-        out
+        (out, more)
     }
 }
 
-/// Writes waiting messages of `pair` into the driver's `h2g` buffers.
-fn flush_pair(inner: &mut Inner, pair: usize) {
+fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
+    let bytes = bytes.map_err(|error| BadMessage {
+        header: None,
+        error,
+    })?;
+    let header = TunnelHeader::decode(&bytes).map_err(|error| BadMessage {
+        header: None,
+        error,
+    })?;
+    TunnelMessage::decode_body(&header, &bytes[TUNNEL_HEADER_SIZE..]).map_err(|error| BadMessage {
+        header: Some(header),
+        error,
+    })
+}
+
+/// Writes waiting messages of `pair` into the driver's `h2g` buffers, round-robin over
+/// channels. Returns whether a channel went back under its budget.
+fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
+    if inner.broken {
+        return false;
+    }
     let Some(mem) = inner.mem.clone() else {
-        return;
+        return false;
     };
     let Some(vring) = inner.vrings.get(h2g_queue(pair as u16) as usize).cloned() else {
-        return;
+        return false;
     };
     let guard = mem.memory();
     let mut used_any = false;
-    let Some(mut queue) = inner.tx.get_mut(pair).map(std::mem::take) else {
-        return;
+    let mut room = false;
+    let Some(mut tx) = inner.tx.get_mut(pair).map(std::mem::take) else {
+        return false;
     };
-    while let Some((bytes, written)) = queue.front_mut() {
+    while let Some(channel) = tx.next_channel() {
         let chain = {
             let mut state = vring.get_mut();
             match state.get_queue_mut().iter(&*guard) {
                 Ok(mut it) => it.next(),
                 Err(e) => {
-                    warn!("h2g queue {pair}: {e}");
-                    None
+                    warn!("h2g queue {pair} unusable ({e}); stopped until the frontend sets it up again");
+                    inner.broken = true;
+                    break;
                 }
             }
         };
         let Some(chain) = chain else {
-            // Out of buffers: ask the driver to kick when it posts more (with
-            // EVENT_IDX this arms one notification), then look once more in case it
-            // posted some meanwhile.
-            if vring.enable_notification().unwrap_or(false) {
-                continue;
+            // Out of buffers: ask the driver to kick when it posts more (with EVENT_IDX
+            // this arms one notification), then look once more in case it posted some
+            // meanwhile.
+            match vring.enable_notification() {
+                Ok(true) => continue,
+                _ => {
+                    debug!("h2g queue {pair}: no buffer; messages wait");
+                    break;
+                }
             }
-            debug!("h2g queue {pair}: no buffer; message waits");
-            break;
         };
         let head = chain.head_index();
+        let Some(out) = tx.queues.get_mut(&channel).and_then(|q| q.front_mut()) else {
+            tx.in_progress = None;
+            continue;
+        };
         let n = match chain.clone().writer(&*guard) {
-            Ok(mut w) => w.write(&bytes[*written..]).unwrap_or(0),
+            Ok(mut w) => w.write(&out.bytes[out.written..]).unwrap_or(0),
             Err(e) => {
                 warn!("h2g queue {pair}: bad buffer: {e}");
                 0
@@ -354,24 +505,38 @@ fn flush_pair(inner: &mut Inner, pair: usize) {
         };
         let _ = vring.add_used(head, n as u32);
         used_any = true;
-        *written += n;
-        if *written == bytes.len() {
-            inner.backlog = inner.backlog.saturating_sub(bytes.len());
-            queue.pop_front();
+        out.written += n;
+        let (total, budgeted) = (out.bytes.len(), out.budgeted);
+        if out.written == total {
+            tx.queues.get_mut(&channel).map(VecDeque::pop_front);
+            tx.in_progress = None;
+            tx.last = channel;
+            if budgeted {
+                if let Some(b) = inner.backlog.get_mut(&channel) {
+                    let before = *b;
+                    *b = b.saturating_sub(total);
+                    if before >= CHANNEL_BUDGET && *b < CHANNEL_BUDGET {
+                        room = true;
+                    }
+                }
+            }
+        } else {
+            tx.in_progress = Some(channel);
         }
     }
-    inner.tx[pair] = queue;
+    tx.queues.retain(|_, q| !q.is_empty());
+    inner.tx[pair] = tx;
     if used_any {
         if let Some(due) = inner.signal_due.get_mut(pair) {
             *due = true;
         }
     }
+    room
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vfu_proto::tunnel::Body;
 
     /// A message split over several buffers is put back together; a buffer holding bytes
     /// of two messages, or a header over the limit, is a framing error after which the
@@ -396,5 +561,25 @@ mod tests {
         assert!(r.push(&msg, 64).unwrap().is_err());
         assert_eq!(r.push(&msg, 4096).unwrap().unwrap(), msg);
         assert!(r.push(&[1, 2, 3], 4096).unwrap().is_err());
+    }
+
+    /// Round-robin starts after the channel served last and finishes a message in
+    /// progress first.
+    #[test]
+    fn round_robin_order() {
+        let mut tx = PairTx::default();
+        for c in [1, 2, 3] {
+            tx.queues.entry(c).or_default().push_back(Outgoing {
+                bytes: vec![0],
+                written: 0,
+                budgeted: true,
+            });
+        }
+        tx.last = 1;
+        assert_eq!(tx.next_channel(), Some(2));
+        tx.last = 3;
+        assert_eq!(tx.next_channel(), Some(1));
+        tx.in_progress = Some(3);
+        assert_eq!(tx.next_channel(), Some(3));
     }
 }

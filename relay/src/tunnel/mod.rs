@@ -6,7 +6,7 @@ mod backend;
 mod link;
 
 pub use backend::TunnelBackend;
-pub use link::{Link, LinkError, Negotiated};
+pub use link::{BadMessage, Link, LinkError, Negotiated, CHANNEL_BUDGET};
 
 use std::sync::Arc;
 
@@ -60,12 +60,30 @@ fn device_vm_gone(relay: &Relay) {
 }
 
 /// Handles one message from the device VM.
-pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, TunnelError>) {
+pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessage>) {
     let msg = match msg {
         Ok(m) => m,
-        Err(e) => {
-            warn!("malformed message from the device VM: {e}");
-            report(relay, 0, 0, e.errno(), &e.to_string());
+        Err(BadMessage {
+            header: Some(h),
+            error: TunnelError::UnknownKind { kind },
+        }) => {
+            // The spec's answer to a request of unknown kind.
+            debug!("device VM sent unknown kind {kind:#x}; answering ENOSYS");
+            send_reply(
+                relay,
+                h.channel,
+                h.tag,
+                Body::Status {
+                    kind,
+                    status: libc::ENOSYS as u32,
+                },
+            );
+            return;
+        }
+        Err(BadMessage { header, error }) => {
+            warn!("malformed message from the device VM: {error}");
+            let (channel, tag) = header.map_or((0, 0), |h| (h.channel, h.tag));
+            report(relay, channel, tag, error.errno(), &error.to_string());
             return;
         }
     };
