@@ -21,6 +21,7 @@ use vfu_proto::vfio_user::{
     Version, HEADER_SIZE,
 };
 
+use crate::dma::{DmaError, DmaTable, Mapping, Region};
 use crate::switch::Relay;
 use crate::version::negotiate;
 
@@ -45,9 +46,9 @@ enum PendingKind {
     /// Apply the eventfd change once the device accepted it.
     SetIrqs { index: u32, change: IrqChange },
     /// Keep the region's fd once the device accepted the map.
-    DmaMap { address: u64, fd: Option<OwnedFd> },
+    DmaMap { address: u64, size: u64 },
     /// Drop the region's fd (or all) once the device acknowledged the unmap.
-    DmaUnmap { address: u64, all: bool },
+    DmaUnmap { address: u64, size: u64, all: bool },
 }
 
 /// What a SET_IRQS does to the relay's eventfd table.
@@ -85,7 +86,7 @@ pub struct Client {
     /// Eventfds per (IRQ index, vector), non-blocking.
     irq_fds: HashMap<(u32, u32), OwnedFd>,
     /// Memory fds of DMA regions, kept for the copy and window paths.
-    dma_fds: HashMap<u64, OwnedFd>,
+    dma: DmaTable,
     /// The switch stopped reading this client: its channel's budget toward the device
     /// VM is used up (back-pressure).
     pub paused: bool,
@@ -106,6 +107,9 @@ pub struct ChannelState {
     /// requests itself, across clients, so a late reply (after a timeout, or for a
     /// client that went away) never matches a newer request that reused the ID.
     next_id: u16,
+    /// Regions of a client that went away, whose windows stay until the device VM
+    /// acknowledges SESSION_END.
+    retired: Vec<Region>,
 }
 
 /// One exported device.
@@ -151,7 +155,7 @@ impl Client {
             pending: VecDeque::new(),
             versioned: false,
             irq_fds: HashMap::new(),
-            dma_fds: HashMap::new(),
+            dma: DmaTable::default(),
             paused: false,
             broken: false,
         }
@@ -229,6 +233,7 @@ impl Channel {
                 guest: GuestState::Unknown,
                 client: None,
                 next_id: 0,
+                retired: Vec::new(),
             }),
         }
     }
@@ -253,15 +258,19 @@ impl Channel {
     /// end the device VM's session, which keeps the device state.
     pub fn on_client_disconnected(&self, relay: &Relay) {
         let mut st = self.lock();
-        if let Some(client) = st.client.take() {
+        if let Some(mut client) = st.client.take() {
             info!(
                 "{}: client disconnected ({} request(s) in flight dropped)",
                 self.name,
                 client.pending.len()
             );
+            // Windows stay until the device VM says it let go of the memory.
+            st.retired.extend(client.dma.take_all());
         }
-        if st.guest == GuestState::Served {
+        if st.guest == GuestState::Served && relay.link.is_up() {
             relay.send_control(self.id, Body::SessionEnd);
+        } else {
+            release(relay, std::mem::take(&mut st.retired));
         }
     }
 
@@ -339,14 +348,43 @@ impl Channel {
                 },
                 _ => PendingKind::Plain,
             },
-            // The memory fd stays with the relay (the device VM reaches the memory
-            // through it); it is kept once the device accepts the map.
-            Request::DmaMap(m) => PendingKind::DmaMap {
-                address: m.address,
-                fd: fds.pop(),
-            },
+            // The memory fd stays with the relay: it maps it for the copy path and, where
+            // the frontend supports it, into a window of shared memory region 0.
+            Request::DmaMap(m) => {
+                let fd = fds.pop();
+                let map = fd.as_ref().and_then(|fd| {
+                    Mapping::new(fd, m.offset, m.size, m.read, m.write)
+                        .map_err(|e| {
+                            warn!("{}: cannot map DMA region {:#x}: {e}", self.name, m.address)
+                        })
+                        .ok()
+                });
+                let window = match (&fd, relay.windows_enabled()) {
+                    (Some(fd), true) => relay.windows().map(fd, m.offset, m.size, m.write),
+                    _ => None,
+                };
+                if let Some(offset) = window {
+                    slots.push(Slot::window(offset, m.read, m.write));
+                }
+                client.dma.insert(Region {
+                    iova: m.address,
+                    size: m.size,
+                    read: m.read,
+                    write: m.write,
+                    fd_offset: m.offset,
+                    fd,
+                    map,
+                    window,
+                    committed: false,
+                });
+                PendingKind::DmaMap {
+                    address: m.address,
+                    size: m.size,
+                }
+            }
             Request::DmaUnmap(u) => PendingKind::DmaUnmap {
                 address: u.address,
+                size: u.size,
                 all: u.all,
             },
             _ => PendingKind::Plain,
@@ -422,63 +460,113 @@ impl Channel {
             client.paused = false;
             relay.update_interest(self, client);
         }
-        if let Some(errno) = h.error {
-            // Whatever the device refused is not applied here either.
-            return client.send(encode_error_reply(&pending.header, errno), vec![]);
-        }
-        let reply = match Reply::decode(h.command, &frame.payload, frame.slots.len()) {
-            Ok(r) => r,
-            Err(e) => {
-                warn!("{}: invalid reply from the device VM: {e}", self.name);
-                return client.send(
-                    encode_error_reply(&pending.header, libc::EIO as u32),
-                    vec![],
-                );
-            }
+        let result = match h.error {
+            Some(errno) => Err(errno),
+            None => match Reply::decode(h.command, &frame.payload, frame.slots.len()) {
+                Ok(_) if !frame.slots.is_empty() => {
+                    warn!(
+                        "{}: reply carries fd slots the relay does not hand out yet",
+                        self.name
+                    );
+                    Err(libc::EIO as u32)
+                }
+                Ok(r) => Ok(r),
+                Err(e) => {
+                    warn!("{}: invalid reply from the device VM: {e}", self.name);
+                    Err(libc::EIO as u32)
+                }
+            },
         };
-        if !frame.slots.is_empty() {
-            warn!(
-                "{}: reply carries fd slots the relay does not hand out yet",
-                self.name
-            );
-            return client.send(
-                encode_error_reply(&pending.header, libc::EIO as u32),
-                vec![],
-            );
-        }
         let client_id = pending.header.msg_id;
-        match (pending.kind, reply) {
-            (PendingKind::Version(proposal), Reply::Version(device)) => {
-                let answer = negotiate(&proposal, &device, relay.limits);
-                debug!("{}: VERSION negotiated: {answer:?}", self.name);
-                return client.send(encode_reply(client_id, &Reply::Version(answer)), vec![]);
+        // What the reply means for the relay's own state. A refused request changes
+        // nothing, except that a refused map and any unmap remove the region here too.
+        let mut version = None;
+        match (pending.kind, &result) {
+            (PendingKind::Version(proposal), Ok(Reply::Version(device))) => {
+                version = Some(negotiate(&proposal, device, relay.limits));
             }
-            (PendingKind::SetIrqs { index, change }, Reply::DeviceSetIrqs) => {
+            (PendingKind::SetIrqs { index, change }, Ok(Reply::DeviceSetIrqs)) => {
                 apply_irq_change(&mut client.irq_fds, index, change);
             }
-            (
-                PendingKind::DmaMap {
-                    address,
-                    fd: Some(fd),
-                },
-                Reply::DmaMap,
-            ) => {
-                client.dma_fds.insert(address, fd);
+            (PendingKind::DmaMap { address, .. }, Ok(Reply::DmaMap)) => client.dma.commit(address),
+            (PendingKind::DmaMap { address, size }, _) => {
+                release(relay, take_regions(&mut client.dma, address, size, false));
             }
-            (PendingKind::DmaUnmap { address, all }, Reply::DmaUnmap(_)) => {
-                if all {
-                    client.dma_fds.clear();
-                } else {
-                    client.dma_fds.remove(&address);
-                }
+            (PendingKind::DmaUnmap { address, size, all }, _) => {
+                // The device VM no longer uses the memory: the windows go before the
+                // client hears back.
+                release(relay, take_regions(&mut client.dma, address, size, all));
             }
             _ => {}
         }
-        // Checked above; forwarded byte for byte under the client's message ID.
-        let mut bytes = Vec::with_capacity(HEADER_SIZE + frame.payload.len());
-        Header::reply_to(&pending.header, frame.payload.len()).encode(&mut bytes);
-        bytes.extend_from_slice(&frame.payload);
-        client.send(bytes, vec![])
+        match (result, version) {
+            (Err(errno), _) => client.send(encode_error_reply(&pending.header, errno), vec![]),
+            (Ok(_), Some(answer)) => {
+                debug!("{}: VERSION negotiated: {answer:?}", self.name);
+                client.send(encode_reply(client_id, &Reply::Version(answer)), vec![])
+            }
+            (Ok(_), None) => {
+                // Checked above; forwarded byte for byte under the client's message ID.
+                let mut bytes = Vec::with_capacity(HEADER_SIZE + frame.payload.len());
+                Header::reply_to(&pending.header, frame.payload.len()).encode(&mut bytes);
+                bytes.extend_from_slice(&frame.payload);
+                client.send(bytes, vec![])
+            }
+        }
+    }
+
+    /// The device VM acknowledged SESSION_END: the old client's windows can go.
+    pub fn on_session_end_ack(&self, relay: &Relay) {
+        let retired = std::mem::take(&mut self.lock().retired);
+        release(relay, retired);
+    }
+
+    /// The device VM asks to read client memory (copy path). Returns the reply body.
+    pub fn on_dma_read(&self, segments: &[(u64, u64)]) -> Body {
+        let st = self.lock();
+        let Some(client) = st.client.as_ref() else {
+            return dma_read_error(DmaError::Fault);
+        };
+        match client.dma.check_segments(segments, false) {
+            Ok(true) => {
+                let mut data = Vec::new();
+                match client.dma.read_local(segments, &mut data) {
+                    Ok(()) => Body::DmaReadReply { status: 0, data },
+                    Err(e) => dma_read_error(e),
+                }
+            }
+            // No fd from the client: vfio-user DMA_READ toward it is not done yet.
+            Ok(false) => Body::DmaReadReply {
+                status: libc::EOPNOTSUPP as u32,
+                data: Vec::new(),
+            },
+            Err(e) => {
+                debug!("{}: DMA read outside the client's maps", self.name);
+                dma_read_error(e)
+            }
+        }
+    }
+
+    /// The device VM asks to write client memory (copy path). Returns the status.
+    pub fn on_dma_write(&self, segments: &[(u64, u64)], data: &[u8]) -> u32 {
+        let st = self.lock();
+        let Some(client) = st.client.as_ref() else {
+            return DmaError::Fault.errno();
+        };
+        match client.dma.check_segments(segments, true) {
+            Ok(true) => client
+                .dma
+                .write_local(segments, data)
+                .map_or_else(DmaError::errno, |()| 0),
+            Ok(false) => libc::EOPNOTSUPP as u32,
+            Err(e) => {
+                debug!(
+                    "{}: DMA write outside the client's maps or against permission",
+                    self.name
+                );
+                e.errno()
+            }
+        }
     }
 
     /// The device VM raised vectors `start .. start + count` of `index`: signal the
@@ -528,6 +616,11 @@ impl Channel {
     pub fn fail_pending(&self, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
+        // The frontend took its windows with it; what is left are fds and mappings.
+        st.retired.clear();
+        if let Some(client) = st.client.as_mut() {
+            client.dma.forget_windows();
+        }
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
@@ -552,8 +645,17 @@ fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<()
         r if r.command().is_server_to_client() => Err(einval),
         // The reply would not fit a tunnel message.
         Request::RegionRead(a) if a.count > relay.limits.max_data_xfer_size => Err(einval),
-        Request::DmaMap(_) if client.dma_fds.len() >= relay.limits.max_dma_maps as usize => {
-            Err(libc::ENOSPC as u32)
+        Request::DmaMap(m) => client
+            .dma
+            .check_map(
+                m.address,
+                m.size,
+                m.offset,
+                relay.limits.max_dma_maps as usize,
+            )
+            .map_err(DmaError::errno),
+        Request::DmaUnmap(u) if !u.all && !client.dma.has_exact(u.address, u.size) => {
+            Err(DmaError::NotFound.errno())
         }
         _ => Ok(()),
     }
@@ -582,5 +684,35 @@ fn apply_irq_change(table: &mut HashMap<(u32, u32), OwnedFd>, index: u32, change
             table.retain(|&(i, v), _| i != index || v < start || v - start >= count);
         }
         IrqChange::DisableAll => table.retain(|&(i, _), _| i != index),
+    }
+}
+
+/// Takes the regions a DMA_UNMAP (or a refused DMA_MAP) covers out of the table.
+fn take_regions(table: &mut DmaTable, iova: u64, size: u64, all: bool) -> Vec<Region> {
+    if all {
+        table.take_all()
+    } else {
+        table.remove(iova, size).into_iter().collect()
+    }
+}
+
+/// Drops regions: their windows are unmapped from the device VM (acknowledged by the
+/// frontend), then the relay's mappings and the client's fds are closed.
+fn release(relay: &Relay, regions: Vec<Region>) {
+    if regions.iter().any(|r| r.window.is_some()) {
+        let mut windows = relay.windows();
+        for r in &regions {
+            if let Some(offset) = r.window {
+                windows.unmap(offset, r.size);
+            }
+        }
+    }
+    drop(regions);
+}
+
+fn dma_read_error(e: DmaError) -> Body {
+    Body::DmaReadReply {
+        status: e.errno(),
+        data: Vec::new(),
     }
 }

@@ -51,6 +51,10 @@ pub struct Config {
     /// Queue pairs offered to the device VM.
     #[serde(default = "default_queue_pairs")]
     pub queue_pairs: u16,
+    /// Size of the tunnel device's shared memory region for DMA windows, in MiB; 0
+    /// turns windows off (every DMA goes through the copy path).
+    #[serde(default = "default_shm_size_mib")]
+    pub shm_size_mib: u64,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -59,6 +63,10 @@ fn default_timeout_ms() -> u64 {
 
 fn default_queue_pairs() -> u16 {
     1
+}
+
+fn default_shm_size_mib() -> u64 {
+    16 << 10
 }
 
 impl Config {
@@ -125,6 +133,12 @@ impl Config {
                 self.request_timeout_ms
             )));
         }
+        if self.shm_size_mib > 1 << 30 {
+            return Err(Error::Config(format!(
+                "shared memory of {} MiB is beyond 1 PiB",
+                self.shm_size_mib
+            )));
+        }
         if self.queue_pairs == 0 || self.queue_pairs > 64 {
             return Err(Error::Config(format!(
                 "queue pairs {}: must be 1 to 64",
@@ -150,6 +164,7 @@ mod tests {
             devices: vec![DeviceConfig::parse("gpio0=/tmp/g.sock").unwrap()],
             request_timeout_ms: 3000,
             queue_pairs: 1,
+            shm_size_mib: default_shm_size_mib(),
         }
     }
 

@@ -12,6 +12,7 @@
 
 pub mod channel;
 pub mod config;
+pub mod dma;
 pub mod switch;
 pub mod tunnel;
 pub mod version;

@@ -30,6 +30,10 @@ struct Args {
     /// Queue pairs offered to the device VM.
     #[arg(long, value_name = "N", default_value_t = 1)]
     queue_pairs: u16,
+    /// MiB of shared memory for zero-copy DMA windows (needs a frontend with vhost-user
+    /// SHMEM support); 0 sends every DMA through the copy path.
+    #[arg(long, value_name = "MIB", default_value_t = 16384)]
+    shm_size_mib: u64,
 }
 
 impl TryFrom<Args> for Config {
@@ -49,6 +53,7 @@ impl TryFrom<Args> for Config {
             devices,
             request_timeout_ms: args.request_timeout_ms,
             queue_pairs: args.queue_pairs,
+            shm_size_mib: args.shm_size_mib,
         }
         .validate()
     }

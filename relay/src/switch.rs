@@ -20,6 +20,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, Client, SendOutcome};
+use crate::dma::Windows;
 use crate::tunnel::Link;
 use crate::version::RelayLimits;
 use crate::{Config, Error, Result};
@@ -46,6 +47,9 @@ pub struct Relay {
     poll: Epoll,
     wake: EventFd,
     stopping: AtomicBool,
+    /// DMA windows in the tunnel device's shared memory. Taken inside a channel's
+    /// lock, never around one.
+    windows: std::sync::Mutex<Windows>,
 }
 
 impl Relay {
@@ -59,6 +63,7 @@ impl Relay {
             .collect();
         let limits = RelayLimits::DEFAULT;
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let config_shm_bytes = config.shm_size_mib << 20;
         Ok(Self {
             link: Link::new(config.queue_pairs, limits, Some(wake.try_clone()?)),
             config,
@@ -67,6 +72,7 @@ impl Relay {
             poll: Epoll::new()?,
             wake,
             stopping: AtomicBool::new(false),
+            windows: std::sync::Mutex::new(Windows::new(config_shm_bytes)),
         })
     }
 
@@ -121,6 +127,18 @@ impl Relay {
         if let Err(e) = self.poll.ctl(ControlOperation::Modify, client.raw_fd(), ev) {
             warn!("{}: cannot update epoll interest: {e}", channel.name);
         }
+    }
+
+    /// The DMA windows.
+    pub fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.windows.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether DMA maps get windows: the frontend can map them and the driver said it
+    /// uses them.
+    pub fn windows_enabled(&self) -> bool {
+        self.link.features() & vfu_proto::tunnel::features::WINDOWS != 0
+            && self.windows().available()
     }
 
     /// Whether the relay is shutting down.

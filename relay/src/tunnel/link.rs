@@ -234,6 +234,11 @@ impl Link {
         self.lock().up.is_some()
     }
 
+    /// Tunnel features in force (0 before HELLO).
+    pub fn features(&self) -> u64 {
+        self.lock().up.map_or(0, |u| u.features)
+    }
+
     /// Whether `channel` may queue another vfio-user message.
     pub fn has_room(&self, channel: u32) -> bool {
         self.lock().backlog.get(&channel).copied().unwrap_or(0) < CHANNEL_BUDGET

@@ -23,7 +23,7 @@ use crate::switch::Relay;
 use crate::{Error, Result};
 
 /// Features the relay supports today.
-const RELAY_FEATURES: u64 = 0;
+const RELAY_FEATURES: u64 = features::WINDOWS;
 
 /// Serves one device VM after another on the frontend socket, until the relay stops.
 /// Between two device VMs, clients get ENODEV.
@@ -53,6 +53,7 @@ pub fn serve_frontends(relay: Arc<Relay>) -> Result<()> {
 /// The device VM went away: requests in flight fail, channels wait for the next HELLO.
 fn device_vm_gone(relay: &Relay) {
     relay.link.reset();
+    relay.windows().detach();
     for ch in &relay.channels {
         let outcome = ch.fail_pending(libc::ENODEV as u32);
         relay.after_send(ch, outcome);
@@ -102,23 +103,33 @@ pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessag
             Some(ch) => ch.on_irq(t.index, t.start, t.count),
             None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
         },
-        Body::DmaRead { .. } => {
-            // The copy path arrives with DMA support.
-            let reply = Body::DmaReadReply {
-                status: libc::EOPNOTSUPP as u32,
-                data: Vec::new(),
+        Body::DmaRead { segments } => {
+            let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
+            let reply = match relay.channel(channel) {
+                Some(ch) => ch.on_dma_read(&segs),
+                None => Body::DmaReadReply {
+                    status: libc::ENOENT as u32,
+                    data: Vec::new(),
+                },
             };
             send_reply(relay, channel, tag, reply);
         }
-        Body::DmaWrite { .. } => send_reply(
-            relay,
-            channel,
-            tag,
-            Body::Status {
-                kind: Kind::DmaWrite as u16,
-                status: libc::EOPNOTSUPP as u32,
-            },
-        ),
+        Body::DmaWrite { segments, data } => {
+            let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
+            let status = match relay.channel(channel) {
+                Some(ch) => ch.on_dma_write(&segs, &data),
+                None => libc::ENOENT as u32,
+            };
+            send_reply(
+                relay,
+                channel,
+                tag,
+                Body::Status {
+                    kind: Kind::DmaWrite as u16,
+                    status,
+                },
+            );
+        }
         Body::Error { errno, text } => {
             warn!("device VM reports error {errno} on channel {channel}: {text}")
         }
@@ -179,10 +190,19 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
         relay.link.reset_negotiation();
         return;
     }
+    let mut offered = RELAY_FEATURES;
+    if !relay.windows().available() {
+        offered &= !features::WINDOWS;
+    }
     let negotiated = Negotiated {
         pairs: h.queue_pairs.min(relay.link.offered_pairs).max(1),
         guest_max_msg: h.max_msg_size as usize,
-        features: h.features & RELAY_FEATURES & features::ALL,
+        features: h.features & offered & features::ALL,
+    };
+    let shm_size = if negotiated.features & features::WINDOWS != 0 {
+        relay.windows().size()
+    } else {
+        0
     };
     // A HELLO after the first: the driver restarted; what it had is gone.
     for ch in &relay.channels {
@@ -205,7 +225,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
             queue_pairs: negotiated.pairs,
             max_msg_size: relay.link.max_msg_size as u32,
             features: negotiated.features,
-            shm_size: 0,
+            shm_size,
         }),
     );
     for ch in &relay.channels {
@@ -239,6 +259,15 @@ fn on_status(relay: &Relay, channel: u32, kind: u16, status: u32) {
                     ch.name
                 );
             }
+        }
+        Some(Kind::SessionEnd) => {
+            if status != 0 {
+                warn!(
+                    "{}: device VM answered SESSION_END with errno {status}",
+                    ch.name
+                );
+            }
+            ch.on_session_end_ack(relay);
         }
         Some(k) if status != 0 => {
             warn!("{}: device VM answered {k:?} with errno {status}", ch.name)

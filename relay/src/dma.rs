@@ -1,0 +1,529 @@
+//! The relay's view of a client's DMA memory: the regions it mapped, the relay's own
+//! mapping of each region's fd (which serves the copy path), and the window each region
+//! has in the tunnel device's shared memory (the zero-copy path).
+//!
+//! The relay is the authority on what the device VM may reach: it checks every copy
+//! request against this table (range inside one region, permission), and removes a
+//! region's window before it answers the client's DMA_UNMAP.
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use log::warn;
+use vm_memory::volatile_memory::VolatileSlice;
+
+/// Page size of DMA maps and windows.
+pub const PAGE: u64 = 4096;
+
+/// The relay's own mapping of a region's fd.
+#[derive(Debug)]
+pub struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only accessed through volatile slices.
+unsafe impl Send for Mapping {}
+
+impl Mapping {
+    /// Maps `len` bytes of `fd` at `offset`, readable and/or writable.
+    pub fn new(
+        fd: &OwnedFd,
+        offset: u64,
+        len: u64,
+        read: bool,
+        write: bool,
+    ) -> std::io::Result<Self> {
+        let len =
+            usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let mut prot = 0;
+        if read {
+            prot |= libc::PROT_READ;
+        }
+        if write {
+            prot |= libc::PROT_WRITE;
+        }
+        if prot == 0 {
+            prot = libc::PROT_NONE;
+        }
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new shared mapping of a file the caller owns; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self {
+            ptr: ptr as *mut u8,
+            len,
+        })
+    }
+
+    /// A volatile view of `len` bytes at `offset`.
+    fn slice(&self, offset: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        let offset = usize::try_from(offset).ok()?;
+        if offset.checked_add(len)? > self.len {
+            return None;
+        }
+        // SAFETY: the range lies inside the live mapping; access is volatile.
+        Some(unsafe { VolatileSlice::new(self.ptr.add(offset), len) })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping created in `new`.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// One region the client mapped.
+#[derive(Debug)]
+pub struct Region {
+    /// IOVA of the first byte.
+    pub iova: u64,
+    /// Size in bytes.
+    pub size: u64,
+    /// The device may read it.
+    pub read: bool,
+    /// The device may write it.
+    pub write: bool,
+    /// Offset of the region in `fd`.
+    pub fd_offset: u64,
+    /// The client's fd, if it passed one.
+    pub fd: Option<OwnedFd>,
+    /// The relay's mapping of `fd`.
+    pub map: Option<Mapping>,
+    /// Offset of the region's window in shared memory region 0, if it has one.
+    pub window: Option<u64>,
+    /// The device accepted the map (copy requests are served only then).
+    pub committed: bool,
+}
+
+impl Region {
+    fn end(&self) -> u64 {
+        self.iova + self.size
+    }
+
+    fn contains(&self, iova: u64, len: u64) -> bool {
+        iova >= self.iova && iova.checked_add(len).is_some_and(|e| e <= self.end())
+    }
+}
+
+/// Why a DMA table operation failed; each maps to the errno the client or the device
+/// VM gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DmaError {
+    /// Overlaps a mapped region.
+    Overlap,
+    /// Too many regions.
+    Full,
+    /// Not page aligned.
+    Misaligned,
+    /// No region matches.
+    NotFound,
+    /// Outside every region or against its permission.
+    Fault,
+}
+
+impl DmaError {
+    /// The errno.
+    pub fn errno(self) -> u32 {
+        (match self {
+            DmaError::Overlap => libc::EEXIST,
+            DmaError::Full => libc::ENOSPC,
+            DmaError::Misaligned => libc::EINVAL,
+            DmaError::NotFound => libc::ENOENT,
+            DmaError::Fault => libc::EFAULT,
+        }) as u32
+    }
+}
+
+/// A client's DMA regions, keyed by IOVA.
+#[derive(Debug, Default)]
+pub struct DmaTable {
+    regions: BTreeMap<u64, Region>,
+}
+
+impl DmaTable {
+    /// Number of regions.
+    pub fn len(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Checks that a map of `[iova, iova + size)` with file offset `offset` can be
+    /// added to a table holding at most `max` regions.
+    pub fn check_map(&self, iova: u64, size: u64, offset: u64, max: usize) -> Result<(), DmaError> {
+        if iova % PAGE != 0 || size % PAGE != 0 || offset % PAGE != 0 || size == 0 {
+            return Err(DmaError::Misaligned);
+        }
+        let end = iova.checked_add(size).ok_or(DmaError::Misaligned)?;
+        if self.regions.len() >= max {
+            return Err(DmaError::Full);
+        }
+        let before = self.regions.range(..end).next_back();
+        if before.is_some_and(|(_, r)| r.end() > iova) {
+            return Err(DmaError::Overlap);
+        }
+        Ok(())
+    }
+
+    /// Adds a region (checked with [`DmaTable::check_map`]).
+    pub fn insert(&mut self, region: Region) {
+        self.regions.insert(region.iova, region);
+    }
+
+    /// The device accepted the map of `iova`.
+    pub fn commit(&mut self, iova: u64) {
+        if let Some(r) = self.regions.get_mut(&iova) {
+            r.committed = true;
+        }
+    }
+
+    /// Removes the region at exactly `iova` / `size`.
+    pub fn remove(&mut self, iova: u64, size: u64) -> Result<Region, DmaError> {
+        match self.regions.get(&iova) {
+            Some(r) if r.size == size => Ok(self.regions.remove(&iova).expect("present")),
+            _ => Err(DmaError::NotFound),
+        }
+    }
+
+    /// Whether a region at exactly `iova` / `size` exists.
+    pub fn has_exact(&self, iova: u64, size: u64) -> bool {
+        self.regions.get(&iova).is_some_and(|r| r.size == size)
+    }
+
+    /// The windows are gone (the frontend went away): the regions keep their fds and
+    /// mappings only.
+    pub fn forget_windows(&mut self) {
+        for r in self.regions.values_mut() {
+            r.window = None;
+        }
+    }
+
+    /// Removes every region.
+    pub fn take_all(&mut self) -> Vec<Region> {
+        std::mem::take(&mut self.regions).into_values().collect()
+    }
+
+    /// The committed region holding all of `[iova, iova + len)` with the permission.
+    fn find(&self, iova: u64, len: u64, write: bool) -> Result<&Region, DmaError> {
+        let (_, r) = self
+            .regions
+            .range(..=iova)
+            .next_back()
+            .ok_or(DmaError::Fault)?;
+        if !r.committed || !r.contains(iova, len) || (write && !r.write) || (!write && !r.read) {
+            return Err(DmaError::Fault);
+        }
+        Ok(r)
+    }
+
+    /// Checks that every segment lies in a committed region with the permission;
+    /// returns whether all of them can be served from the relay's own mappings.
+    pub fn check_segments(&self, segments: &[(u64, u64)], write: bool) -> Result<bool, DmaError> {
+        let mut local = true;
+        for &(iova, len) in segments {
+            let r = self.find(iova, len, write)?;
+            local &= r.map.is_some();
+        }
+        Ok(local)
+    }
+
+    /// Reads the segments from the relay's mappings (all checked local).
+    pub fn read_local(&self, segments: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), DmaError> {
+        for &(iova, len) in segments {
+            let r = self.find(iova, len, false)?;
+            let map = r.map.as_ref().ok_or(DmaError::Fault)?;
+            let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
+            let slice = map.slice(iova - r.iova, n).ok_or(DmaError::Fault)?;
+            let start = out.len();
+            out.resize(start + n, 0);
+            slice.copy_to(&mut out[start..]);
+        }
+        Ok(())
+    }
+
+    /// Writes `data` across the segments through the relay's mappings, after checking
+    /// all of them (nothing is written if one fails).
+    pub fn write_local(&self, segments: &[(u64, u64)], data: &[u8]) -> Result<(), DmaError> {
+        if !self.check_segments(segments, true)? {
+            return Err(DmaError::Fault);
+        }
+        let mut at = 0usize;
+        for &(iova, len) in segments {
+            let r = self.find(iova, len, true)?;
+            let map = r.map.as_ref().ok_or(DmaError::Fault)?;
+            let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
+            let chunk = data.get(at..at + n).ok_or(DmaError::Fault)?;
+            map.slice(iova - r.iova, n)
+                .ok_or(DmaError::Fault)?
+                .copy_from(chunk);
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// Allocates windows in shared memory region 0: page-aligned, first fit.
+#[derive(Debug)]
+pub struct WindowAllocator {
+    size: u64,
+    used: BTreeMap<u64, u64>,
+}
+
+impl WindowAllocator {
+    /// An allocator over `size` bytes.
+    pub fn new(size: u64) -> Self {
+        Self {
+            size,
+            used: BTreeMap::new(),
+        }
+    }
+
+    /// Total size of the region.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// A window of `len` bytes, or `None` if no gap is large enough.
+    pub fn alloc(&mut self, len: u64) -> Option<u64> {
+        let len = len.checked_add(PAGE - 1)? / PAGE * PAGE;
+        let mut at = 0u64;
+        for (&start, &l) in &self.used {
+            if start - at >= len {
+                break;
+            }
+            at = start + l;
+        }
+        if at.checked_add(len)? > self.size {
+            return None;
+        }
+        self.used.insert(at, len);
+        Some(at)
+    }
+
+    /// Frees the window at `offset`.
+    pub fn free(&mut self, offset: u64) {
+        if self.used.remove(&offset).is_none() {
+            warn!("freeing a window at {offset:#x} that is not allocated");
+        }
+    }
+
+    /// Forgets every window (the frontend went away).
+    pub fn clear(&mut self) {
+        self.used.clear();
+    }
+}
+
+/// The shared memory region of the current frontend connection and the windows in it.
+pub struct Windows {
+    backend: Option<vhost::vhost_user::Backend>,
+    alloc: WindowAllocator,
+}
+
+impl std::fmt::Debug for Windows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Windows")
+            .field("available", &self.backend.is_some())
+            .field("alloc", &self.alloc)
+            .finish()
+    }
+}
+
+impl Windows {
+    /// No frontend channel yet; windows of up to `size` bytes in total.
+    pub fn new(size: u64) -> Self {
+        Self {
+            backend: None,
+            alloc: WindowAllocator::new(size),
+        }
+    }
+
+    /// The frontend gave the backend its request channel (SET_BACKEND_REQ_FD).
+    pub fn attach(&mut self, backend: vhost::vhost_user::Backend) {
+        self.backend = Some(backend);
+        self.alloc.clear();
+    }
+
+    /// The frontend went away: its mappings went with it.
+    pub fn detach(&mut self) {
+        self.backend = None;
+        self.alloc.clear();
+    }
+
+    /// Whether windows can be offered (a frontend with a request channel).
+    pub fn available(&self) -> bool {
+        self.backend.is_some() && self.alloc.size() > 0
+    }
+
+    /// Size of shared memory region 0.
+    pub fn size(&self) -> u64 {
+        self.alloc.size()
+    }
+
+    /// Maps `len` bytes of `fd` at `fd_offset` into a new window (BACKEND_SHMEM_MAP,
+    /// acknowledged by the frontend). `None` if there is no room or the frontend
+    /// refuses: the region then goes through the copy path.
+    pub fn map(&mut self, fd: &OwnedFd, fd_offset: u64, len: u64, writable: bool) -> Option<u64> {
+        use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        let backend = self.backend.clone()?;
+        let offset = self.alloc.alloc(len)?;
+        let req = VhostUserMMap {
+            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
+            padding: [0; 7],
+            fd_offset,
+            shm_offset: offset,
+            len,
+            flags: if writable {
+                VhostUserMMapFlags::WRITABLE.bits()
+            } else {
+                0
+            },
+        };
+        match backend.shmem_map(&req, fd) {
+            Ok(_) => Some(offset),
+            Err(e) => {
+                warn!("frontend refused to map a DMA window ({e}); using the copy path");
+                self.alloc.free(offset);
+                None
+            }
+        }
+    }
+
+    /// Removes the window at `offset` (BACKEND_SHMEM_UNMAP, acknowledged), so that the
+    /// device VM no longer sees the memory.
+    pub fn unmap(&mut self, offset: u64, len: u64) {
+        use vhost::vhost_user::message::VhostUserMMap;
+        use vhost::vhost_user::VhostUserFrontendReqHandler;
+        if let Some(backend) = self.backend.clone() {
+            let req = VhostUserMMap {
+                shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
+                padding: [0; 7],
+                fd_offset: 0,
+                shm_offset: offset,
+                len,
+                flags: 0,
+            };
+            if let Err(e) = backend.shmem_unmap(&req) {
+                warn!("frontend did not unmap window {offset:#x}: {e}");
+            }
+        }
+        self.alloc.free(offset);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn region(iova: u64, size: u64, read: bool, write: bool) -> Region {
+        Region {
+            iova,
+            size,
+            read,
+            write,
+            fd_offset: 0,
+            fd: None,
+            map: None,
+            window: None,
+            committed: true,
+        }
+    }
+
+    /// Overlaps, misalignment and a full table are refused with the spec's errnos; an
+    /// unmap must match exactly.
+    #[test]
+    fn table_rules() {
+        let mut t = DmaTable::default();
+        t.check_map(0x1000, 0x2000, 0, 4).unwrap();
+        t.insert(region(0x1000, 0x2000, true, true));
+        assert_eq!(t.check_map(0x2000, 0x1000, 0, 4), Err(DmaError::Overlap));
+        assert_eq!(t.check_map(0x0, 0x2000, 0, 4), Err(DmaError::Overlap));
+        assert_eq!(t.check_map(0x3000, 0x1000, 0, 4), Ok(()));
+        assert_eq!(t.check_map(0x3001, 0x1000, 0, 4), Err(DmaError::Misaligned));
+        assert_eq!(t.check_map(0x3000, 0x1000, 0, 1), Err(DmaError::Full));
+        assert_eq!(t.remove(0x1000, 0x1000).unwrap_err(), DmaError::NotFound);
+        assert!(t.remove(0x1000, 0x2000).is_ok());
+        assert!(t.is_empty());
+    }
+
+    /// Copy requests must lie in one committed region with the right permission; a
+    /// write touches nothing unless every segment is valid.
+    #[test]
+    fn segments_and_permissions() {
+        // SAFETY: memfd_create with a valid C string; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: fd is new.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // SAFETY: ftruncate on our fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x4000) }, 0);
+        let mut t = DmaTable::default();
+        let mut rw = region(0x10000, 0x2000, true, true);
+        rw.map = Some(Mapping::new(&fd, 0, 0x2000, true, true).unwrap());
+        t.insert(rw);
+        let mut ro = region(0x20000, 0x1000, true, false);
+        ro.map = Some(Mapping::new(&fd, 0x2000, 0x1000, true, false).unwrap());
+        t.insert(ro);
+        t.write_local(&[(0x10ff0, 32)], &[7u8; 32]).unwrap();
+        let mut out = Vec::new();
+        t.read_local(&[(0x10ff0, 32)], &mut out).unwrap();
+        assert_eq!(out, vec![7u8; 32]);
+        // Crossing the end of a region, writing a read-only region, an unmapped IOVA.
+        assert_eq!(
+            t.check_segments(&[(0x11ff0, 32)], false),
+            Err(DmaError::Fault)
+        );
+        assert_eq!(
+            t.write_local(&[(0x20000, 4)], &[1; 4]),
+            Err(DmaError::Fault)
+        );
+        assert_eq!(
+            t.check_segments(&[(0x30000, 1)], false),
+            Err(DmaError::Fault)
+        );
+        // A two-segment write whose second segment is bad writes nothing.
+        assert!(t
+            .write_local(&[(0x10000, 4), (0x20000, 4)], &[9; 8])
+            .is_err());
+        let mut out = Vec::new();
+        t.read_local(&[(0x10000, 4)], &mut out).unwrap();
+        assert_eq!(out, vec![0; 4]);
+        // Uncommitted regions serve nothing.
+        let mut pending = region(0x40000, 0x1000, true, true);
+        pending.committed = false;
+        t.insert(pending);
+        assert_eq!(
+            t.check_segments(&[(0x40000, 1)], false),
+            Err(DmaError::Fault)
+        );
+    }
+
+    /// Windows are page aligned, first fit, reused after free, bounded by the size.
+    #[test]
+    fn windows() {
+        let mut a = WindowAllocator::new(0x10000);
+        assert_eq!(a.alloc(0x1000), Some(0));
+        assert_eq!(a.alloc(1), Some(0x1000));
+        assert_eq!(a.alloc(0x4000), Some(0x2000));
+        a.free(0x1000);
+        assert_eq!(a.alloc(0x1000), Some(0x1000));
+        assert_eq!(a.alloc(0x10000), None);
+        assert_eq!(a.alloc(u64::MAX), None);
+    }
+}
