@@ -50,6 +50,10 @@ struct Args {
     /// Queue pairs to set up.
     #[arg(long, value_name = "N", default_value_t = 1)]
     queue_pairs: u16,
+    /// With --loopback: do not offer shared memory for DMA windows (every DMA then
+    /// goes through the relay's copy path), as with a VMM without vhost-user SHMEM.
+    #[arg(long)]
+    no_shmem: bool,
 }
 
 fn stop_on_signals() -> Arc<AtomicBool> {
@@ -97,6 +101,7 @@ fn run(args: Args) -> Result<(), String> {
         &path,
         args.memory_mib << 20,
         Duration::from_secs(args.connect_timeout),
+        !args.no_shmem,
     )
     .map_err(|e| e.to_string())?;
     let config = DriverConfig {

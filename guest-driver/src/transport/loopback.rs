@@ -11,12 +11,15 @@ use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use log::{info, warn};
+use std::sync::Arc;
+
+use log::{debug, info, warn};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::vhost_user::{Frontend, FrontendReqHandler, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::shm::ShmArea;
 use super::{Transport, TransportError};
 use crate::virtqueue::SharedMemory;
 
@@ -33,6 +36,8 @@ pub struct Loopback {
     max_queue_size: u16,
     features: u64,
     configured: Vec<u16>,
+    /// Shared memory region 0, when the relay offers windows and they are wanted.
+    shm: Option<Arc<ShmArea>>,
 }
 
 // SAFETY: `map` is a private mapping owned by this value; nothing else refers to it
@@ -61,6 +66,7 @@ impl Loopback {
         path: &Path,
         memory_size: usize,
         wait: Duration,
+        shmem: bool,
     ) -> Result<Self, TransportError> {
         let deadline = Instant::now() + wait;
         let mut logged = false;
@@ -93,10 +99,24 @@ impl Loopback {
         let pf = frontend
             .get_protocol_features()
             .map_err(setup_err("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        let mut wanted = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        if shmem {
+            wanted |= VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::SHMEM;
+        }
+        let acked = pf & wanted;
         frontend
-            .set_protocol_features(pf & wanted)
+            .set_protocol_features(acked)
             .map_err(setup_err("SET_PROTOCOL_FEATURES"))?;
+        let shm = if acked
+            .contains(VhostUserProtocolFeatures::SHMEM | VhostUserProtocolFeatures::BACKEND_REQ)
+        {
+            start_shm(
+                &mut frontend,
+                acked.contains(VhostUserProtocolFeatures::REPLY_ACK),
+            )?
+        } else {
+            None
+        };
         let queues = if pf.contains(VhostUserProtocolFeatures::MQ) {
             frontend
                 .get_queue_num()
@@ -146,6 +166,7 @@ impl Loopback {
             max_queue_size: 1024,
             features: device_features,
             configured: Vec::new(),
+            shm,
         })
     }
 
@@ -153,6 +174,46 @@ impl Loopback {
     pub fn memory_file(&self) -> &File {
         &self.file
     }
+}
+
+/// Learns the size of shared memory region 0, reserves it, and serves the relay's map
+/// and unmap requests on the backend channel from a thread of its own.
+fn start_shm(
+    frontend: &mut Frontend,
+    reply_ack: bool,
+) -> Result<Option<Arc<ShmArea>>, TransportError> {
+    let config = frontend
+        .get_shmem_config()
+        .map_err(setup_err("GET_SHMEM_CONFIG"))?;
+    let size = if config.nregions >= 1 {
+        config.memory_sizes[0]
+    } else {
+        0
+    };
+    if size == 0 {
+        return Ok(None);
+    }
+    let area = Arc::new(ShmArea::reserve(size).map_err(TransportError::Memory)?);
+    let mut handler = FrontendReqHandler::new(area.clone()).map_err(|e| TransportError::Setup {
+        step: "backend channel",
+        reason: e.to_string(),
+    })?;
+    handler.set_reply_ack_flag(reply_ack);
+    frontend
+        .set_backend_request_fd(&handler.get_tx_raw_fd())
+        .map_err(setup_err("SET_BACKEND_REQ_FD"))?;
+    std::thread::Builder::new()
+        .name("vfu-shm".into())
+        .spawn(move || {
+            while handler.handle_request().is_ok() {}
+            debug!("backend channel closed");
+        })
+        .map_err(TransportError::Memory)?;
+    info!(
+        "shared memory region 0: {} MiB reserved for DMA windows",
+        size >> 20
+    );
+    Ok(Some(area))
 }
 
 fn memfd(size: usize) -> std::io::Result<(File, *mut u8)> {
@@ -263,5 +324,9 @@ impl Transport for Loopback {
         if let Some(c) = self.calls.get(index as usize) {
             let _ = c.read();
         }
+    }
+
+    fn shared_memory(&self) -> Option<(*mut u8, usize)> {
+        self.shm.as_ref().map(|a| a.region())
     }
 }

@@ -4,6 +4,7 @@
 //! way over every transport.
 
 pub mod loopback;
+pub mod shm;
 
 use std::os::fd::RawFd;
 
@@ -62,4 +63,9 @@ pub trait Transport: Send {
     fn interrupt_fd(&self, index: u16) -> RawFd;
     /// Acknowledges an interrupt of queue `index` (clears its fd).
     fn ack_interrupt(&self, index: u16);
+    /// Where shared memory region 0 (DMA windows) is mapped in this process, if the
+    /// device has one.
+    fn shared_memory(&self) -> Option<(*mut u8, usize)> {
+        None
+    }
 }
