@@ -17,11 +17,12 @@ use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
 use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, Command, Header, IrqData, MessageType, Reply, Request,
-    Version, HEADER_SIZE,
+    encode_error_reply, encode_reply, Capabilities, Command, Header, IrqData, MessageType, Reply,
+    Request, Version, HEADER_SIZE,
 };
 
 use crate::dma::{DmaError, DmaTable, Mapping, Region};
+use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::negotiate;
 
@@ -83,6 +84,10 @@ pub struct Client {
     pending: VecDeque<Pending>,
     /// VERSION was forwarded (requests before it are refused).
     versioned: bool,
+    /// What the client stated about itself in VERSION.
+    caps: Capabilities,
+    /// DMA commands the relay sent to the client for regions mapped without an fd.
+    remote: RemoteDma,
     /// Eventfds per (IRQ index, vector), non-blocking.
     irq_fds: HashMap<(u32, u32), OwnedFd>,
     /// Memory fds of DMA regions, kept for the copy and window paths.
@@ -154,6 +159,8 @@ impl Client {
             }),
             pending: VecDeque::new(),
             versioned: false,
+            caps: Capabilities::default(),
+            remote: RemoteDma::default(),
             irq_fds: HashMap::new(),
             dma: DmaTable::default(),
             paused: false,
@@ -209,9 +216,14 @@ impl Client {
         self.pending.len() < MAX_IN_FLIGHT
     }
 
-    /// The earliest deadline of a request in flight.
+    /// The earliest deadline of a request in flight, or of a DMA command sent to the
+    /// client.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.pending.iter().map(|p| p.deadline).min()
+        let own = self.pending.iter().map(|p| p.deadline).min();
+        match (own, self.remote.next_deadline()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     fn error(&mut self, request: &Header, errno: u32) -> SendOutcome {
@@ -266,6 +278,9 @@ impl Channel {
             );
             // Windows stay until the device VM says it let go of the memory.
             st.retired.extend(client.dma.take_all());
+            for (tag, body) in client.remote.fail_all(libc::ENODEV as u32) {
+                send_tunnel_reply(relay, self.id, tag, body);
+            }
         }
         if st.guest == GuestState::Served && relay.link.is_up() {
             relay.send_control(self.id, Body::SessionEnd);
@@ -284,11 +299,10 @@ impl Channel {
         };
         let header = msg.header;
         if header.msg_type == MessageType::Reply {
-            // Replies to server-to-client DMA_READ / DMA_WRITE; the relay sends none yet.
-            warn!(
-                "{}: unexpected reply from client (msg {})",
-                self.name, header.msg_id
-            );
+            // The client answers a DMA_READ / DMA_WRITE the relay sent for the device VM.
+            if let Some((tag, body)) = client.remote.on_reply(&header, &msg.payload) {
+                send_tunnel_reply(relay, self.id, tag, body);
+            }
             return SendOutcome::Done;
         }
         let request = match Request::decode(header.command, &msg.payload, msg.fds.len()) {
@@ -408,9 +422,10 @@ impl Channel {
             debug!("{}: tunnel refused a request: {e}", self.name);
             return client.error(&header, e.errno());
         }
-        if matches!(request, Request::Version(_)) {
+        if let Request::Version(v) = &request {
             // Requests may follow at once: the channel keeps their order behind it.
             client.versioned = true;
+            client.caps = v.capabilities.unwrap_or_default();
         }
         if !header.no_reply {
             client.pending.push_back(Pending {
@@ -521,50 +536,76 @@ impl Channel {
         release(relay, retired);
     }
 
-    /// The device VM asks to read client memory (copy path). Returns the reply body.
-    pub fn on_dma_read(&self, segments: &[(u64, u64)]) -> Body {
-        let st = self.lock();
-        let Some(client) = st.client.as_ref() else {
-            return dma_read_error(DmaError::Fault);
+    /// The device VM asks to read client memory (copy path). Returns the reply body, or
+    /// `None` when the data comes from the client (mapped without an fd) and the reply
+    /// follows when it has answered.
+    pub fn on_dma_read(&self, relay: &Relay, tag: u32, segments: &[(u64, u64)]) -> Option<Body> {
+        let mut st = self.lock();
+        let Some(client) = st.client.as_mut() else {
+            return Some(dma_read_error(DmaError::Fault));
         };
         match client.dma.check_segments(segments, false) {
             Ok(true) => {
                 let mut data = Vec::new();
-                match client.dma.read_local(segments, &mut data) {
+                Some(match client.dma.read_local(segments, &mut data) {
                     Ok(()) => Body::DmaReadReply { status: 0, data },
                     Err(e) => dma_read_error(e),
-                }
+                })
             }
-            // No fd from the client: vfio-user DMA_READ toward it is not done yet.
-            Ok(false) => Body::DmaReadReply {
-                status: libc::EOPNOTSUPP as u32,
-                data: Vec::new(),
-            },
+            Ok(false) => {
+                let max = client.caps.max_data_xfer_size() as usize;
+                let deadline = Instant::now() + relay.config.request_timeout();
+                for m in client.remote.start_read(tag, segments, max, deadline) {
+                    let outcome = client.send(m, vec![]);
+                    relay.after_send_locked(self, client, outcome);
+                }
+                None
+            }
             Err(e) => {
                 debug!("{}: DMA read outside the client's maps", self.name);
-                dma_read_error(e)
+                Some(dma_read_error(e))
             }
         }
     }
 
-    /// The device VM asks to write client memory (copy path). Returns the status.
-    pub fn on_dma_write(&self, segments: &[(u64, u64)], data: &[u8]) -> u32 {
-        let st = self.lock();
-        let Some(client) = st.client.as_ref() else {
-            return DmaError::Fault.errno();
+    /// The device VM asks to write client memory (copy path). Returns the status, or
+    /// `None` when the client itself writes it and the status follows.
+    pub fn on_dma_write(
+        &self,
+        relay: &Relay,
+        tag: u32,
+        segments: &[(u64, u64)],
+        data: &[u8],
+    ) -> Option<u32> {
+        let mut st = self.lock();
+        let Some(client) = st.client.as_mut() else {
+            return Some(DmaError::Fault.errno());
         };
         match client.dma.check_segments(segments, true) {
-            Ok(true) => client
-                .dma
-                .write_local(segments, data)
-                .map_or_else(DmaError::errno, |()| 0),
-            Ok(false) => libc::EOPNOTSUPP as u32,
+            Ok(true) => Some(
+                client
+                    .dma
+                    .write_local(segments, data)
+                    .map_or_else(DmaError::errno, |()| 0),
+            ),
+            Ok(false) => {
+                let max = client.caps.max_data_xfer_size() as usize;
+                let deadline = Instant::now() + relay.config.request_timeout();
+                for m in client
+                    .remote
+                    .start_write(tag, segments, data, max, deadline)
+                {
+                    let outcome = client.send(m, vec![]);
+                    relay.after_send_locked(self, client, outcome);
+                }
+                None
+            }
             Err(e) => {
                 debug!(
                     "{}: DMA write outside the client's maps or against permission",
                     self.name
                 );
-                e.errno()
+                Some(e.errno())
             }
         }
     }
@@ -587,11 +628,18 @@ impl Channel {
     }
 
     /// Answers requests whose deadline passed with ETIMEDOUT.
-    pub fn expire(&self, now: Instant) -> SendOutcome {
+    pub fn expire(&self, relay: &Relay, now: Instant) -> SendOutcome {
         let mut st = self.lock();
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
+        for (tag, body) in client.remote.expire(now) {
+            warn!(
+                "{}: the client did not answer a DMA command in time",
+                self.name
+            );
+            send_tunnel_reply(relay, self.id, tag, body);
+        }
         let mut outcome = SendOutcome::Done;
         while let Some(pos) = client.pending.iter().position(|p| p.deadline <= now) {
             let p = client.pending.remove(pos).expect("position is valid");
@@ -714,5 +762,12 @@ fn dma_read_error(e: DmaError) -> Body {
     Body::DmaReadReply {
         status: e.errno(),
         data: Vec::new(),
+    }
+}
+
+/// Answers a tunnel request of the device VM.
+fn send_tunnel_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
+    if let Err(e) = relay.link.send(&TunnelMessage { channel, tag, body }) {
+        debug!("DMA reply on channel {channel} not sent: {e}");
     }
 }

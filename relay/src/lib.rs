@@ -13,6 +13,7 @@
 pub mod channel;
 pub mod config;
 pub mod dma;
+pub mod remote_dma;
 pub mod switch;
 pub mod tunnel;
 pub mod version;

@@ -112,6 +112,17 @@ impl Relay {
         }
     }
 
+    /// [`Relay::after_send`] for a caller that holds the channel's lock.
+    pub fn after_send_locked(&self, channel: &Channel, client: &Client, outcome: SendOutcome) {
+        match outcome {
+            SendOutcome::Done => {}
+            SendOutcome::Queued => self.update_interest(channel, client),
+            SendOutcome::Broken => {
+                let _ = self.wake.write(1);
+            }
+        }
+    }
+
     /// Sets what the switch waits for on a client: input unless paused, writability
     /// while replies wait. Called with the channel locked, so the two threads that
     /// change it cannot undo each other.
@@ -267,7 +278,7 @@ fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
         }
         let now = Instant::now();
         for (i, ch) in relay.channels.iter().enumerate() {
-            let outcome = ch.expire(now);
+            let outcome = ch.expire(&relay, now);
             relay.after_send(ch, outcome);
             let broken = ch.lock().client.as_ref().is_some_and(|c| c.is_broken());
             if broken {

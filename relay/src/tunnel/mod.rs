@@ -106,29 +106,33 @@ pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessag
         Body::DmaRead { segments } => {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let reply = match relay.channel(channel) {
-                Some(ch) => ch.on_dma_read(&segs),
-                None => Body::DmaReadReply {
+                Some(ch) => ch.on_dma_read(relay, tag, &segs),
+                None => Some(Body::DmaReadReply {
                     status: libc::ENOENT as u32,
                     data: Vec::new(),
-                },
+                }),
             };
-            send_reply(relay, channel, tag, reply);
+            if let Some(reply) = reply {
+                send_reply(relay, channel, tag, reply);
+            }
         }
         Body::DmaWrite { segments, data } => {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let status = match relay.channel(channel) {
-                Some(ch) => ch.on_dma_write(&segs, &data),
-                None => libc::ENOENT as u32,
+                Some(ch) => ch.on_dma_write(relay, tag, &segs, &data),
+                None => Some(libc::ENOENT as u32),
             };
-            send_reply(
-                relay,
-                channel,
-                tag,
-                Body::Status {
-                    kind: Kind::DmaWrite as u16,
-                    status,
-                },
-            );
+            if let Some(status) = status {
+                send_reply(
+                    relay,
+                    channel,
+                    tag,
+                    Body::Status {
+                        kind: Kind::DmaWrite as u16,
+                        status,
+                    },
+                );
+            }
         }
         Body::Error { errno, text } => {
             warn!("device VM reports error {errno} on channel {channel}: {text}")
