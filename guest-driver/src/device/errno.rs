@@ -17,3 +17,6 @@ pub const ENOSPC: Errno = libc::ENOSPC as Errno;
 pub const EOPNOTSUPP: Errno = libc::EOPNOTSUPP as Errno;
 /// I/O error: a device model failed an access.
 pub const EIO: Errno = libc::EIO as Errno;
+/// Bad address: a DMA access outside the client's maps, without the permission it
+/// needs, or that the client (or the relay) failed.
+pub const EFAULT: Errno = libc::EFAULT as Errno;
