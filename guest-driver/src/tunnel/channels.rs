@@ -5,11 +5,12 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use log::{debug, info, warn};
-use vfu_proto::tunnel::{Body, IrqTrigger, Kind, SlotType, TunnelMessage, VfioUserFrame};
+use vfu_proto::tunnel::{Body, IrqTrigger, Kind, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
     encode_error_reply, encode_reply, Header, MessageType, Request, HEADER_SIZE,
 };
 
+use super::dma::{DmaPort, TunnelDma};
 use crate::device::{DeviceServer, IrqSink, Response};
 use crate::models;
 
@@ -94,6 +95,8 @@ impl IrqSink for TunnelIrqs {
 /// The channels the relay brought up.
 pub struct Channels {
     serve: Vec<ServeSpec>,
+    /// Where shared memory region 0 is mapped, once HELLO enabled windows.
+    windows: Option<(*mut u8, usize)>,
     /// Largest message the relay accepts (from its HELLO reply).
     peer_max_msg: usize,
     servers: HashMap<u32, (String, DeviceServer)>,
@@ -105,14 +108,22 @@ impl Channels {
     pub fn new(serve: Vec<ServeSpec>) -> Self {
         Self {
             serve,
+            windows: None,
             peer_max_msg: vfu_proto::tunnel::MIN_MSG_SIZE as usize,
             servers: HashMap::new(),
             outbox: Arc::new(Mutex::new(Vec::new())),
         }
     }
 
-    /// Handles one message from the relay; returns the messages to send back.
-    pub fn handle(&mut self, channel: u32, tag: u32, body: Body) -> Vec<TunnelMessage> {
+    /// Handles one message from the relay; returns the messages to send back. `port`
+    /// carries the models' copy-path DMA.
+    pub fn handle(
+        &mut self,
+        channel: u32,
+        tag: u32,
+        body: Body,
+        port: &mut dyn DmaPort,
+    ) -> Vec<TunnelMessage> {
         let status = |kind: Kind, status: u32| TunnelMessage {
             channel,
             tag,
@@ -150,7 +161,7 @@ impl Channels {
                 };
                 vec![status(Kind::SessionEnd, errno)]
             }
-            Body::VfioUser(frame) => self.vfio_user(channel, frame),
+            Body::VfioUser(frame) => self.vfio_user(channel, frame, port),
             Body::Error { errno, text } => {
                 warn!("relay reports error {errno} on channel {channel}: {text}");
                 Vec::new()
@@ -177,6 +188,17 @@ impl Channels {
         out
     }
 
+    /// DMA windows are mapped at `base` (`len` bytes): DMA maps that come with a window
+    /// slot are reached there, by every device server now and later.
+    pub fn set_windows(&mut self, base: *mut u8, len: usize) {
+        self.windows = Some((base, len));
+        for (_, server) in self.servers.values_mut() {
+            // SAFETY: the transport keeps the shared memory region mapped for as long as
+            // the engine (and so every server) lives.
+            unsafe { server.set_windows(base, len) };
+        }
+    }
+
     /// The relay accepts messages up to `max` bytes.
     pub fn set_peer_max_msg(&mut self, max: usize) {
         self.peer_max_msg = max;
@@ -193,9 +215,9 @@ impl Channels {
 
     /// Lets the model of `channel` do work it announced on its event fd; returns the
     /// messages (interrupts) that resulted.
-    pub fn service(&mut self, channel: u32) -> Vec<TunnelMessage> {
+    pub fn service(&mut self, channel: u32, port: &mut dyn DmaPort) -> Vec<TunnelMessage> {
         if let Some((_, server)) = self.servers.get_mut(&channel) {
-            server.service();
+            server.service(&mut TunnelDma { port, channel });
         }
         std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()))
     }
@@ -223,13 +245,22 @@ impl Channels {
             assigned: HashMap::new(),
             outbox: self.outbox.clone(),
         };
-        let server = DeviceServer::new(model, Box::new(irqs));
+        let mut server = DeviceServer::new(model, Box::new(irqs));
+        if let Some((base, len)) = self.windows {
+            // SAFETY: as in `set_windows`.
+            unsafe { server.set_windows(base, len) };
+        }
         info!("{name}: channel {channel} up, model {}", spec.model);
         self.servers.insert(channel, (name, server));
         0
     }
 
-    fn vfio_user(&mut self, channel: u32, frame: VfioUserFrame) -> Vec<TunnelMessage> {
+    fn vfio_user(
+        &mut self,
+        channel: u32,
+        frame: VfioUserFrame,
+        port: &mut dyn DmaPort,
+    ) -> Vec<TunnelMessage> {
         let header = frame.header;
         let Some((name, server)) = self.servers.get_mut(&channel) else {
             warn!("vfio-user message for channel {channel}, which is not up");
@@ -242,14 +273,6 @@ impl Channels {
             debug!("{name}: reply from the relay ignored (no requests toward clients yet)");
             return Vec::new();
         }
-        let eventfd_slots = frame
-            .slots
-            .iter()
-            .filter(|s| s.slot_type == SlotType::EventFd)
-            .count();
-        if eventfd_slots != frame.slots.len() {
-            return reply_frame(channel, encode_error_reply(&header, libc::EINVAL as u32));
-        }
         let request = match Request::decode(header.command, &frame.payload, frame.slots.len()) {
             Ok(r) => r,
             Err(e) => {
@@ -260,7 +283,8 @@ impl Channels {
                 return reply_frame(channel, encode_error_reply(&header, e.errno()));
             }
         };
-        match server.handle_tunnel(&header, request, eventfd_slots) {
+        let mut dma = TunnelDma { port, channel };
+        match server.handle_tunnel(&header, request, &frame.slots, &mut dma) {
             Response::Reply { reply, fds } => {
                 if !fds.is_empty() {
                     warn!("{name}: a reply with fds cannot cross the tunnel; EIO");

@@ -1,35 +1,49 @@
 //! The tunnel protocol engine, driver side (`docs/tunnel.md`): sets up the queue pairs,
 //! says HELLO, serves the channels the relay brings up with device servers, and carries
-//! vfio-user requests to them and their replies and interrupts back.
+//! vfio-user requests to them and their replies, interrupts and DMA requests back.
+//!
+//! The engine is one thread. A device model that reads or writes client memory through
+//! the copy path waits for the relay's answer inside its own call: the engine's I/O half
+//! ([`Io`]) then takes messages off the queues itself, keeps the ones that are not the
+//! answer, and dispatches them once the call returns, in the order they came.
 
 mod channels;
+mod dma;
 mod queues;
 
 pub use channels::ServeSpec;
+pub use dma::{DmaPort, TunnelDma};
 
+use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
-    pair_of_channel, Body, Hello, TunnelMessage, MIN_MSG_SIZE, VERSION_MAJOR, VERSION_MINOR,
+    features, pair_of_channel, Body, Hello, Kind, TunnelMessage, MIN_MSG_SIZE, VERSION_MAJOR,
+    VERSION_MINOR,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device::Errno;
 use crate::transport::{Transport, TransportError};
 use channels::Channels;
 use queues::{PairError, QueuePair};
 
-/// Epoll data bit marking a model's event fd (the low bits hold the channel).
-const MODEL_TOKEN: u64 = 1 << 62;
-
 /// Largest message the driver accepts (1 MiB of data plus headers).
 pub const MAX_MSG_SIZE: usize = (1 << 20) + 4096;
+
+/// How long a model waits for the relay to answer a DMA request.
+const DMA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Epoll data bit marking a model's event fd (the low bits hold the channel).
+const MODEL_TOKEN: u64 = 1 << 62;
 
 /// Why the engine stopped.
 #[derive(Debug, Error)]
@@ -59,15 +73,130 @@ pub struct DriverConfig {
     pub queue_size: u16,
 }
 
-/// The driver engine over a transport.
-pub struct TunnelDriver<T: Transport> {
+/// The I/O half of the engine: transport, queue pairs, and the messages taken off the
+/// queues while a model waited for a DMA answer.
+pub struct Io<T: Transport> {
     transport: T,
     pairs: Vec<QueuePair>,
-    channels: Channels,
+    epoll: Epoll,
     /// Pairs agreed in HELLO (until then: 1).
     active_pairs: u16,
-    up: bool,
+    /// Largest message the relay accepts.
+    relay_max_msg: usize,
     tag: u32,
+    deferred: VecDeque<TunnelMessage>,
+}
+
+impl<T: Transport> Io<T> {
+    fn next_tag(&mut self) -> u32 {
+        self.tag = self.tag.wrapping_add(1).max(1);
+        self.tag
+    }
+
+    fn send(&mut self, msg: TunnelMessage) -> Result<(), PairError> {
+        let p = pair_of_channel(msg.channel, self.active_pairs) as usize;
+        let p = p.min(self.pairs.len() - 1);
+        self.pairs[p].send(&msg)
+    }
+
+    fn kick(&mut self, p: usize) {
+        let (h2g, g2h) = self.pairs[p].kicks_needed();
+        if h2g {
+            self.transport.notify(self.pairs[p].h2g_index);
+        }
+        if g2h {
+            self.transport.notify(self.pairs[p].g2h_index);
+        }
+    }
+
+    fn kick_all(&mut self) {
+        for p in 0..self.pairs.len() {
+            self.kick(p);
+        }
+    }
+
+    /// Takes every message pair `p` has; re-arms its interrupts when there is nothing
+    /// left. Returns the messages.
+    fn drain(&mut self, p: usize) -> Result<Vec<TunnelMessage>, PairError> {
+        let mut out = Vec::new();
+        loop {
+            self.pairs[p].reclaim_tx()?;
+            for msg in self.pairs[p].receive()? {
+                match msg {
+                    Ok(m) => out.push(m),
+                    Err(e) => warn!("malformed message from the relay: {e}"),
+                }
+            }
+            self.pairs[p].flush_tx()?;
+            if !self.pairs[p].rearm() {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Waits up to `ms` for an interrupt (or a model event) and acknowledges it.
+    fn wait(&mut self, ms: i32, events: &mut [EpollEvent]) -> std::io::Result<Vec<u64>> {
+        let n = match self.epoll.wait(ms, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) => return Err(e),
+        };
+        let mut others = Vec::new();
+        for ev in &events[..n] {
+            let data = ev.data();
+            if data & MODEL_TOKEN != 0 || data == u64::MAX {
+                others.push(data);
+            } else {
+                // The token is the queue index.
+                self.transport.ack_interrupt(data as u16);
+            }
+        }
+        Ok(others)
+    }
+}
+
+impl<T: Transport> DmaPort for Io<T> {
+    fn exchange(&mut self, channel: u32, body: Body) -> Result<Body, Errno> {
+        let tag = self.next_tag();
+        let expected = body.kind().0;
+        self.send(TunnelMessage { channel, tag, body })
+            .map_err(|_| libc::EIO as u32)?;
+        let deadline = Instant::now() + DMA_TIMEOUT;
+        let mut events = vec![EpollEvent::default(); 8];
+        loop {
+            self.kick_all();
+            for p in 0..self.pairs.len() {
+                for msg in self.drain(p).map_err(|_| libc::EIO as u32)? {
+                    let (kind, reply) = msg.body.kind();
+                    if reply && kind == expected && msg.channel == channel && msg.tag == tag {
+                        return Ok(msg.body);
+                    }
+                    self.deferred.push_back(msg);
+                }
+            }
+            if Instant::now() > deadline {
+                warn!("the relay did not answer a DMA request in time");
+                return Err(libc::EIO as u32);
+            }
+            // Model events seen meanwhile are picked up by the main loop (level-triggered).
+            self.wait(100, &mut events).map_err(|_| libc::EIO as u32)?;
+        }
+    }
+
+    fn max_chunk(&self) -> usize {
+        // Room for the tunnel and DMA headers of one segment.
+        self.relay_max_msg
+            .min(MAX_MSG_SIZE)
+            .saturating_sub(64)
+            .max(1)
+    }
+}
+
+/// The driver engine over a transport.
+pub struct TunnelDriver<T: Transport> {
+    io: Io<T>,
+    channels: Channels,
+    up: bool,
 }
 
 impl<T: Transport> TunnelDriver<T> {
@@ -92,106 +221,102 @@ impl<T: Transport> TunnelDriver<T> {
             pairs.push(pair);
         }
         transport.start()?;
-        // Tell the device about the buffers posted during setup.
-        for p in &mut pairs {
-            let _ = p.kicks_needed();
-            transport.notify(p.h2g_index);
+        let epoll = Epoll::new()?;
+        for pair in &mut pairs {
+            for q in [pair.h2g_index, pair.g2h_index] {
+                epoll.ctl(
+                    ControlOperation::Add,
+                    transport.interrupt_fd(q),
+                    EpollEvent::new(EventSet::IN, u64::from(q)),
+                )?;
+            }
+            // Tell the device about the buffers posted during setup.
+            let _ = pair.kicks_needed();
+            transport.notify(pair.h2g_index);
         }
         info!(
             "tunnel device ready: {npairs} queue pair(s) of {size} entries, event_idx {event_idx}"
         );
         Ok(Self {
-            transport,
-            pairs,
+            io: Io {
+                transport,
+                pairs,
+                epoll,
+                active_pairs: 1,
+                relay_max_msg: MIN_MSG_SIZE as usize,
+                tag: 0,
+                deferred: VecDeque::new(),
+            },
             channels: Channels::new(config.serve),
-            active_pairs: 1,
             up: false,
-            tag: 0,
         })
     }
 
     /// Sends HELLO and serves until `stop` is set (checked at least every 200 ms) or the
     /// tunnel fails.
     pub fn run(&mut self, stop: Arc<AtomicBool>) -> Result<(), DriverError> {
-        let epoll = Epoll::new()?;
-        let npairs = self.pairs.len();
-        for pair in &self.pairs {
-            for q in [pair.h2g_index, pair.g2h_index] {
-                epoll.ctl(
-                    ControlOperation::Add,
-                    self.transport.interrupt_fd(q),
-                    EpollEvent::new(EventSet::IN, u64::from(q)),
-                )?;
-            }
-        }
         let wake = EventFd::new(libc::EFD_NONBLOCK)?;
-        epoll.ctl(
+        self.io.epoll.ctl(
             ControlOperation::Add,
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, u64::MAX),
         )?;
-        self.tag += 1;
-        self.send(TunnelMessage {
+        let windows = if self.io.transport.shared_memory().is_some() {
+            features::WINDOWS
+        } else {
+            0
+        };
+        let tag = self.io.next_tag();
+        self.io.send(TunnelMessage {
             channel: 0,
-            tag: self.tag,
+            tag,
             body: Body::Hello(Hello {
                 version_major: VERSION_MAJOR,
                 version_minor: VERSION_MINOR,
-                queue_pairs: npairs as u16,
-                max_msg_size: MAX_MSG_SIZE.max(MIN_MSG_SIZE as usize) as u32,
-                features: 0,
+                queue_pairs: self.io.pairs.len() as u16,
+                max_msg_size: MAX_MSG_SIZE as u32,
+                features: windows,
             }),
         })?;
         let mut events = vec![EpollEvent::default(); 16];
         let mut model_fds: Vec<(u32, RawFd)> = Vec::new();
         while !stop.load(Ordering::Acquire) {
-            self.sync_model_fds(&epoll, &mut model_fds)?;
+            self.sync_model_fds(&mut model_fds)?;
             // Notify the device last, right before sleeping, so that the relay thread we
             // wake does not preempt this batch half way.
-            for p in 0..npairs {
-                self.kick(p);
-            }
-            let n = match epoll.wait(200, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e.into()),
-            };
-            for ev in &events[..n] {
-                if ev.data() == u64::MAX {
-                    continue;
+            self.io.kick_all();
+            for token in self.io.wait(200, &mut events)? {
+                if token & MODEL_TOKEN != 0 {
+                    let channel = (token & !MODEL_TOKEN) as u32;
+                    let out = self.channels.service(channel, &mut self.io);
+                    self.send_all(out)?;
                 }
-                if ev.data() & MODEL_TOKEN != 0 {
-                    let channel = (ev.data() & !MODEL_TOKEN) as u32;
-                    for msg in self.channels.service(channel) {
-                        self.send(msg)?;
-                    }
-                    continue;
-                }
-                // The token is the queue index.
-                self.transport.ack_interrupt(ev.data() as u16);
             }
-            for p in 0..npairs {
-                self.service(p)?;
+            for p in 0..self.io.pairs.len() {
+                let messages = self.io.drain(p)?;
+                self.io.deferred.extend(messages);
+            }
+            while let Some(msg) = self.io.deferred.pop_front() {
+                self.dispatch(msg)?;
             }
         }
         Ok(())
     }
 
     /// Keeps the epoll set in step with the models' event fds (channels come and go).
-    fn sync_model_fds(
-        &mut self,
-        epoll: &Epoll,
-        registered: &mut Vec<(u32, RawFd)>,
-    ) -> Result<(), DriverError> {
+    fn sync_model_fds(&mut self, registered: &mut Vec<(u32, RawFd)>) -> Result<(), DriverError> {
         let current = self.channels.event_fds();
         for old in registered.iter() {
             if !current.contains(old) {
-                let _ = epoll.ctl(ControlOperation::Delete, old.1, EpollEvent::default());
+                let _ = self
+                    .io
+                    .epoll
+                    .ctl(ControlOperation::Delete, old.1, EpollEvent::default());
             }
         }
         for new in &current {
             if !registered.contains(new) {
-                epoll.ctl(
+                self.io.epoll.ctl(
                     ControlOperation::Add,
                     new.1,
                     EpollEvent::new(EventSet::IN, MODEL_TOKEN | u64::from(new.0)),
@@ -202,39 +327,10 @@ impl<T: Transport> TunnelDriver<T> {
         Ok(())
     }
 
-    /// Processes everything pair `p` has, until its interrupts are re-armed with no
-    /// work left.
-    fn service(&mut self, p: usize) -> Result<(), DriverError> {
-        loop {
-            self.pairs[p].reclaim_tx()?;
-            let messages = self.pairs[p].receive()?;
-            for msg in messages {
-                match msg {
-                    Ok(m) => self.dispatch(m)?,
-                    Err(e) => warn!("malformed message from the relay: {e}"),
-                }
-            }
-            self.pairs[p].flush_tx()?;
-            if !self.pairs[p].rearm() {
-                return Ok(());
-            }
+    fn send_all(&mut self, messages: Vec<TunnelMessage>) -> Result<(), DriverError> {
+        for m in messages {
+            self.io.send(m)?;
         }
-    }
-
-    fn kick(&mut self, p: usize) {
-        let (h2g, g2h) = self.pairs[p].kicks_needed();
-        if h2g {
-            self.transport.notify(self.pairs[p].h2g_index);
-        }
-        if g2h {
-            self.transport.notify(self.pairs[p].g2h_index);
-        }
-    }
-
-    fn send(&mut self, msg: TunnelMessage) -> Result<(), DriverError> {
-        let p = pair_of_channel(msg.channel, self.active_pairs) as usize;
-        let p = p.min(self.pairs.len() - 1);
-        self.pairs[p].send(&msg)?;
         Ok(())
     }
 
@@ -245,25 +341,38 @@ impl<T: Transport> TunnelDriver<T> {
                 if r.status != 0 {
                     return Err(DriverError::HelloRefused(r.status));
                 }
-                self.active_pairs = r.queue_pairs.clamp(1, self.pairs.len() as u16);
+                self.io.active_pairs = r.queue_pairs.clamp(1, self.io.pairs.len() as u16);
+                self.io.relay_max_msg = r.max_msg_size as usize;
                 self.channels.set_peer_max_msg(r.max_msg_size as usize);
+                if r.features & features::WINDOWS != 0 {
+                    if let Some((base, len)) = self.io.transport.shared_memory() {
+                        let len = len.min(usize::try_from(r.shm_size).unwrap_or(usize::MAX));
+                        self.channels.set_windows(base, len);
+                        info!("DMA windows in use: {} MiB of shared memory", len >> 20);
+                    }
+                }
                 self.up = true;
                 info!(
                     "relay answered HELLO: tunnel {}.{}, {} queue pair(s)",
-                    r.version_major, r.version_minor, self.active_pairs
+                    r.version_major, r.version_minor, self.io.active_pairs
                 );
+                Vec::new()
+            }
+            Body::DmaReadReply { .. } => {
+                debug!("late DMA read answer (tag {tag}) ignored");
+                Vec::new()
+            }
+            Body::Status { kind, .. } if kind == Kind::DmaWrite as u16 => {
+                debug!("late DMA write answer (tag {tag}) ignored");
                 Vec::new()
             }
             body => {
                 if !self.up {
                     debug!("message before the HELLO reply; handled anyway");
                 }
-                self.channels.handle(channel, tag, body)
+                self.channels.handle(channel, tag, body, &mut self.io)
             }
         };
-        for reply in replies {
-            self.send(reply)?;
-        }
-        Ok(())
+        self.send_all(replies)
     }
 }
