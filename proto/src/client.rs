@@ -4,14 +4,16 @@
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use thiserror::Error;
 
 use crate::transport::{Frame, Limits, MessageReader, MessageWriter, RawMessage, TransportError};
 use crate::vfio_user::{
-    encode_request, Capabilities, DecodeError, DeviceInfo, GetInfoRequest, IrqInfo, MessageType,
-    RegionAccess, RegionInfo, RegionWrite, Reply, Request, Version, REGION_INFO_SIZE,
+    encode_request, Capabilities, DecodeError, DeviceInfo, DmaReadReply, DmaWriteReply,
+    GetInfoRequest, IrqInfo, MessageType, RegionAccess, RegionInfo, RegionWrite, Reply, Request,
+    Version, REGION_INFO_SIZE,
 };
 
 /// A failed request.
@@ -49,6 +51,9 @@ pub struct Client {
     next_id: u16,
     /// What the server stated in VERSION (defaults until [`Client::negotiate`]).
     pub server_caps: Capabilities,
+    /// Memory the client serves the server's DMA_READ / DMA_WRITE from (regions mapped
+    /// without an fd): IOVA of its first byte and the bytes.
+    dma_memory: Option<(u64, Arc<Mutex<Vec<u8>>>)>,
 }
 
 impl Client {
@@ -72,6 +77,7 @@ impl Client {
             writer: MessageWriter::new(unlimited),
             next_id: 0,
             server_caps: Capabilities::default(),
+            dma_memory: None,
         })
     }
 
@@ -109,8 +115,66 @@ impl Client {
         Ok((reply, msg.fds))
     }
 
-    /// Waits for the reply with message ID `id`, skipping anything else (a
-    /// server-to-client command, or a stale reply).
+    /// Serves the server's DMA_READ / DMA_WRITE commands from `memory`, which holds the
+    /// client memory at IOVA `base` (for regions mapped without an fd). Commands are
+    /// answered while the client waits for its own replies.
+    pub fn serve_dma(&mut self, base: u64, memory: Arc<Mutex<Vec<u8>>>) {
+        self.dma_memory = Some((base, memory));
+    }
+
+    /// Answers a server-to-client command (DMA_READ / DMA_WRITE).
+    fn answer_server(&mut self, msg: &RawMessage) -> Result<(), ClientError> {
+        let h = msg.header;
+        let reply = match (
+            Request::decode(h.command, &msg.payload, 0),
+            &self.dma_memory,
+        ) {
+            (Ok(Request::DmaRead(a)), Some((base, mem))) => {
+                let mem = mem.lock().unwrap_or_else(|p| p.into_inner());
+                a.address
+                    .checked_sub(*base)
+                    .and_then(|off| {
+                        let off = usize::try_from(off).ok()?;
+                        mem.get(off..off.checked_add(usize::try_from(a.count).ok()?)?)
+                    })
+                    .map(|data| {
+                        Reply::DmaRead(DmaReadReply {
+                            address: a.address,
+                            data: data.to_vec(),
+                            width: a.width,
+                        })
+                    })
+            }
+            (Ok(Request::DmaWrite(w)), Some((base, mem))) => {
+                let mut mem = mem.lock().unwrap_or_else(|p| p.into_inner());
+                let range = w.address.checked_sub(*base).and_then(|off| {
+                    let off = usize::try_from(off).ok()?;
+                    Some(off..off.checked_add(w.data.len())?)
+                });
+                match range.and_then(|r| mem.get_mut(r)) {
+                    Some(dst) => {
+                        dst.copy_from_slice(&w.data);
+                        Some(Reply::DmaWrite(DmaWriteReply::Echo {
+                            address: w.address,
+                            count: w.data.len() as u64,
+                            width: w.width,
+                        }))
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        let bytes = match reply {
+            Some(r) => crate::vfio_user::encode_reply(h.msg_id, &r),
+            None => crate::vfio_user::encode_error_reply(&h, libc::EFAULT as u32),
+        };
+        self.writer.send_blocking(&self.sock, bytes, Vec::new())?;
+        Ok(())
+    }
+
+    /// Waits for the reply with message ID `id`, answering the server's DMA commands
+    /// and skipping anything else (a stale reply).
     fn receive(&mut self, id: u16) -> Result<RawMessage, ClientError> {
         loop {
             let msg = match self.reader.read(&self.sock) {
@@ -124,7 +188,11 @@ impl Client {
                 }
                 Err(e) => return Err(e.into()),
             };
-            if msg.header.msg_type == MessageType::Reply && msg.header.msg_id == id {
+            if msg.header.msg_type == MessageType::Command {
+                self.answer_server(&msg)?;
+                continue;
+            }
+            if msg.header.msg_id == id {
                 return Ok(msg);
             }
         }

@@ -128,7 +128,8 @@ impl BarDesc {
 }
 
 /// The MSI-X capability: table and PBA locations. The table and PBA live in the BARs
-/// named here; until the library emulates the table, their accesses go to the model.
+/// named here; the library emulates them ([`super::msix`]): their accesses never
+/// reach the model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MsixDesc {
     /// Number of vectors, 1 to 2048.

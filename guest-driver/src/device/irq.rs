@@ -2,7 +2,7 @@
 //!
 //! The server keeps, per IRQ index, which vectors the client assigned (DEVICE_SET_IRQS
 //! with DATA_EVENTFD), and the state that decides whether a vector raised by the model
-//! is delivered now, later, or not at all:
+//! is delivered now, later, or not at all ([`IrqDelivery`]):
 //!
 //! - INTx is a level. [`DeviceContext::raise_irq`](super::DeviceContext::raise_irq)
 //!   asserts it, [`DeviceContext::lower_intx`](super::DeviceContext::lower_intx)
@@ -11,16 +11,21 @@
 //!   assigned; signalling masks it (AUTOMASKED, like Linux vfio-pci) until the client
 //!   unmasks it. A level still asserted when the client unmasks it, clears INTx
 //!   disable, or assigns an eventfd is signalled then.
-//! - MSI: a vector whose mask bit is set in the MSI capability gets its pending bit
-//!   set instead and is signalled when the driver clears the mask bit.
-//! - MSI-X: while the function mask is set, raised vectors are remembered and
-//!   signalled when it is cleared (the per-vector table masks come with the table
-//!   emulation).
+//! - MSI: a vector is dropped unless MSI is enabled in the capability and the vector is
+//!   among those the driver enabled (Multiple Message Enable). A vector whose mask bit
+//!   is set in the capability, or that the client masked with SET_IRQS, gets its
+//!   pending bit set instead and is signalled when nothing masks it any more.
+//! - MSI-X: a vector is dropped unless MSI-X is enabled in the capability. While the
+//!   function mask, the vector's mask bit in the MSI-X table ([`super::msix`]) or a
+//!   SET_IRQS mask holds it, its PBA bit is set; it is signalled, and the bit cleared,
+//!   when the last of those is cleared.
 //! - ERR and REQ are signalled as raised.
 //!
-//! The enable bits of the MSI and MSI-X capabilities do not hold vectors back: a
-//! vfio-user client turns vectors on with SET_IRQS (as the Linux vfio-pci kernel driver
-//! does), and a vector without an eventfd goes nowhere.
+//! DEVICE_SET_IRQS: DATA_EVENTFD with TRIGGER assigns eventfds (fd -1 / `assign:
+//! false` de-assigns); MASK and UNMASK (DATA_NONE or DATA_BOOL) work on INTx, MSI and
+//! MSI-X vectors; TRIGGER with DATA_NONE or DATA_BOOL signals the selected vectors
+//! as is; count 0 with DATA_NONE | TRIGGER disables the index: every vector
+//! de-assigned, client masks and pending bits of the index cleared.
 //!
 //! In direct mode every fd given to DATA_EVENTFD must be an eventfd (checked through
 //! `/proc/self/fd` where it is available), and is made non-blocking.
@@ -36,7 +41,9 @@ use vfu_proto::vfio_user::{
     IRQ_INFO_NORESIZE, IRQ_SET_ACTION_MASK, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
 };
 
+use super::description::MsixDesc;
 use super::errno::{Errno, EINVAL};
+use super::msix::{MsixEntry, MsixTable};
 use super::pci_config::{ConfigSpace, WriteEffects};
 
 /// Where interrupts go: the client's eventfds (direct mode, [`EventFdIrqs`]) or the
@@ -163,24 +170,54 @@ impl IrqFds {
     }
 }
 
+/// What became of an interrupt a model raised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IrqDelivery {
+    /// Handed to the [`IrqSink`]: it reaches the client if the client assigned an
+    /// eventfd (or tunnel slot) to the vector.
+    Signalled,
+    /// Held back and remembered: INTx asserted while masked, disabled or unassigned;
+    /// an MSI or MSI-X vector masked (its pending bit is set). It is delivered when
+    /// what holds it back goes away.
+    Pending,
+    /// Dropped: MSI or MSI-X is not enabled in its capability (for MSI, or the vector
+    /// is beyond the vectors the driver enabled). A model may fall back to INTx
+    /// ([`DeviceContext::raise_interrupt`](super::DeviceContext::raise_interrupt)
+    /// does).
+    Disabled,
+    /// Dropped: the device has no such vector.
+    Invalid,
+}
+
 /// Interrupt state of one device: counts, assignments, masks and pending vectors.
 pub(crate) struct IrqState {
     sink: Box<dyn IrqSink>,
     counts: [u32; pci_irq::COUNT as usize],
     assigned: [Vec<bool>; pci_irq::COUNT as usize],
     intx_masked: bool,
-    msix_pending: Vec<bool>,
+    /// MSI vectors the client masked with SET_IRQS.
+    msi_client_masked: Vec<bool>,
+    /// MSI-X vectors the client masked with SET_IRQS.
+    msix_client_masked: Vec<bool>,
+    msix: Option<MsixTable>,
 }
 
 impl IrqState {
-    /// `counts`: vectors per index (INTx, MSI, MSI-X, ERR, REQ).
-    pub(crate) fn new(sink: Box<dyn IrqSink>, counts: [u32; pci_irq::COUNT as usize]) -> Self {
+    /// `counts`: vectors per index (INTx, MSI, MSI-X, ERR, REQ); `msix`: where the MSI-X
+    /// table and PBA are (the MSI-X count must be its vector count).
+    pub(crate) fn new(
+        sink: Box<dyn IrqSink>,
+        counts: [u32; pci_irq::COUNT as usize],
+        msix: Option<MsixDesc>,
+    ) -> Self {
         Self {
             sink,
             counts,
             assigned: counts.map(|n| vec![false; n as usize]),
             intx_masked: false,
-            msix_pending: vec![false; counts[pci_irq::MSIX as usize] as usize],
+            msi_client_masked: vec![false; counts[pci_irq::MSI as usize] as usize],
+            msix_client_masked: vec![false; counts[pci_irq::MSIX as usize] as usize],
+            msix: msix.map(MsixTable::new),
         }
     }
 
@@ -214,34 +251,93 @@ impl IrqState {
             .unwrap_or(false)
     }
 
+    /// Whether the client masked vector `vector` of MSI or MSI-X with SET_IRQS.
+    fn client_masked(&self, index: u32, vector: u32) -> bool {
+        let v = match index {
+            pci_irq::MSI => &self.msi_client_masked,
+            pci_irq::MSIX => &self.msix_client_masked,
+            _ => return false,
+        };
+        v.get(vector as usize).copied().unwrap_or(false)
+    }
+
+    /// Whether anything masks vector `vector` of `index`: for INTx the client's mask
+    /// (or automask); for MSI the capability's mask bit or the client's; for MSI-X the
+    /// function mask, the vector's mask bit or the client's.
+    pub(crate) fn masked(&self, cfg: &ConfigSpace, index: u32, vector: u32) -> bool {
+        match index {
+            pci_irq::INTX => self.intx_masked,
+            pci_irq::MSI => {
+                vector < 32 && cfg.msi_mask() & (1 << vector) != 0
+                    || self.client_masked(index, vector)
+            }
+            pci_irq::MSIX => {
+                cfg.msix_function_masked()
+                    || self.msix.as_ref().is_some_and(|t| t.masked(vector))
+                    || self.client_masked(index, vector)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether vector `vector` of `index` is pending: INTx asserted and not yet
+    /// signalled, or the MSI / MSI-X pending bit.
+    pub(crate) fn pending(&self, cfg: &ConfigSpace, index: u32, vector: u32) -> bool {
+        match index {
+            pci_irq::INTX => vector == 0 && cfg.intx_level() && !self.intx_masked,
+            pci_irq::MSI => vector < 32 && cfg.msi_pending() & (1 << vector) != 0,
+            pci_irq::MSIX => self.msix.as_ref().is_some_and(|t| t.pending(vector)),
+            _ => false,
+        }
+    }
+
     /// The model raises vector `vector` of `index`.
-    pub(crate) fn raise(&mut self, cfg: &mut ConfigSpace, index: u32, vector: u32) {
+    pub(crate) fn raise(&mut self, cfg: &mut ConfigSpace, index: u32, vector: u32) -> IrqDelivery {
         if vector >= self.count(index) {
             warn!("model raised irq {index}.{vector}, which does not exist; ignored");
-            return;
+            return IrqDelivery::Invalid;
         }
         match index {
             pci_irq::INTX => {
                 cfg.set_intx_level(true);
-                self.deliver_intx(cfg);
+                if self.deliver_intx(cfg) {
+                    IrqDelivery::Signalled
+                } else {
+                    IrqDelivery::Pending
+                }
             }
             pci_irq::MSI => {
-                if cfg.msi_mask() & (1 << vector) != 0 {
+                if !cfg.msi_enabled() || vector >= cfg.msi_enabled_vectors() {
+                    debug!("MSI vector {vector} raised while not enabled; dropped");
+                    return IrqDelivery::Disabled;
+                }
+                if self.masked(cfg, index, vector) {
                     cfg.set_msi_pending(vector, true);
+                    IrqDelivery::Pending
                 } else {
                     self.sink.trigger(index, vector);
+                    IrqDelivery::Signalled
                 }
             }
             pci_irq::MSIX => {
-                if cfg.msix_function_masked() {
-                    if let Some(p) = self.msix_pending.get_mut(vector as usize) {
-                        *p = true;
+                if !cfg.msix_enabled() {
+                    debug!("MSI-X vector {vector} raised while not enabled; dropped");
+                    return IrqDelivery::Disabled;
+                }
+                if self.masked(cfg, index, vector) {
+                    if let Some(t) = &mut self.msix {
+                        t.set_pending(vector, true);
                     }
+                    IrqDelivery::Pending
                 } else {
                     self.sink.trigger(index, vector);
+                    IrqDelivery::Signalled
                 }
             }
-            _ => self.sink.trigger(index, vector),
+            _ => {
+                self.sink.trigger(index, vector);
+                IrqDelivery::Signalled
+            }
         }
     }
 
@@ -250,8 +346,9 @@ impl IrqState {
         cfg.set_intx_level(false);
     }
 
-    /// Signals INTx if it is asserted and nothing holds it back; automasks.
-    fn deliver_intx(&mut self, cfg: &mut ConfigSpace) {
+    /// Signals INTx if it is asserted and nothing holds it back; automasks. Returns
+    /// whether it signalled.
+    fn deliver_intx(&mut self, cfg: &mut ConfigSpace) -> bool {
         if cfg.intx_level()
             && !self.intx_masked
             && !cfg.intx_disabled()
@@ -260,7 +357,9 @@ impl IrqState {
             debug!("INTx signalled");
             self.sink.trigger(pci_irq::INTX, 0);
             self.intx_masked = true;
+            return true;
         }
+        false
     }
 
     /// Whether INTx is masked by the client (or automasked).
@@ -268,42 +367,86 @@ impl IrqState {
         self.intx_masked
     }
 
-    /// Delivers what a configuration write unblocked.
-    pub(crate) fn after_config_write(&mut self, cfg: &mut ConfigSpace, fx: WriteEffects) {
-        if fx.intx_unblocked {
-            self.deliver_intx(cfg);
-        }
-        let pending = cfg.msi_pending() & fx.msi_unmasked;
-        for v in 0..32u32 {
-            if pending & (1 << v) != 0 {
-                cfg.set_msi_pending(v, false);
-                self.sink.trigger(pci_irq::MSI, v);
+    /// Delivers every pending MSI and MSI-X vector that nothing holds back any more,
+    /// clearing its pending bit.
+    fn flush(&mut self, cfg: &mut ConfigSpace) {
+        if cfg.msi_enabled() {
+            let enabled = cfg.msi_enabled_vectors().min(self.count(pci_irq::MSI));
+            for v in 0..enabled.min(32) {
+                if self.pending(cfg, pci_irq::MSI, v) && !self.masked(cfg, pci_irq::MSI, v) {
+                    cfg.set_msi_pending(v, false);
+                    self.sink.trigger(pci_irq::MSI, v);
+                }
             }
         }
-        if fx.msix_unmasked && !cfg.msix_function_masked() {
-            for (v, p) in self.msix_pending.iter_mut().enumerate() {
-                if std::mem::take(p) {
-                    self.sink.trigger(pci_irq::MSIX, v as u32);
+        if cfg.msix_enabled() && !cfg.msix_function_masked() {
+            for v in 0..self.count(pci_irq::MSIX) {
+                if self.pending(cfg, pci_irq::MSIX, v) && !self.masked(cfg, pci_irq::MSIX, v) {
+                    if let Some(t) = &mut self.msix {
+                        t.set_pending(v, false);
+                    }
+                    self.sink.trigger(pci_irq::MSIX, v);
                 }
             }
         }
     }
 
-    /// Device reset: nothing asserted or pending; the client's assignments stay.
+    /// Delivers what a configuration write unblocked (INTx disable cleared, MSI or
+    /// MSI-X enabled or unmasked).
+    pub(crate) fn after_config_write(&mut self, cfg: &mut ConfigSpace, fx: WriteEffects) {
+        if fx.intx_unblocked {
+            self.deliver_intx(cfg);
+        }
+        self.flush(cfg);
+    }
+
+    /// The byte ranges of BAR `bar` that the MSI-X emulation owns.
+    pub(crate) fn msix_ranges(&self, bar: u8) -> Vec<(u64, u64)> {
+        self.msix.as_ref().map_or_else(Vec::new, |t| t.ranges(bar))
+    }
+
+    /// Reads the MSI-X table or PBA.
+    pub(crate) fn msix_read(&self, bar: u8, offset: u64, out: &mut [u8]) {
+        match &self.msix {
+            Some(t) => t.read(bar, offset, out),
+            None => out.fill(0),
+        }
+    }
+
+    /// Writes the MSI-X table (the PBA is read-only), then delivers what an unmask
+    /// released.
+    pub(crate) fn msix_write(&mut self, cfg: &mut ConfigSpace, bar: u8, offset: u64, data: &[u8]) {
+        if let Some(t) = &mut self.msix {
+            t.write(bar, offset, data);
+        }
+        self.flush(cfg);
+    }
+
+    /// The MSI-X table entry of `vector`.
+    pub(crate) fn msix_entry(&self, vector: u32) -> Option<MsixEntry> {
+        self.msix.as_ref().and_then(|t| t.entry(vector))
+    }
+
+    /// Device reset: nothing asserted or pending, the MSI-X table at its reset values;
+    /// the client's assignments and masks stay.
     pub(crate) fn device_reset(&mut self, cfg: &mut ConfigSpace) {
         cfg.set_intx_level(false);
         self.intx_masked = false;
-        self.msix_pending.fill(false);
+        if let Some(t) = &mut self.msix {
+            t.reset();
+        }
     }
 
-    /// The client went away: every assignment is dropped; device state (INTx level,
-    /// pending bits) stays.
+    /// The client went away: every assignment and client mask is dropped; device state
+    /// (INTx level, pending bits, the MSI-X table) stays.
     pub(crate) fn client_gone(&mut self) {
         self.sink.clear();
         for a in &mut self.assigned {
             a.fill(false);
         }
         self.intx_masked = false;
+        self.msi_client_masked.fill(false);
+        self.msix_client_masked.fill(false);
     }
 
     fn set_assigned(&mut self, index: u32, start: u32, count: u32, value: bool) {
@@ -343,11 +486,21 @@ impl IrqState {
                 return Err(EINVAL);
             }
             self.deassign(index, 0, max, &fds);
-            if index == pci_irq::INTX {
-                self.intx_masked = false;
-            }
-            if index == pci_irq::MSIX {
-                self.msix_pending.fill(false);
+            match index {
+                pci_irq::INTX => self.intx_masked = false,
+                pci_irq::MSI => {
+                    self.msi_client_masked.fill(false);
+                    for v in 0..max.min(32) {
+                        cfg.set_msi_pending(v, false);
+                    }
+                }
+                pci_irq::MSIX => {
+                    self.msix_client_masked.fill(false);
+                    if let Some(t) = &mut self.msix {
+                        t.clear_pending();
+                    }
+                }
+                _ => {}
             }
             return Ok(());
         }
@@ -404,14 +557,35 @@ impl IrqState {
                         }
                         Ok(())
                     }
-                    IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK if index == pci_irq::INTX => {
-                        if selected(0) {
-                            if action == IRQ_SET_ACTION_MASK {
-                                self.intx_masked = true;
-                            } else {
-                                self.intx_masked = false;
-                                self.deliver_intx(cfg);
+                    IRQ_SET_ACTION_MASK | IRQ_SET_ACTION_UNMASK => {
+                        let mask = action == IRQ_SET_ACTION_MASK;
+                        match index {
+                            pci_irq::INTX => {
+                                if selected(0) {
+                                    self.intx_masked = mask;
+                                    if !mask {
+                                        self.deliver_intx(cfg);
+                                    }
+                                }
                             }
+                            pci_irq::MSI | pci_irq::MSIX => {
+                                let masks = if index == pci_irq::MSI {
+                                    &mut self.msi_client_masked
+                                } else {
+                                    &mut self.msix_client_masked
+                                };
+                                for i in 0..req.count {
+                                    if selected(i) {
+                                        if let Some(m) = masks.get_mut((req.start + i) as usize) {
+                                            *m = mask;
+                                        }
+                                    }
+                                }
+                                if !mask {
+                                    self.flush(cfg);
+                                }
+                            }
+                            _ => return Err(EINVAL),
                         }
                         Ok(())
                     }

@@ -5,18 +5,21 @@
 //! the rest: [`DeviceServer`] answers every vfio-user request for the model — the
 //! version handshake, device/region/IRQ information, the PCI configuration space
 //! ([`pci_config`]), region dispatch with bounds, width and alignment checks, interrupt
-//! assignment and masking ([`irq`]), the DMA map table ([`dma`]) and reset. The same
-//! server runs behind a plain vfio-user socket ([`crate::direct`]) or behind the
-//! tunnel (where eventfds are replaced by slots: [`DeviceServer::handle_tunnel`]).
+//! assignment and masking ([`irq`]), MSI-X table and PBA emulation ([`msix`]), the DMA
+//! map table and DMA access ([`dma`]) and reset. The same server runs behind a plain
+//! vfio-user socket ([`crate::direct`]) or behind the tunnel (where fds are replaced by
+//! slots: [`DeviceServer::handle_tunnel`]).
 //!
-//! A model talks back through the [`DeviceContext`] it is handed on every call, e.g.
-//! to raise an interrupt.
+//! A model talks back through the [`DeviceContext`] it is handed on every call: to
+//! raise an interrupt ([`DeviceContext::raise_interrupt`]), or to read and write the
+//! client's memory ([`DeviceContext::dma`]).
 
 pub mod description;
 pub mod dma;
 pub mod errno;
 pub mod irq;
 pub mod lspci;
+pub mod msix;
 pub mod pci_config;
 pub mod server;
 
@@ -25,9 +28,10 @@ use std::os::fd::BorrowedFd;
 pub use description::{
     BarDesc, BarKind, Capability, DescriptionError, DeviceDescription, MsixDesc, PcieDeviceType,
 };
-pub use dma::{DmaRegion, DmaTable};
+pub use dma::{Dma, DmaBacking, DmaRegion, DmaRemote, DmaTable, NoRemote};
 pub use errno::Errno;
-pub use irq::{EventFdIrqs, IrqSink};
+pub use irq::{EventFdIrqs, IrqDelivery, IrqSink};
+pub use msix::MsixEntry;
 pub use server::{DeviceServer, Response};
 
 use irq::IrqState;
@@ -36,8 +40,9 @@ use vfu_proto::vfio_user::pci_irq;
 
 /// A device model: what a device author implements.
 ///
-/// Every method gets a [`DeviceContext`] to signal interrupts and look at the state the
-/// library keeps (command register, MSI enables). Errors are positive errnos
+/// Every method gets a [`DeviceContext`] to signal interrupts, reach the client's
+/// memory by DMA and look at the state the library keeps (command register, MSI
+/// enables). Errors are positive errnos
 /// ([`errno`]); the server answers the client with them.
 pub trait DeviceModel: Send {
     /// Static description: PCI identity, BARs, capabilities, IRQ counts. Called once,
@@ -45,7 +50,8 @@ pub trait DeviceModel: Send {
     fn describe(&self) -> DeviceDescription;
 
     /// Reads `data.len()` bytes at `offset` of BAR `bar` (0..=5). Width, alignment and
-    /// bounds have been checked against the [`BarDesc`].
+    /// bounds have been checked against the [`BarDesc`]. Accesses to the MSI-X table and
+    /// PBA are answered by the library and never come here.
     fn bar_read(
         &mut self,
         ctx: &mut DeviceContext<'_>,
@@ -113,23 +119,64 @@ pub trait DeviceModel: Send {
 pub struct DeviceContext<'a> {
     config: &'a mut ConfigSpace,
     irqs: &'a mut IrqState,
+    dma: &'a mut DmaTable,
+    remote: &'a mut dyn DmaRemote,
 }
 
 impl<'a> DeviceContext<'a> {
-    pub(crate) fn new(config: &'a mut ConfigSpace, irqs: &'a mut IrqState) -> Self {
-        Self { config, irqs }
+    pub(crate) fn new(
+        config: &'a mut ConfigSpace,
+        irqs: &'a mut IrqState,
+        dma: &'a mut DmaTable,
+        remote: &'a mut dyn DmaRemote,
+    ) -> Self {
+        Self {
+            config,
+            irqs,
+            dma,
+            remote,
+        }
+    }
+
+    /// Access to the client's memory: DMA reads and writes at IOVAs the client mapped
+    /// ([`Dma`]). Regions mapped in this process are copied directly (volatile), the
+    /// others through the transport (a round trip to the client or the relay); the
+    /// model does not need to know which.
+    pub fn dma(&mut self) -> Dma<'_> {
+        Dma::new(self.dma, self.remote)
     }
 
     /// Raises vector `vector` of IRQ index `index` (`pci_irq::INTX` vector 0,
-    /// `pci_irq::MSI`, `pci_irq::MSIX`, ...).
+    /// `pci_irq::MSI`, `pci_irq::MSIX`, ...) and tells what became of it.
     ///
     /// INTx is a level: this asserts it until [`lower_intx`](Self::lower_intx); it
     /// reaches the client as one edge when it is not masked, not disabled by the
     /// command register's INTx disable bit and has an eventfd, and is held pending
-    /// otherwise. MSI and MSI-X vectors masked in their capability are held pending
-    /// until unmasked. Vectors that do not exist are ignored (logged).
-    pub fn raise_irq(&mut self, index: u32, vector: u32) {
-        self.irqs.raise(self.config, index, vector);
+    /// otherwise. An MSI or MSI-X vector is [`Disabled`](IrqDelivery::Disabled) (dropped)
+    /// while its capability is not enabled; masked (capability or MSI-X table mask
+    /// bit, MSI-X function mask, or the client's SET_IRQS mask) it is held pending
+    /// until unmasked. Vectors that do not exist are [`Invalid`](IrqDelivery::Invalid)
+    /// (logged).
+    pub fn raise_irq(&mut self, index: u32, vector: u32) -> IrqDelivery {
+        self.irqs.raise(self.config, index, vector)
+    }
+
+    /// Raises interrupt `vector` the way the driver set the device up: MSI-X vector
+    /// `vector` if MSI-X is enabled, else MSI vector `vector` if MSI is enabled, else
+    /// INTx (asserted whatever `vector` is; lower it with
+    /// [`lower_intx`](Self::lower_intx) when the driver acknowledges).
+    /// [`Disabled`](IrqDelivery::Disabled) for a device without INTx and with neither
+    /// enabled.
+    pub fn raise_interrupt(&mut self, vector: u32) -> IrqDelivery {
+        if self.config.msix_enabled() {
+            self.raise_irq(pci_irq::MSIX, vector)
+        } else if self.config.msi_enabled() {
+            self.raise_irq(pci_irq::MSI, vector)
+        } else if self.irqs.count(pci_irq::INTX) > 0 {
+            self.raise_irq(pci_irq::INTX, 0)
+        } else {
+            IrqDelivery::Disabled
+        }
     }
 
     /// De-asserts INTx.
@@ -150,6 +197,23 @@ impl<'a> DeviceContext<'a> {
     /// Whether the client assigned an eventfd (or tunnel slot) to the vector.
     pub fn irq_assigned(&self, index: u32, vector: u32) -> bool {
         self.irqs.is_assigned(index, vector)
+    }
+
+    /// Whether something masks the vector (see [`raise_irq`](Self::raise_irq)).
+    pub fn irq_masked(&self, index: u32, vector: u32) -> bool {
+        self.irqs.masked(self.config, index, vector)
+    }
+
+    /// Whether the vector is pending: INTx asserted and not signalled yet, or the MSI /
+    /// MSI-X pending bit set.
+    pub fn irq_pending(&self, index: u32, vector: u32) -> bool {
+        self.irqs.pending(self.config, index, vector)
+    }
+
+    /// Entry `vector` of the MSI-X table (message address and data as the driver
+    /// programmed them, mask bit).
+    pub fn msix_entry(&self, vector: u32) -> Option<MsixEntry> {
+        self.irqs.msix_entry(vector)
     }
 
     /// The PCI command register (memory/IO enable, bus master, INTx disable).
@@ -173,7 +237,7 @@ impl<'a> DeviceContext<'a> {
     }
 
     /// Shorthand for raising INTx.
-    pub fn raise_intx(&mut self) {
-        self.raise_irq(pci_irq::INTX, 0);
+    pub fn raise_intx(&mut self) -> IrqDelivery {
+        self.raise_irq(pci_irq::INTX, 0)
     }
 }

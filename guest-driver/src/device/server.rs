@@ -10,27 +10,33 @@
 //! | DEVICE_GET_REGION_IO_FDS | no sub-regions for a valid index, else `EINVAL` |
 //! | DEVICE_GET_IRQ_INFO | as Linux vfio-pci: INTx (maskable, automasked), MSI, MSI-X, ERR (PCI Express only), REQ; index >= 5 `EINVAL` |
 //! | DEVICE_SET_IRQS | see [`super::irq`] |
-//! | REGION_READ / REGION_WRITE | config space emulation, or the model after bounds, width and alignment checks (`EINVAL`) |
+//! | REGION_READ / REGION_WRITE | config space emulation; BARs after bounds, width and alignment checks (`EINVAL`): the MSI-X table and PBA emulation ([`super::msix`]), the model for the rest |
 //! | REGION_WRITE_MULTI | each write in order; the first failure is the answer |
 //! | DEVICE_RESET | config space and interrupt state to power-on, then the model's reset |
-//! | DMA_MAP / DMA_UNMAP | the map table ([`super::dma`]) |
+//! | DMA_MAP / DMA_UNMAP | the map table ([`super::dma`]): with an fd (direct mode) the memory is mmapped here; with a `DMA_WINDOW` slot (tunnel) it is the window in shared memory region 0 ([`DeviceServer::set_windows`]); otherwise it is reached through the transport's [`DmaRemote`]. An unmapped region's memory is unmapped before the reply |
 //! | DMA_READ / DMA_WRITE | `EINVAL`: those go from server to client |
 //! | DEVICE_FEATURE, MIG_DATA_READ/WRITE | `EOPNOTSUPP` |
 //!
 //! BAR accesses reach the model whatever the command register's memory and I/O enable
 //! bits say: clients address BARs by region, not by bus address, as with vfio-pci.
+//!
+//! The server is single-threaded: a model's DMA through a remote path happens inside
+//! the request (or [`DeviceServer::service`] call) that caused it, with the
+//! [`DmaRemote`] the transport passed for it.
 
 use std::os::fd::{BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
 
 use log::{info, warn};
+use vfu_proto::tunnel::{Slot, SlotType};
 use vfu_proto::vfio_user::{
-    pci_irq, pci_region, Capabilities, DeviceInfo, GetInfoRequest, Header, IoFdLayout, IrqInfo,
-    RegionInfo, RegionIoFds, RegionReadReply, Reply, Request, Version, DEFAULT_MAX_DATA_XFER_SIZE,
-    DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, DEVICE_FLAGS_PCI, DEVICE_FLAGS_RESET,
-    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    pci_irq, pci_region, Capabilities, DeviceInfo, DmaMap, GetInfoRequest, Header, IoFdLayout,
+    IrqInfo, RegionInfo, RegionIoFds, RegionReadReply, Reply, Request, Version,
+    DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, DEVICE_FLAGS_PCI,
+    DEVICE_FLAGS_RESET, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
-use super::dma::{DmaRegion, DmaTable};
+use super::dma::{DmaBacking, DmaRegion, DmaRemote, DmaTable, LocalMemory, NoRemote};
 use super::errno::{Errno, EINVAL, EOPNOTSUPP};
 use super::irq::{IrqFds, IrqSink, IrqState};
 use super::pci_config::{ConfigSpace, WriteEffects};
@@ -66,6 +72,49 @@ pub struct DeviceServer {
     dma: DmaTable,
     caps: Capabilities,
     client_caps: Capabilities,
+    windows: Option<Windows>,
+}
+
+/// Where the tunnel's shared memory region 0 is mapped in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Windows {
+    base: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the pointer names process-wide shared memory that `set_windows`'s caller
+// keeps mapped (from any thread) until the next `set_windows` or the server's drop;
+// it is only dereferenced through volatile copies.
+unsafe impl Send for Windows {}
+
+/// What came with a request in place of nothing: fds (direct mode) or slots (tunnel).
+enum Attached<'s> {
+    Fds(Vec<OwnedFd>),
+    Slots(&'s [Slot]),
+}
+
+/// Splits `len` bytes at `offset` into runs that lie entirely inside or entirely
+/// outside `ranges` (`start..end` pairs): `(from, to, inside)`, relative to `offset`.
+fn split_runs(offset: u64, len: usize, ranges: &[(u64, u64)]) -> Vec<(usize, usize, bool)> {
+    let mut cuts = vec![0, len];
+    for &(s, e) in ranges {
+        for edge in [s, e] {
+            if let Some(rel) = edge.checked_sub(offset) {
+                if rel > 0 && rel < len as u64 {
+                    cuts.push(rel as usize);
+                }
+            }
+        }
+    }
+    cuts.sort_unstable();
+    cuts.dedup();
+    cuts.windows(2)
+        .map(|w| {
+            let at = offset.saturating_add(w[0] as u64);
+            let inside = ranges.iter().any(|&(s, e)| at >= s && at < e);
+            (w[0], w[1], inside)
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for DeviceServer {
@@ -111,11 +160,12 @@ impl DeviceServer {
         Self {
             model,
             config,
-            irqs: IrqState::new(irqs, counts),
+            irqs: IrqState::new(irqs, counts, desc.msix),
             dma: DmaTable::new(DEFAULT_MAX_DMA_MAPS as usize),
             desc,
             caps,
             client_caps: Capabilities::default(),
+            windows: None,
         }
     }
 
@@ -139,26 +189,72 @@ impl DeviceServer {
         self.dma.iter()
     }
 
-    /// One vfio-user request from the client, with the fds that came with it.
+    /// Forgets the dirty pages recorded in every DMA region.
+    pub fn clear_dma_dirty(&mut self) {
+        self.dma.clear_dirty();
+    }
+
+    /// Tells the server where the tunnel's shared memory region 0 (the DMA windows) is
+    /// mapped in this process: `len` bytes at `base` (a null `base` or a `len` of 0:
+    /// no windows). A DMA_MAP with a `DMA_WINDOW` slot then becomes a local region at
+    /// `base + offset`. Regions mapped through an earlier, different setting become
+    /// remote (reached through the copy path).
+    ///
+    /// # Safety
+    ///
+    /// `len` bytes at `base` must stay reserved for the shared memory until the next
+    /// call of this method or the server's drop, and every window a `DMA_WINDOW` slot
+    /// announces (`offset..offset + size`) must be mapped there, readable and (when
+    /// the slot says WRITE) writable, from the DMA_MAP that announces it until the
+    /// server has handled the DMA_UNMAP, UNMAP_ALL or client disconnect that withdraws
+    /// it (the relay's obligation, `docs/tunnel.md` section 7). Every other access to
+    /// that memory from this process must be volatile (the relay, the client and other
+    /// VMs may access it in any way). The server reads a window only when the DMA_MAP
+    /// grants reads, and writes it only when the DMA_MAP grants writes.
+    pub unsafe fn set_windows(&mut self, base: *mut u8, len: usize) {
+        let new = NonNull::new(base)
+            .filter(|_| len > 0)
+            .map(|base| Windows { base, len });
+        if new != self.windows {
+            self.dma.demote_windows();
+            self.windows = new;
+        }
+    }
+
+    /// One vfio-user request from the client, with the fds that came with it (direct
+    /// mode). `remote` reaches client memory mapped without an fd (vfio-user DMA_READ /
+    /// DMA_WRITE to the client) while the model handles the request.
     ///
     /// With `header.no_reply` the work is done and [`Response::NoReply`] returned (a
     /// failure is logged).
-    pub fn handle(&mut self, header: &Header, request: Request, fds: Vec<OwnedFd>) -> Response {
-        let result = self.dispatch(request, IrqFds::Direct(fds));
+    pub fn handle(
+        &mut self,
+        header: &Header,
+        request: Request,
+        fds: Vec<OwnedFd>,
+        remote: &mut dyn DmaRemote,
+    ) -> Response {
+        let result = self.dispatch(request, Attached::Fds(fds), remote);
         Self::respond(header, result)
     }
 
-    /// One request that came through the tunnel, where fds do not exist: a SET_IRQS
-    /// whose eventfds the relay kept says how many in `eventfd_slots` (the sink's
-    /// [`IrqSink::assign_slots`] is called instead of `set_eventfds`); a DMA_MAP carries
-    /// no fd. Otherwise as [`handle`](Self::handle).
+    /// One request that came through the tunnel, where fds are replaced by slots
+    /// (`docs/tunnel.md`, section 7): a DMA_MAP may carry one `DMA_WINDOW` slot (its
+    /// flags must equal the DMA_MAP's READ/WRITE permissions, and the window must lie
+    /// inside the region given to [`set_windows`](Self::set_windows); else `EINVAL`);
+    /// without windows set, or without a slot, the region is remote. A SET_IRQS with
+    /// DATA_EVENTFD carries one `EVENTFD` slot per vector (the sink's
+    /// [`IrqSink::assign_slots`] is called instead of `set_eventfds`). Any other slot
+    /// is `EINVAL`. `remote` is the tunnel's copy path. Otherwise as
+    /// [`handle`](Self::handle).
     pub fn handle_tunnel(
         &mut self,
         header: &Header,
         request: Request,
-        eventfd_slots: usize,
+        slots: &[Slot],
+        remote: &mut dyn DmaRemote,
     ) -> Response {
-        let result = self.dispatch(request, IrqFds::Slots(eventfd_slots));
+        let result = self.dispatch(request, Attached::Slots(slots), remote);
         Self::respond(header, result)
     }
 
@@ -195,17 +291,24 @@ impl DeviceServer {
         self.model.event_fd()
     }
 
-    /// Lets the model do the work its event fd announced ([`DeviceModel::service`]).
-    pub fn service(&mut self) {
-        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+    /// Lets the model do the work its event fd announced ([`DeviceModel::service`]);
+    /// its DMA to remote regions goes through `remote` ([`NoRemote`] when there is no
+    /// client).
+    pub fn service(&mut self, remote: &mut dyn DmaRemote) {
+        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
         self.model.service(&mut ctx);
     }
 
-    /// Device reset, as DEVICE_RESET.
+    /// Device reset, as DEVICE_RESET (the model reaches only local DMA regions during
+    /// it).
     pub fn reset(&mut self) {
+        self.reset_with(&mut NoRemote);
+    }
+
+    fn reset_with(&mut self, remote: &mut dyn DmaRemote) {
         self.config.reset();
         self.irqs.device_reset(&mut self.config);
-        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+        let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
         self.model.reset(&mut ctx);
     }
 
@@ -223,21 +326,32 @@ impl DeviceServer {
         lspci::render(&config.unwrap_or_default(), &regions, &irqs)
     }
 
-    fn dispatch(&mut self, request: Request, fds: IrqFds) -> Result<(Reply, Vec<OwnedFd>), Errno> {
+    fn dispatch(
+        &mut self,
+        request: Request,
+        attached: Attached<'_>,
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(Reply, Vec<OwnedFd>), Errno> {
         let takes_fds = matches!(request, Request::DmaMap(_) | Request::DeviceSetIrqs(_));
-        if !takes_fds && matches!(&fds, IrqFds::Direct(v) if !v.is_empty()) {
-            warn!("{} came with fds; rejected", request.command().name());
+        let has_any = match &attached {
+            Attached::Fds(v) => !v.is_empty(),
+            Attached::Slots(s) => !s.is_empty(),
+        };
+        if !takes_fds && has_any {
+            warn!(
+                "{} came with fds or slots; rejected",
+                request.command().name()
+            );
             return Err(EINVAL);
         }
         let reply = match request {
             Request::Version(v) => self.version(v)?,
             Request::DmaMap(m) => {
-                let fd = match fds {
-                    IrqFds::Direct(v) if v.len() > 1 => return Err(EINVAL),
-                    IrqFds::Direct(v) => v.into_iter().next(),
-                    IrqFds::Slots(_) => None,
-                };
-                self.dma.map(&m, fd)?;
+                match attached {
+                    Attached::Fds(v) if v.len() > 1 => return Err(EINVAL),
+                    Attached::Fds(v) => self.dma.map(&m, v.into_iter().next())?,
+                    Attached::Slots(slots) => self.map_tunnel(&m, slots)?,
+                }
                 Reply::DmaMap
             }
             Request::DmaUnmap(u) => {
@@ -270,11 +384,21 @@ impl DeviceServer {
                 Reply::DeviceGetIrqInfo(self.irqs.info(index).ok_or(EINVAL)?)
             }
             Request::DeviceSetIrqs(s) => {
+                let fds = match attached {
+                    Attached::Fds(v) => IrqFds::Direct(v),
+                    Attached::Slots(slots) => {
+                        if slots.iter().any(|s| s.slot_type != SlotType::EventFd) {
+                            warn!("SET_IRQS with a slot that is not an eventfd; rejected");
+                            return Err(EINVAL);
+                        }
+                        IrqFds::Slots(slots.len())
+                    }
+                };
                 self.irqs.set_irqs(&mut self.config, &s, fds)?;
                 Reply::DeviceSetIrqs
             }
             Request::RegionRead(a) => {
-                let data = self.region_read(a.region, a.offset, a.count)?;
+                let data = self.region_read_with(a.region, a.offset, a.count, remote)?;
                 Reply::RegionRead(RegionReadReply {
                     offset: a.offset,
                     region: a.region,
@@ -282,19 +406,19 @@ impl DeviceServer {
                 })
             }
             Request::RegionWrite(w) => {
-                self.region_write(w.region, w.offset, &w.data)?;
+                self.region_write_with(w.region, w.offset, &w.data, remote)?;
                 Reply::RegionWrite(w.access())
             }
             Request::RegionWriteMulti(writes) => {
                 for w in &writes {
-                    self.region_write(w.region, w.offset, w.bytes())?;
+                    self.region_write_with(w.region, w.offset, w.bytes(), remote)?;
                 }
                 Reply::RegionWriteMulti {
                     wr_cnt: writes.len() as u64,
                 }
             }
             Request::DeviceReset => {
-                self.reset();
+                self.reset_with(remote);
                 Reply::DeviceReset
             }
             Request::DmaRead(_) | Request::DmaWrite(_) => {
@@ -306,6 +430,54 @@ impl DeviceServer {
             }
         };
         Ok((reply, Vec::new()))
+    }
+
+    /// DMA_MAP through the tunnel: no slot (remote), or one DMA_WINDOW slot.
+    fn map_tunnel(&mut self, m: &DmaMap, slots: &[Slot]) -> Result<(), Errno> {
+        let slot = match slots {
+            [] => return self.dma.map_backed(m, None, DmaBacking::Remote),
+            [s] if s.slot_type == SlotType::DmaWindow => s,
+            _ => {
+                warn!("DMA_MAP with slots other than one DMA_WINDOW; rejected");
+                return Err(EINVAL);
+            }
+        };
+        // The flags a window slot carries for exactly this map's permissions.
+        let want = Slot::window(0, m.read, m.write).flags;
+        if slot.flags != want {
+            warn!(
+                "DMA_MAP {:#x}+{:#x}: window flags {:#x} do not match the map's {want:#x}",
+                m.address, m.size, slot.flags
+            );
+            return Err(EINVAL);
+        }
+        let Some(w) = self.windows else {
+            return self.dma.map_backed(m, None, DmaBacking::Remote);
+        };
+        let offset = slot.value;
+        let end = offset.checked_add(m.size).ok_or(EINVAL)?;
+        if end > w.len as u64 {
+            warn!(
+                "DMA_MAP {:#x}+{:#x}: window at {offset:#x} beyond the {:#x} bytes of shared memory",
+                m.address, m.size, w.len
+            );
+            return Err(EINVAL);
+        }
+        let (at, len) = (
+            usize::try_from(offset).map_err(|_| EINVAL)?,
+            usize::try_from(m.size).map_err(|_| EINVAL)?,
+        );
+        // SAFETY: `at + len <= w.len` (checked above), inside the region that
+        // `set_windows`'s caller guarantees.
+        let ptr = unsafe { NonNull::new_unchecked(w.base.as_ptr().add(at)) };
+        // SAFETY: `set_windows`'s caller guarantees that this announced window is
+        // mapped with the slot's permissions (equal to the DMA_MAP's, checked above)
+        // until the region is removed from the table, which happens before the reply
+        // to its DMA_UNMAP, on UNMAP_ALL, on disconnect, on the next `set_windows`
+        // (demoted to remote first) or with the server; it is accessed only with
+        // volatile copies, reads and writes only as the DMA_MAP allows.
+        let mem = unsafe { LocalMemory::window(ptr, len, offset) };
+        self.dma.map_backed(m, None, DmaBacking::Local(mem))
     }
 
     fn version(&mut self, v: Version) -> Result<Reply, Errno> {
@@ -371,8 +543,25 @@ impl DeviceServer {
         }
     }
 
-    /// REGION_READ: `count` bytes at `offset` of region `region`.
+    /// REGION_READ: `count` bytes at `offset` of region `region` (the model reaches
+    /// only local DMA regions during it).
     pub fn region_read(&mut self, region: u32, offset: u64, count: u32) -> Result<Vec<u8>, Errno> {
+        self.region_read_with(region, offset, count, &mut NoRemote)
+    }
+
+    /// REGION_WRITE: `data` at `offset` of region `region` (the model reaches only
+    /// local DMA regions during it).
+    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+        self.region_write_with(region, offset, data, &mut NoRemote)
+    }
+
+    fn region_read_with(
+        &mut self,
+        region: u32,
+        offset: u64,
+        count: u32,
+        remote: &mut dyn DmaRemote,
+    ) -> Result<Vec<u8>, Errno> {
         let count = count as usize;
         let target = self.check_access(region, offset, count)?;
         let mut data = vec![0u8; count];
@@ -380,28 +569,75 @@ impl DeviceServer {
             return Ok(data);
         }
         match target {
-            Some(bar) => {
-                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
-                self.model.bar_read(&mut ctx, bar, offset, &mut data)?;
-            }
-            None => self.config_read(offset as usize, &mut data)?,
+            Some(bar) => self.bar_read(bar, offset, &mut data, remote)?,
+            None => self.config_read(offset as usize, &mut data, remote)?,
         }
         Ok(data)
     }
 
-    /// REGION_WRITE: `data` at `offset` of region `region`.
-    pub fn region_write(&mut self, region: u32, offset: u64, data: &[u8]) -> Result<(), Errno> {
+    fn region_write_with(
+        &mut self,
+        region: u32,
+        offset: u64,
+        data: &[u8],
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(), Errno> {
         let target = self.check_access(region, offset, data.len())?;
         if data.is_empty() {
             return Ok(());
         }
         match target {
-            Some(bar) => {
-                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
-                self.model.bar_write(&mut ctx, bar, offset, data)
-            }
-            None => self.config_write(offset as usize, data),
+            Some(bar) => self.bar_write(bar, offset, data, remote),
+            None => self.config_write(offset as usize, data, remote),
         }
+    }
+
+    /// A checked BAR read: MSI-X table and PBA bytes from the emulation, the rest from
+    /// the model.
+    fn bar_read(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        out: &mut [u8],
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(), Errno> {
+        let ranges = self.irqs.msix_ranges(bar);
+        for (i, j, emulated) in split_runs(offset, out.len(), &ranges) {
+            let at = offset + i as u64;
+            let chunk = &mut out[i..j];
+            if emulated {
+                self.irqs.msix_read(bar, at, chunk);
+            } else {
+                let mut ctx =
+                    DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
+                self.model.bar_read(&mut ctx, bar, at, chunk)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A checked BAR write: MSI-X table bytes to the emulation (PBA writes are
+    /// ignored), the rest to the model.
+    fn bar_write(
+        &mut self,
+        bar: u8,
+        offset: u64,
+        data: &[u8],
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(), Errno> {
+        let ranges = self.irqs.msix_ranges(bar);
+        for (i, j, emulated) in split_runs(offset, data.len(), &ranges) {
+            let at = offset + i as u64;
+            let chunk = &data[i..j];
+            if emulated {
+                self.irqs.msix_write(&mut self.config, bar, at, chunk);
+            } else {
+                let mut ctx =
+                    DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
+                self.model.bar_write(&mut ctx, bar, at, chunk)?;
+            }
+        }
+        Ok(())
     }
 
     /// Splits `offset..offset + len` into runs of bytes that are all emulated, or all
@@ -421,21 +657,32 @@ impl DeviceServer {
         runs
     }
 
-    fn config_read(&mut self, offset: usize, out: &mut [u8]) -> Result<(), Errno> {
+    fn config_read(
+        &mut self,
+        offset: usize,
+        out: &mut [u8],
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(), Errno> {
         for (i, j, owned) in self.config_runs(offset, out.len()) {
             let chunk = &mut out[i..j];
             if owned {
                 self.config.read(offset + i, chunk);
             } else {
                 let at = u16::try_from(offset + i).map_err(|_| EINVAL)?;
-                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                let mut ctx =
+                    DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
                 self.model.config_read(&mut ctx, at, chunk)?;
             }
         }
         Ok(())
     }
 
-    fn config_write(&mut self, offset: usize, data: &[u8]) -> Result<(), Errno> {
+    fn config_write(
+        &mut self,
+        offset: usize,
+        data: &[u8],
+        remote: &mut dyn DmaRemote,
+    ) -> Result<(), Errno> {
         let mut fx = WriteEffects::default();
         let mut result = Ok(());
         for (i, j, owned) in self.config_runs(offset, data.len()) {
@@ -447,7 +694,8 @@ impl DeviceServer {
                     result = Err(EINVAL);
                     break;
                 };
-                let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs);
+                let mut ctx =
+                    DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
                 if let Err(e) = self.model.config_write(&mut ctx, at, chunk) {
                     result = Err(e);
                     break;
@@ -458,7 +706,7 @@ impl DeviceServer {
         // failed a later part.
         if fx.flr {
             info!("function level reset");
-            self.reset();
+            self.reset_with(remote);
         } else {
             self.irqs.after_config_write(&mut self.config, fx);
         }

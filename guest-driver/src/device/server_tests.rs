@@ -1,9 +1,12 @@
 //! DeviceServer over typed requests: every command, the error cases, reset, the DMA
-//! table, SET_IRQS validation and delivery into a recording sink.
+//! table and DMA access (mmapped, window and remote regions), SET_IRQS validation,
+//! MSI / MSI-X emulation and delivery into a recording sink.
 
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
+use vfu_proto::tunnel::Slot;
 use vfu_proto::vfio_user::{
     pci_irq, pci_region, CountWidth, DeviceFeature, DmaAccess, DmaMap, DmaUnmap, FeatureData,
     FeatureOp, GetInfoRequest, Header, IrqData, MigDataRead, MultiWrite, RegionAccess, RegionWrite,
@@ -14,13 +17,22 @@ use vfu_proto::vfio_user::{
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::*;
-use crate::device::errno::{EEXIST, ENOENT};
+use crate::device::dma::tests::{memfd, memfd_named, pread, pwrite, MemRemote};
+use crate::device::errno::{EEXIST, EFAULT, ENOENT};
 use crate::device::irq::tests::{IrqEvent, RecordingIrqs};
-use crate::device::{BarDesc, BarKind, Capability, MsixDesc, PcieDeviceType};
+use crate::device::{BarDesc, BarKind, Capability, IrqDelivery, MsixDesc, PcieDeviceType};
 
 /// BAR 0 register offsets of the test model that make it act on its context.
-const RAISE: u64 = 0x1000; // write u16: index << 8 | vector
+/// Write u16 `index << 8 | vector`: raise_irq; index 0xff: raise_interrupt(vector).
+const RAISE: u64 = 0x1000;
 const LOWER: u64 = 0x1008;
+/// Write u64 IOVA: the model copies 8 bytes from IOVA to IOVA + 8 by DMA and leaves
+/// the errno (0: success) in DMA_RESULT.
+const DMA_COPY: u64 = 0x1010;
+const DMA_RESULT: u64 = 0x1018;
+/// Where the MSI-X table and PBA are in BAR 0.
+const MSIX_TABLE: u64 = 0x2000;
+const MSIX_PBA: u64 = 0x3000;
 
 /// A model with every kind of BAR, INTx, 4 MSI, 8 MSI-X vectors and PM, PCIe and
 /// vendor capabilities. BARs are plain memory; config bytes it owns are memory too.
@@ -30,6 +42,9 @@ struct TestModel {
     bar3: Vec<u8>,
     config: Vec<u8>,
     resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    deliveries: Arc<Mutex<Vec<IrqDelivery>>>,
+    /// Offsets of the BAR 0 accesses the model saw.
+    bar0_seen: Arc<Mutex<Vec<u64>>>,
 }
 
 impl TestModel {
@@ -40,6 +55,8 @@ impl TestModel {
             bar3: vec![0; 0x1000],
             config: vec![0; 4096],
             resets: Default::default(),
+            deliveries: Default::default(),
+            bar0_seen: Default::default(),
         }
     }
 
@@ -70,9 +87,9 @@ impl DeviceModel for TestModel {
         d.msix = Some(MsixDesc {
             vectors: 8,
             table_bar: 0,
-            table_offset: 0x2000,
+            table_offset: MSIX_TABLE as u32,
             pba_bar: 0,
-            pba_offset: 0x3000,
+            pba_offset: MSIX_PBA as u32,
         });
         d.capabilities = vec![
             Capability::Pm,
@@ -89,6 +106,9 @@ impl DeviceModel for TestModel {
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), Errno> {
+        if bar == 0 {
+            self.bar0_seen.lock().unwrap().push(offset);
+        }
         let m = self.mem(bar)?;
         let o = offset as usize;
         data.copy_from_slice(&m[o..o + data.len()]);
@@ -102,8 +122,28 @@ impl DeviceModel for TestModel {
         offset: u64,
         data: &[u8],
     ) -> Result<(), Errno> {
+        if bar == 0 {
+            self.bar0_seen.lock().unwrap().push(offset);
+        }
         if bar == 0 && offset == RAISE && data.len() == 2 {
-            ctx.raise_irq(u32::from(data[1]), u32::from(data[0]));
+            let d = if data[1] == 0xff {
+                ctx.raise_interrupt(u32::from(data[0]))
+            } else {
+                ctx.raise_irq(u32::from(data[1]), u32::from(data[0]))
+            };
+            self.deliveries.lock().unwrap().push(d);
+            return Ok(());
+        }
+        if bar == 0 && offset == DMA_COPY && data.len() == 8 {
+            let iova = u64::from_le_bytes(data.try_into().unwrap());
+            let mut buf = [0u8; 8];
+            let mut dma = ctx.dma();
+            let r = dma
+                .read(iova, &mut buf)
+                .and_then(|()| dma.write(iova.wrapping_add(8), &buf));
+            let errno = r.err().unwrap_or(0);
+            let o = DMA_RESULT as usize;
+            self.bar0[o..o + 4].copy_from_slice(&errno.to_le_bytes());
             return Ok(());
         }
         if bar == 0 && offset == LOWER {
@@ -149,6 +189,10 @@ struct Harness {
     s: DeviceServer,
     rec: RecordingIrqs,
     resets: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    deliveries: Arc<Mutex<Vec<IrqDelivery>>>,
+    bar0_seen: Arc<Mutex<Vec<u64>>>,
+    /// Client memory behind remote regions (IOVA 0 up).
+    remote: MemRemote,
     id: u16,
 }
 
@@ -156,12 +200,17 @@ impl Harness {
     fn new() -> Self {
         let model = TestModel::new();
         let resets = model.resets.clone();
+        let deliveries = model.deliveries.clone();
+        let bar0_seen = model.bar0_seen.clone();
         let rec = RecordingIrqs::default();
         let s = DeviceServer::new(Box::new(model), Box::new(rec.clone()));
         Self {
             s,
             rec,
             resets,
+            deliveries,
+            bar0_seen,
+            remote: MemRemote::default(),
             id: 0,
         }
     }
@@ -175,7 +224,7 @@ impl Harness {
 
     fn call_fds(&mut self, req: Request, fds: Vec<OwnedFd>) -> Result<Reply, Errno> {
         let h = self.header(&req, false);
-        match self.s.handle(&h, req, fds) {
+        match self.s.handle(&h, req, fds, &mut self.remote) {
             Response::Reply { reply, fds } => {
                 assert!(fds.is_empty());
                 Ok(reply)
@@ -189,9 +238,14 @@ impl Harness {
         self.call_fds(req, Vec::new())
     }
 
+    /// A request through the tunnel carrying `slots` eventfd slots.
     fn tunnel(&mut self, req: Request, slots: usize) -> Result<Reply, Errno> {
+        self.tunnel_slots(req, &vec![Slot::eventfd(); slots])
+    }
+
+    fn tunnel_slots(&mut self, req: Request, slots: &[Slot]) -> Result<Reply, Errno> {
         let h = self.header(&req, false);
-        match self.s.handle_tunnel(&h, req, slots) {
+        match self.s.handle_tunnel(&h, req, slots, &mut self.remote) {
             Response::Reply { reply, .. } => Ok(reply),
             Response::Error(e) => Err(e),
             Response::NoReply => panic!("reply expected"),
@@ -275,8 +329,29 @@ impl Harness {
         assert_eq!(self.tunnel(req, count as usize), Ok(Reply::DeviceSetIrqs));
     }
 
-    fn raise(&mut self, index: u32, vector: u32) {
+    fn raise(&mut self, index: u32, vector: u32) -> IrqDelivery {
         self.write(0, RAISE, &[vector as u8, index as u8]).unwrap();
+        self.deliveries.lock().unwrap().pop().unwrap()
+    }
+
+    /// The model copies 8 bytes at `iova` to `iova + 8` by DMA; its errno.
+    fn dma_copy(&mut self, iova: u64) -> Errno {
+        self.write(0, DMA_COPY, &iova.to_le_bytes()).unwrap();
+        let b = self.read(0, DMA_RESULT, 4).unwrap();
+        u32::from_le_bytes(b.try_into().unwrap())
+    }
+
+    /// Whether the model saw a BAR 0 access at or past the MSI-X table.
+    fn model_saw_msix(&self) -> bool {
+        self.bar0_seen
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|&o| o >= MSIX_TABLE)
+    }
+
+    fn cfg_write(&mut self, off: u64, data: &[u8]) {
+        self.write(pci_region::CONFIG, off, data).unwrap();
     }
 
     fn cap(&self, id: u8) -> u64 {
@@ -295,6 +370,15 @@ fn fd() -> OwnedFd {
     let e = EventFd::new(EFD_NONBLOCK).unwrap();
     // SAFETY: `into_raw_fd` gives up the only owner of the fresh eventfd.
     unsafe { OwnedFd::from_raw_fd(e.into_raw_fd()) }
+}
+
+/// The server can move to another thread (the tunnel driver and direct mode may run it
+/// anywhere), windows and mmapped regions included.
+#[test]
+fn server_is_send() {
+    fn assert_send<T: Send>() {}
+    assert_send::<DeviceServer>();
+    assert_send::<DmaTable>();
 }
 
 fn info(index: u32) -> GetInfoRequest {
@@ -527,9 +611,9 @@ fn reset_and_flr() {
     assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(0, 0)]);
 }
 
-/// DMA_MAP / DMA_UNMAP through the server: fds are kept with the map, overlaps are
-/// EEXIST, unknown unmaps ENOENT, UNMAP_ALL and a client disconnect empty the table;
-/// the unmap reply echoes the request; DMA_MAP in tunnel mode has no fd.
+/// DMA_MAP / DMA_UNMAP through the server: fds are kept with the map (and mmapped),
+/// overlaps are EEXIST, unknown unmaps ENOENT, UNMAP_ALL and a client disconnect empty
+/// the table; the unmap reply echoes the request; DMA_MAP in tunnel mode has no fd.
 #[test]
 fn dma_map_rules() {
     let mut h = Harness::new();
@@ -541,12 +625,15 @@ fn dma_map_rules() {
         size,
     };
     assert_eq!(
-        h.call_fds(Request::DmaMap(map(0x10000, 0x2000)), vec![fd()]),
+        h.call_fds(Request::DmaMap(map(0x10000, 0x2000)), vec![memfd(0x2000)]),
         Ok(Reply::DmaMap)
     );
     assert_eq!(h.call(Request::DmaMap(map(0x11000, 0x1000))), Err(EEXIST));
     assert_eq!(
-        h.call_fds(Request::DmaMap(map(0x20000, 0x1000)), vec![fd(), fd()]),
+        h.call_fds(
+            Request::DmaMap(map(0x20000, 0x1000)),
+            vec![memfd(0x1000), memfd(0x1000)]
+        ),
         Err(EINVAL)
     );
     assert_eq!(
@@ -555,9 +642,12 @@ fn dma_map_rules() {
     );
     let regions: Vec<_> =
         h.s.dma_regions()
-            .map(|r| (r.address, r.fd.is_some()))
+            .map(|r| (r.address, r.fd.is_some(), r.is_local()))
             .collect();
-    assert_eq!(regions, vec![(0x10000, true), (0x20000, false)]);
+    assert_eq!(
+        regions,
+        vec![(0x10000, true, true), (0x20000, false, false)]
+    );
     let u = DmaUnmap::region(0x10000, 0x1000);
     assert_eq!(h.call(Request::DmaUnmap(u)), Err(ENOENT));
     let u = DmaUnmap::region(0x10000, 0x2000);
@@ -572,9 +662,202 @@ fn dma_map_rules() {
     assert_eq!(h.s.dma_regions().count(), 0);
 }
 
+/// Whether a mapping of the memfd called `name` is in this process's address space.
+fn mapped(name: &str) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&format!("/memfd:{name} ")))
+}
+
+/// Direct mode end to end through the server: a DMA_MAP with an fd is mmapped, the
+/// model's DMA reads what the client put in the file and its writes land there (the
+/// region is local: the remote path is never used); the mapping is gone from the
+/// address space when DMA_UNMAP, UNMAP_ALL or the client's disconnect has been
+/// handled, i.e. before any reply.
+#[test]
+fn direct_mode_maps_and_unmaps() {
+    let mut h = Harness::new();
+    let name = format!("vfu-unmap-{}", std::process::id());
+    let fd = memfd_named(0x3000, &name);
+    pwrite(&fd, 0x1000, b"12345678");
+    let mut m = DmaMap {
+        read: true,
+        write: true,
+        offset: 0x1000,
+        address: 0x40000,
+        size: 0x2000,
+    };
+    h.call_fds(Request::DmaMap(m), vec![fd.try_clone().unwrap()])
+        .unwrap();
+    assert!(mapped(&name));
+    assert_eq!(h.dma_copy(0x40000), 0);
+    assert_eq!(pread(&fd, 0x1008, 8), b"12345678");
+    assert_eq!(h.dma_copy(0x41ffc), EFAULT, "runs past the region");
+    assert!(h.remote.calls.is_empty());
+    let dirty: Vec<u64> = h.s.dma_regions().flat_map(|r| r.dirty_pages()).collect();
+    assert_eq!(dirty, vec![0x40000]);
+    h.s.clear_dma_dirty();
+    assert!(h.s.dma_regions().all(|r| r.dirty_pages().is_empty()));
+    h.call(Request::DmaUnmap(DmaUnmap::region(0x40000, 0x2000)))
+        .unwrap();
+    assert!(!mapped(&name), "munmapped before the reply");
+    assert_eq!(h.dma_copy(0x40000), EFAULT);
+    for end in 0..2 {
+        h.call_fds(Request::DmaMap(m), vec![fd.try_clone().unwrap()])
+            .unwrap();
+        assert!(mapped(&name));
+        if end == 0 {
+            h.call(Request::DmaUnmap(DmaUnmap::all())).unwrap();
+        } else {
+            h.s.client_disconnected();
+        }
+        assert!(!mapped(&name));
+    }
+    // Read-only map: the model's write faults and the file is untouched.
+    m.write = false;
+    h.call_fds(Request::DmaMap(m), vec![fd.try_clone().unwrap()])
+        .unwrap();
+    pwrite(&fd, 0x1000, b"abcdefgh");
+    assert_eq!(h.dma_copy(0x40000), EFAULT);
+    assert_eq!(pread(&fd, 0x1008, 8), b"12345678");
+}
+
+/// Regions mapped without an fd are remote: the model's DMA goes through the
+/// DmaRemote given to `handle`, with the IOVAs the model used.
+#[test]
+fn remote_regions_use_the_transport() {
+    let mut h = Harness::new();
+    h.remote.mem = vec![0; 0x3000];
+    h.remote.mem[0x2000..0x2008].copy_from_slice(b"remote!!");
+    let m = DmaMap {
+        read: true,
+        write: true,
+        offset: 0,
+        address: 0x2000,
+        size: 0x1000,
+    };
+    h.call(Request::DmaMap(m)).unwrap();
+    assert_eq!(h.dma_copy(0x2000), 0);
+    assert_eq!(&h.remote.mem[0x2008..0x2010], b"remote!!");
+    assert_eq!(h.remote.calls, vec![(false, 0x2000, 8), (true, 0x2008, 8)]);
+    // The public region_write has no remote path: the copy faults.
+    h.s.region_write(0, DMA_COPY, &0x2000u64.to_le_bytes())
+        .unwrap();
+    assert_eq!(h.read(0, DMA_RESULT, 4).unwrap(), EFAULT.to_le_bytes());
+}
+
+/// Tunnel DMA_MAP slots: no slot or no windows set is remote; a DMA_WINDOW slot with
+/// windows set is a local region at base + offset (the model's DMA lands in the shared
+/// memory); flags that differ from the DMA_MAP's, a window past the end of the shared
+/// memory, two slots, a slot of another type are EINVAL, and so are window slots on
+/// SET_IRQS and slots on commands that take none; set_windows with another area turns
+/// window regions remote.
+#[test]
+fn tunnel_windows() {
+    let mut shm = vec![0u8; 0x4000];
+    let mut h = Harness::new();
+    let m = |address: u64, read, write| DmaMap {
+        read,
+        write,
+        offset: 0,
+        address,
+        size: 0x1000,
+    };
+    let win = |offset, read, write| Slot::window(offset, read, write);
+    // Before set_windows: a window slot still maps, remotely.
+    assert_eq!(
+        h.tunnel_slots(
+            Request::DmaMap(m(0x1000, true, true)),
+            &[win(0, true, true)]
+        ),
+        Ok(Reply::DmaMap)
+    );
+    // SAFETY: `shm` is declared before `h` and outlives the server; the test reads it
+    // only after the server's writes.
+    unsafe { h.s.set_windows(shm.as_mut_ptr(), shm.len()) };
+    shm[0x1000..0x1008].copy_from_slice(b"windowed");
+    let ok = h.tunnel_slots(
+        Request::DmaMap(m(0x10000, true, true)),
+        &[win(0x1000, true, true)],
+    );
+    assert_eq!(ok, Ok(Reply::DmaMap));
+    h.tunnel_slots(
+        Request::DmaMap(m(0x20000, true, false)),
+        &[win(0x3000, true, false)],
+    )
+    .unwrap();
+    h.tunnel(Request::DmaMap(m(0x30000, true, true)), 0)
+        .unwrap();
+    let bad: Vec<(DmaMap, Vec<Slot>)> = vec![
+        (m(0x40000, true, true), vec![win(0, true, false)]),
+        (m(0x40000, true, false), vec![win(0, true, true)]),
+        (m(0x40000, true, true), vec![win(0x3800, true, true)]),
+        (m(0x40000, true, true), vec![win(u64::MAX, true, true)]),
+        (
+            m(0x40000, true, true),
+            vec![win(0, true, true), win(0x1000, true, true)],
+        ),
+        (m(0x40000, true, true), vec![Slot::eventfd()]),
+    ];
+    for (map, slots) in bad {
+        assert_eq!(
+            h.tunnel_slots(Request::DmaMap(map), &slots),
+            Err(EINVAL),
+            "{slots:?}"
+        );
+    }
+    let locality: Vec<_> =
+        h.s.dma_regions()
+            .map(|r| (r.address, r.is_local()))
+            .collect();
+    assert_eq!(
+        locality,
+        vec![
+            (0x1000, false),
+            (0x10000, true),
+            (0x20000, true),
+            (0x30000, false)
+        ]
+    );
+    assert_eq!(h.dma_copy(0x10000), 0);
+    assert!(h.remote.calls.is_empty());
+    assert_eq!(h.dma_copy(0x20000), EFAULT, "read-only window");
+    let set = SetIrqs {
+        action: IRQ_SET_ACTION_TRIGGER,
+        index: pci_irq::MSI,
+        start: 0,
+        count: 1,
+        data: IrqData::EventFd { assign: true },
+    };
+    assert_eq!(
+        h.tunnel_slots(Request::DeviceSetIrqs(set.clone()), &[win(0, true, true)]),
+        Err(EINVAL)
+    );
+    assert_eq!(
+        h.tunnel_slots(Request::DeviceReset, &[Slot::eventfd()]),
+        Err(EINVAL)
+    );
+    assert_eq!(
+        h.tunnel_slots(Request::DeviceSetIrqs(set), &[Slot::eventfd()]),
+        Ok(Reply::DeviceSetIrqs)
+    );
+    // Another area: window regions become remote.
+    let mut other = vec![0u8; 0x1000];
+    // SAFETY: `other` outlives the server's use of it: the next call resets windows.
+    unsafe { h.s.set_windows(other.as_mut_ptr(), other.len()) };
+    // SAFETY: no windows any more.
+    unsafe { h.s.set_windows(std::ptr::null_mut(), 0) };
+    assert!(h.s.dma_regions().all(|r| !r.is_local()));
+    drop(h);
+    assert_eq!(&shm[0x1000..0x1010], b"windowedwindowed");
+    assert_eq!(shm[0x3000], 0);
+    drop(other);
+}
+
 /// SET_IRQS validation: bad index, start or range, count 0 other than disable-all,
-/// fd count mismatch, fds without DATA_EVENTFD, mask/unmask on MSI, non-trigger
-/// actions on ERR/REQ and unmask eventfds are all EINVAL.
+/// fd count mismatch, fds without DATA_EVENTFD, non-trigger actions on ERR/REQ and
+/// unmask eventfds are all EINVAL.
 #[test]
 fn set_irqs_validation() {
     let mut h = Harness::new();
@@ -619,7 +902,7 @@ fn set_irqs_validation() {
         Err(EINVAL)
     );
     assert_eq!(
-        h.set_irqs(IRQ_SET_ACTION_MASK, pci_irq::MSI, 0, 1, IrqData::None),
+        h.set_irqs(IRQ_SET_ACTION_MASK, pci_irq::ERR, 0, 1, IrqData::None),
         Err(EINVAL)
     );
     assert_eq!(
@@ -655,7 +938,7 @@ fn set_irqs_validation() {
         data: IrqData::None,
     });
     assert!(matches!(
-        g.handle(&hdr, req, Vec::new()),
+        g.handle(&hdr, req, Vec::new(), &mut NoRemote),
         Response::Error(22)
     ));
     assert!(h.rec.take().is_empty());
@@ -766,36 +1049,256 @@ fn intx_delivery_rules() {
     assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(0, 0)]);
 }
 
-/// MSI per-vector masks set the pending bit instead of signalling, and unmasking
-/// delivers; the MSI-X function mask holds vectors until cleared; vectors that do not
-/// exist are ignored.
+/// MSI: dropped (Disabled) while the capability is not enabled and beyond the
+/// enabled vector count; per-vector mask bits set the pending bit instead of
+/// signalling, and unmasking delivers and clears it; disabling and re-enabling MSI
+/// keeps a pending vector until it can be delivered; vectors that do not exist are
+/// Invalid.
 #[test]
-fn msi_and_msix_masking() {
+fn msi_enable_and_masks() {
     let mut h = Harness::new();
     let msi = h.cap(0x05);
-    let msix = h.cap(0x11);
-    h.write(pci_region::CONFIG, msi + 16, &[0b0100, 0, 0, 0])
-        .unwrap();
-    h.raise(1, 2);
-    h.raise(1, 1);
-    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(1, 1)]);
+    assert_eq!(h.raise(1, 0), IrqDelivery::Disabled);
+    // Enable with 2 of the 4 vectors (MME = 1).
+    h.cfg_write(msi + 2, &[0x11]);
+    assert_eq!(h.raise(1, 2), IrqDelivery::Disabled, "beyond MME");
+    h.cfg_write(msi + 16, &[0b0010, 0, 0, 0]);
+    assert_eq!(h.raise(1, 1), IrqDelivery::Pending);
+    assert_eq!(h.raise(1, 0), IrqDelivery::Signalled);
+    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(1, 0)]);
     assert_eq!(
         h.read(pci_region::CONFIG, msi + 20, 1).unwrap(),
-        vec![0b0100]
+        vec![0b0010]
     );
-    h.write(pci_region::CONFIG, msi + 16, &[0, 0, 0, 0])
-        .unwrap();
-    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(1, 2)]);
+    // Disabled while pending: kept; unmasked while disabled: still kept.
+    h.cfg_write(msi + 2, &[0x10]);
+    h.cfg_write(msi + 16, &[0, 0, 0, 0]);
+    assert!(h.rec.take().is_empty());
+    h.cfg_write(msi + 2, &[0x11]);
+    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(1, 1)]);
     assert_eq!(h.read(pci_region::CONFIG, msi + 20, 1).unwrap(), vec![0]);
-    h.write(pci_region::CONFIG, msix + 3, &[0xc0]).unwrap();
-    h.raise(2, 5);
+    assert_eq!(h.raise(1, 4), IrqDelivery::Invalid);
+    assert_eq!(h.raise(7, 0), IrqDelivery::Invalid);
     assert!(h.rec.take().is_empty());
-    h.write(pci_region::CONFIG, msix + 3, &[0x80]).unwrap();
-    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(2, 5)]);
-    h.raise(2, 8);
-    h.raise(1, 4);
-    h.raise(7, 0);
+}
+
+/// MSI-X emulation: table and PBA accesses are answered by the library (the model's
+/// BAR memory never sees them); entries read back as written, with read-only bits;
+/// the PBA ignores writes. A vector is dropped while MSI-X is disabled; the function
+/// mask and a vector's mask bit hold it pending (PBA bit set) and clearing the last
+/// mask delivers it and clears the bit; reset restores the table.
+#[test]
+fn msix_table_and_pba() {
+    let mut h = Harness::new();
+    let msix = h.cap(0x11);
+    let entry = |v: u64| MSIX_TABLE + 16 * v;
+    h.write(0, entry(2), &0x1_fee0_1003u64.to_le_bytes())
+        .unwrap();
+    h.write(0, entry(2) + 8, &0x0000_0001_0000_4042u64.to_le_bytes())
+        .unwrap();
+    assert_eq!(
+        h.read(0, entry(2), 8).unwrap(),
+        0x1_fee0_1000u64.to_le_bytes(),
+        "address bits 1:0 read-only"
+    );
+    assert_eq!(h.read(0, entry(2) + 12, 4).unwrap(), vec![1, 0, 0, 0]);
+    assert!(!h.model_saw_msix());
+    assert_eq!(h.raise(2, 2), IrqDelivery::Disabled, "MSI-X not enabled");
+    h.cfg_write(msix + 3, &[0x80]);
+    assert_eq!(h.raise(2, 2), IrqDelivery::Pending, "vector masked");
+    assert_eq!(h.raise(2, 3), IrqDelivery::Signalled);
+    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(2, 3)]);
+    assert_eq!(h.read(0, MSIX_PBA, 8).unwrap(), 0b100u64.to_le_bytes());
+    h.write(0, MSIX_PBA, &[0; 8]).unwrap();
+    assert_eq!(
+        h.read(0, MSIX_PBA, 4).unwrap(),
+        vec![0b100, 0, 0, 0],
+        "read-only"
+    );
+    // Function mask, then unmask the vector: still held by the function mask.
+    h.cfg_write(msix + 3, &[0xc0]);
+    assert_eq!(h.raise(2, 5), IrqDelivery::Pending);
+    h.write(0, entry(2) + 12, &[0, 0, 0, 0]).unwrap();
     assert!(h.rec.take().is_empty());
+    h.cfg_write(msix + 3, &[0x80]);
+    assert_eq!(
+        h.rec.take(),
+        vec![IrqEvent::Trigger(2, 2), IrqEvent::Trigger(2, 5)]
+    );
+    assert_eq!(h.read(0, MSIX_PBA, 8).unwrap(), [0; 8]);
+    // Reset: table back to zero, unmasked.
+    h.write(0, entry(1) + 12, &[1, 0, 0, 0]).unwrap();
+    h.call(Request::DeviceReset).unwrap();
+    assert_eq!(h.read(0, entry(1) + 8, 8).unwrap(), [0; 8]);
+    assert_eq!(h.read(0, entry(2), 8).unwrap(), [0; 8]);
+    assert!(!h.model_saw_msix());
+}
+
+/// DEVICE_SET_IRQS on MSI and MSI-X: MASK / UNMASK (DATA_NONE and DATA_BOOL) hold and
+/// release vectors; eventfd assignment and de-assignment reach the sink; count 0
+/// disables the index, dropping its client masks and pending bits; a client
+/// disconnect drops the masks too.
+#[test]
+fn set_irqs_masks_msi_msix() {
+    let mut h = Harness::new();
+    let (msi, msix) = (h.cap(0x05), h.cap(0x11));
+    h.cfg_write(msi + 2, &[0x21]);
+    h.cfg_write(msix + 3, &[0x80]);
+    h.assign(pci_irq::MSIX, 0, 8);
+    h.assign(pci_irq::MSI, 0, 4);
+    h.set_irqs(
+        IRQ_SET_ACTION_MASK,
+        pci_irq::MSIX,
+        2,
+        3,
+        IrqData::Bool(vec![1, 0, 1]),
+    )
+    .unwrap();
+    h.set_irqs(IRQ_SET_ACTION_MASK, pci_irq::MSI, 1, 1, IrqData::None)
+        .unwrap();
+    h.rec.take();
+    assert_eq!(h.raise(2, 2), IrqDelivery::Pending);
+    assert_eq!(h.raise(2, 3), IrqDelivery::Signalled);
+    assert_eq!(h.raise(2, 4), IrqDelivery::Pending);
+    assert_eq!(h.raise(1, 1), IrqDelivery::Pending);
+    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(2, 3)]);
+    h.set_irqs(IRQ_SET_ACTION_UNMASK, pci_irq::MSIX, 4, 1, IrqData::None)
+        .unwrap();
+    h.set_irqs(IRQ_SET_ACTION_UNMASK, pci_irq::MSI, 0, 4, IrqData::None)
+        .unwrap();
+    assert_eq!(
+        h.rec.take(),
+        vec![IrqEvent::Trigger(2, 4), IrqEvent::Trigger(1, 1)]
+    );
+    // De-assign one MSI-X vector, then disable the whole index: vector 2 stays
+    // pending until then, and is forgotten with its mask.
+    h.set_irqs(
+        IRQ_SET_ACTION_TRIGGER,
+        pci_irq::MSIX,
+        7,
+        1,
+        IrqData::EventFd { assign: false },
+    )
+    .unwrap();
+    h.set_irqs(IRQ_SET_ACTION_TRIGGER, pci_irq::MSIX, 0, 0, IrqData::None)
+        .unwrap();
+    assert_eq!(
+        h.rec.take(),
+        vec![IrqEvent::Deassign(2, 7, 1), IrqEvent::Deassign(2, 0, 8)]
+    );
+    assert_eq!(h.read(0, MSIX_PBA, 1).unwrap(), vec![0]);
+    assert_eq!(h.raise(2, 2), IrqDelivery::Signalled, "mask dropped");
+    // A client mask does not outlive the client.
+    h.set_irqs(IRQ_SET_ACTION_MASK, pci_irq::MSI, 0, 1, IrqData::None)
+        .unwrap();
+    h.s.client_disconnected();
+    h.rec.take();
+    assert_eq!(h.raise(1, 0), IrqDelivery::Signalled);
+    // Masks on INTx keep their meaning; ERR/REQ take none.
+    assert_eq!(
+        h.set_irqs(IRQ_SET_ACTION_MASK, pci_irq::REQ, 0, 1, IrqData::None),
+        Err(EINVAL)
+    );
+}
+
+/// raise_interrupt picks MSI-X when it is enabled, else MSI, else INTx (asserted until
+/// lowered).
+#[test]
+fn raise_interrupt_picks_the_enabled_kind() {
+    let mut h = Harness::new();
+    let (msi, msix) = (h.cap(0x05), h.cap(0x11));
+    h.assign(pci_irq::INTX, 0, 1);
+    h.rec.take();
+    assert_eq!(h.raise(0xff, 1), IrqDelivery::Signalled);
+    assert_eq!(h.rec.take(), vec![IrqEvent::Trigger(0, 0)]);
+    h.write(0, LOWER, &[0]).unwrap();
+    h.cfg_write(msi + 2, &[0x21]);
+    assert_eq!(h.raise(0xff, 1), IrqDelivery::Signalled);
+    h.cfg_write(msix + 3, &[0x80]);
+    assert_eq!(h.raise(0xff, 1), IrqDelivery::Signalled);
+    assert_eq!(h.raise(0xff, 9), IrqDelivery::Invalid);
+    assert_eq!(
+        h.rec.take(),
+        vec![IrqEvent::Trigger(1, 1), IrqEvent::Trigger(2, 1)]
+    );
+}
+
+/// A bulk BAR holding the MSI-X table and PBA: one large access covering model bytes,
+/// the table and the PBA is split, each part going to its owner.
+#[test]
+fn bulk_bar_accesses_are_split() {
+    struct Bulk(Vec<u8>);
+    impl DeviceModel for Bulk {
+        fn describe(&self) -> DeviceDescription {
+            let mut d = DeviceDescription::new(1, 2, 0);
+            d.bars[0] = Some(BarDesc {
+                size: 0x1000,
+                kind: BarKind::Mmio32,
+                prefetchable: false,
+                min_access: 4,
+                max_access: 0x1000,
+            });
+            d.msix = Some(MsixDesc {
+                vectors: 2,
+                table_bar: 0,
+                table_offset: 0x100,
+                pba_bar: 0,
+                pba_offset: 0x200,
+            });
+            d
+        }
+        fn bar_read(
+            &mut self,
+            _: &mut DeviceContext<'_>,
+            _: u8,
+            off: u64,
+            data: &mut [u8],
+        ) -> Result<(), Errno> {
+            let o = off as usize;
+            data.copy_from_slice(&self.0[o..o + data.len()]);
+            Ok(())
+        }
+        fn bar_write(
+            &mut self,
+            _: &mut DeviceContext<'_>,
+            _: u8,
+            off: u64,
+            data: &[u8],
+        ) -> Result<(), Errno> {
+            let o = off as usize;
+            self.0[o..o + data.len()].copy_from_slice(data);
+            Ok(())
+        }
+        fn reset(&mut self, _: &mut DeviceContext<'_>) {}
+    }
+    let mut s = DeviceServer::new(
+        Box::new(Bulk(vec![0; 0x1000])),
+        Box::new(RecordingIrqs::default()),
+    );
+    s.region_write(0, 0, &[0xff; 0x400]).unwrap();
+    let back = s.region_read(0, 0, 0x400).unwrap();
+    assert!(back[..0x100].iter().all(|b| *b == 0xff));
+    // Entry 0: address 0xfffffffc, upper and data all ones, control 1.
+    assert_eq!(
+        &back[0x100..0x110],
+        &[0xfc, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 0, 0, 0]
+    );
+    assert!(back[0x120..0x200].iter().all(|b| *b == 0xff));
+    assert_eq!(&back[0x200..0x208], &[0; 8], "PBA");
+    assert!(back[0x208..].iter().all(|b| *b == 0xff));
+    let ranges = [(0x100, 0x120), (0x120, 0x128)];
+    assert_eq!(
+        split_runs(0xf8, 0x38, &ranges),
+        vec![
+            (0, 8, false),
+            (8, 0x28, true),
+            (0x28, 0x30, true),
+            (0x30, 0x38, false)
+        ]
+    );
+    assert_eq!(split_runs(0, 4, &ranges), vec![(0, 4, false)]);
+    assert_eq!(split_runs(0x104, 4, &ranges), vec![(0, 4, true)]);
+    assert_eq!(split_runs(u64::MAX - 3, 4, &ranges), vec![(0, 4, false)]);
 }
 
 /// REGION_WRITE_MULTI applies every write in order and reports the count; a failing
@@ -833,7 +1336,7 @@ fn no_reply_and_unsupported() {
     });
     let hdr = h.header(&req, true);
     assert!(matches!(
-        h.s.handle(&hdr, req, Vec::new()),
+        h.s.handle(&hdr, req, Vec::new(), &mut NoRemote),
         Response::NoReply
     ));
     assert_eq!(h.read(0, 4, 1).unwrap(), vec![0x5a]);
@@ -844,7 +1347,7 @@ fn no_reply_and_unsupported() {
     });
     let hdr = h.header(&req, true);
     assert!(matches!(
-        h.s.handle(&hdr, req, Vec::new()),
+        h.s.handle(&hdr, req, Vec::new(), &mut NoRemote),
         Response::NoReply
     ));
     let feature = DeviceFeature::request(FEATURE_MIGRATION, FeatureOp::Get, FeatureData::None);
@@ -1011,15 +1514,28 @@ proptest! {
     /// always produce a reply or an error.
     #[test]
     fn random_requests_never_panic(
-        reqs in proptest::collection::vec((arb_request(), any::<bool>(), 0usize..3), 1..40)
+        reqs in proptest::collection::vec(
+            (arb_request(), any::<bool>(), 0usize..3, any::<bool>()),
+            1..40,
+        ),
+        with_windows in any::<bool>(),
     ) {
+        let mut shm = vec![0u8; 0x10000];
         let mut h = Harness::new();
-        for (req, tunnel, slots) in reqs {
+        if with_windows {
+            // SAFETY: `shm` is declared before `h`, so it outlives the server; nothing
+            // else touches it.
+            unsafe { h.s.set_windows(shm.as_mut_ptr(), shm.len()) };
+        }
+        for (req, tunnel, slots, window) in reqs {
             let hdr = h.header(&req, false);
             let resp = if tunnel {
-                h.s.handle_tunnel(&hdr, req, slots)
+                let slots: Vec<Slot> = (0..slots)
+                    .map(|i| if i == 0 && window { Slot::window(0, true, true) } else { Slot::eventfd() })
+                    .collect();
+                h.s.handle_tunnel(&hdr, req, &slots, &mut h.remote)
             } else {
-                h.s.handle(&hdr, req, Vec::new())
+                h.s.handle(&hdr, req, Vec::new(), &mut h.remote)
             };
             prop_assert!(!matches!(resp, Response::NoReply));
         }

@@ -312,7 +312,7 @@ impl DeviceModel for Gpio {
 mod tests {
     use super::*;
     use crate::device::irq::tests::{IrqEvent, RecordingIrqs};
-    use crate::device::DeviceServer;
+    use crate::device::{DeviceServer, NoRemote};
     use vfu_proto::vfio_user::{
         pci_irq, IrqData, SetIrqs, IRQ_SET_ACTION_TRIGGER, IRQ_SET_ACTION_UNMASK,
     };
@@ -334,7 +334,12 @@ mod tests {
         };
         let h = vfu_proto::vfio_user::Header::command(1, 8, 20);
         assert!(matches!(
-            s.handle_tunnel(&h, vfu_proto::vfio_user::Request::DeviceSetIrqs(req), 1),
+            s.handle_tunnel(
+                &h,
+                vfu_proto::vfio_user::Request::DeviceSetIrqs(req),
+                &[vfu_proto::tunnel::Slot::eventfd()],
+                &mut NoRemote
+            ),
             crate::device::Response::Reply { .. }
         ));
         rec.take();
@@ -362,6 +367,7 @@ mod tests {
             &h,
             vfu_proto::vfio_user::Request::DeviceSetIrqs(req),
             Vec::new(),
+            &mut NoRemote,
         );
     }
 
@@ -392,13 +398,13 @@ mod tests {
     fn input_change_interrupts() {
         let (mut s, inputs, rec) = server();
         inputs.set(0x0001);
-        s.service();
+        s.service(&mut NoRemote);
         assert_eq!(rd(&mut s, reg::IN0_7), 0x01);
         assert_eq!(rd(&mut s, reg::IRQ_STATUS), 0, "IRQs were disabled");
         assert!(rec.take().is_empty());
         assert_eq!(rd(&mut s, reg::IRQ_CTL), 0, "enable IRQ");
         inputs.set(0x0101);
-        s.service();
+        s.service(&mut NoRemote);
         assert_eq!(rd(&mut s, reg::IN8_15), 0x01);
         assert_eq!(rd(&mut s, reg::IRQ_STATUS), status::IRQ | status::IN8_15);
         assert_eq!(rec.take(), vec![IrqEvent::Trigger(pci_irq::INTX, 0)]);
@@ -407,7 +413,7 @@ mod tests {
         assert_ne!(st[0] & 0x08, 0);
         // Another change while automasked: latched, no new edge.
         inputs.set(0x0100);
-        s.service();
+        s.service(&mut NoRemote);
         assert_eq!(
             rd(&mut s, reg::IRQ_STATUS),
             status::IRQ | status::IN0_7 | status::IN8_15
@@ -422,7 +428,7 @@ mod tests {
         assert_eq!(st[0] & 0x08, 0);
         // Unmask while still asserted re-signals (level semantics).
         inputs.set(0x0000);
-        s.service();
+        s.service(&mut NoRemote);
         assert_eq!(rec.take(), vec![IrqEvent::Trigger(pci_irq::INTX, 0)]);
         unmask(&mut s);
         assert_eq!(rec.take(), vec![IrqEvent::Trigger(pci_irq::INTX, 0)]);
@@ -455,14 +461,14 @@ mod tests {
         rd(&mut s, reg::IRQ_CTL);
         wr(&mut s, reg::OUT0_7, 0xff);
         inputs.set(0x8000);
-        s.service();
+        s.service(&mut NoRemote);
         assert_ne!(rd(&mut s, reg::IRQ_STATUS), 0);
         s.reset();
         assert_eq!(rd(&mut s, reg::OUT0_7), 0);
         assert_eq!(rd(&mut s, reg::IRQ_STATUS), 0);
         assert_eq!(rd(&mut s, reg::IN8_15), 0x80);
         inputs.set(0);
-        s.service();
+        s.service(&mut NoRemote);
         assert_eq!(rd(&mut s, reg::IRQ_STATUS), 0, "IRQs disabled after reset");
     }
 

@@ -1,5 +1,6 @@
 //! Sample device models, built by name (`vfu-guest --model NAME`).
 
+pub mod dma_engine;
 pub mod gpio;
 
 use thiserror::Error;
@@ -7,7 +8,7 @@ use thiserror::Error;
 use crate::device::DeviceModel;
 
 /// Names [`build`] knows.
-pub const NAMES: &[&str] = &["gpio"];
+pub const NAMES: &[&str] = &["dma-engine", "gpio"];
 
 /// A model name [`build`] does not know.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -20,6 +21,7 @@ pub struct UnknownModel {
 /// A fresh instance of the model called `name`.
 pub fn build(name: &str) -> Result<Box<dyn DeviceModel>, UnknownModel> {
     match name {
+        "dma-engine" => Ok(Box::new(dma_engine::DmaEngine::new())),
         "gpio" => Ok(Box::new(gpio::Gpio::new())),
         _ => Err(UnknownModel {
             name: name.to_owned(),
@@ -40,7 +42,7 @@ mod tests {
         let e = build("nope").err().unwrap();
         assert_eq!(
             e.to_string(),
-            "unknown device model \"nope\"; known models: gpio"
+            "unknown device model \"nope\"; known models: dma-engine, gpio"
         );
     }
 }

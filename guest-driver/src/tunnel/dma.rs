@@ -4,6 +4,7 @@
 
 use vfu_proto::tunnel::{Body, DmaSegment};
 
+use crate::device::errno::EFAULT;
 use crate::device::{DmaRemote, Errno};
 
 /// What the engine offers a channel for DMA: one request, its answer.
@@ -14,7 +15,9 @@ pub trait DmaPort {
     fn max_chunk(&self) -> usize;
 }
 
-/// The copy path of one channel, as the device API sees it.
+/// The copy path of one channel, as the device API sees it. Whatever goes wrong on the
+/// way (the relay refuses the range, the client does not answer) is `EFAULT` to the
+/// model, as the [`DmaRemote`] contract says.
 pub struct TunnelDma<'a> {
     /// The engine.
     pub port: &'a mut dyn DmaPort,
@@ -24,7 +27,7 @@ pub struct TunnelDma<'a> {
 
 impl DmaRemote for TunnelDma<'_> {
     fn read(&mut self, iova: u64, buf: &mut [u8]) -> Result<(), Errno> {
-        let chunk = self.port.max_chunk();
+        let chunk = self.port.max_chunk().max(1);
         for (i, piece) in buf.chunks_mut(chunk).enumerate() {
             let at = iova + (i * chunk) as u64;
             let req = Body::DmaRead {
@@ -33,19 +36,18 @@ impl DmaRemote for TunnelDma<'_> {
                     len: piece.len() as u64,
                 }],
             };
-            match self.port.exchange(self.channel, req)? {
+            match self.port.exchange(self.channel, req).map_err(|_| EFAULT)? {
                 Body::DmaReadReply { status: 0, data } if data.len() == piece.len() => {
                     piece.copy_from_slice(&data);
                 }
-                Body::DmaReadReply { status, .. } if status != 0 => return Err(status),
-                _ => return Err(libc::EIO as u32),
+                _ => return Err(EFAULT),
             }
         }
         Ok(())
     }
 
     fn write(&mut self, iova: u64, data: &[u8]) -> Result<(), Errno> {
-        let chunk = self.port.max_chunk();
+        let chunk = self.port.max_chunk().max(1);
         for (i, piece) in data.chunks(chunk).enumerate() {
             let at = iova + (i * chunk) as u64;
             let req = Body::DmaWrite {
@@ -55,10 +57,9 @@ impl DmaRemote for TunnelDma<'_> {
                 }],
                 data: piece.to_vec(),
             };
-            match self.port.exchange(self.channel, req)? {
+            match self.port.exchange(self.channel, req).map_err(|_| EFAULT)? {
                 Body::Status { status: 0, .. } => {}
-                Body::Status { status, .. } => return Err(status),
-                _ => return Err(libc::EIO as u32),
+                _ => return Err(EFAULT),
             }
         }
         Ok(())
