@@ -1,6 +1,8 @@
 //! Helpers for the cross-process tests, the demo and the benchmark: start vfu-relay and
 //! vfu-guest as real processes, wait for their sockets, and clean up after them.
 
+pub mod dma_engine;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};

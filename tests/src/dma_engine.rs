@@ -1,0 +1,274 @@
+//! A vfio-user client's view of the `dma-engine` model behind the relay, shared by the
+//! DMA end-to-end tests and the DMA benchmark: the three DMA paths, the client memory,
+//! register access.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vfu_proto::client::Client;
+use vfu_proto::vfio_user::{
+    pci_irq, pci_region, Capabilities, DmaMap, IrqData, Request, SetIrqs, IRQ_SET_ACTION_TRIGGER,
+};
+
+use crate::{start_relay_on, wait_for_socket, Proc, Scratch};
+
+/// How long setup steps may take.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+/// One MiB.
+pub const MIB: u64 = 1 << 20;
+/// Source region: read-only to the device.
+pub const SRC: u64 = 0x10_0000;
+/// Destination region: read-write; the completion record at its end.
+pub const DST: u64 = 0x20_0000;
+/// The completion record.
+pub const COMPLETION: u64 = DST + MIB;
+/// Size of the destination region.
+pub const DST_SIZE: u64 = MIB + 4096;
+/// The register BAR.
+pub const BAR0: u32 = 0;
+
+/// How the device VM reaches the client's memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Path {
+    /// Windows in the tunnel's shared memory (zero copy).
+    Window,
+    /// The relay copies from its own mapping of the client's fds (no SHMEM).
+    CopyMapped,
+    /// The client mapped without fds: DMA_READ / DMA_WRITE to the client.
+    CopyMessages,
+}
+
+impl Path {
+    /// Every path.
+    pub const ALL: [Path; 3] = [Path::Window, Path::CopyMapped, Path::CopyMessages];
+
+    /// A name for tables.
+    pub fn name(self) -> &'static str {
+        match self {
+            Path::Window => "window",
+            Path::CopyMapped => "copy (relay mapping)",
+            Path::CopyMessages => "copy (client messages)",
+        }
+    }
+}
+
+/// The client's memory: a memfd (fd paths) or a buffer it serves DMA from.
+pub enum Memory {
+    File(File),
+    Buffer(Arc<Mutex<Vec<u8>>>),
+}
+
+impl Memory {
+    /// `Memory` covering IOVA [SRC, SRC + 2 MiB + 4 KiB): SRC at offset 0, DST at 1 MiB.
+    fn offset(iova: u64) -> u64 {
+        iova - SRC
+    }
+    /// Writes client memory at `iova`.
+    pub fn write(&self, iova: u64, data: &[u8]) {
+        let off = Self::offset(iova);
+        match self {
+            Memory::File(f) => f.write_all_at(data, off).unwrap(),
+            Memory::Buffer(b) => {
+                b.lock().unwrap()[off as usize..off as usize + data.len()].copy_from_slice(data)
+            }
+        }
+    }
+    /// Reads client memory at `iova`.
+    pub fn read(&self, iova: u64, len: usize) -> Vec<u8> {
+        let off = Self::offset(iova);
+        let mut out = vec![0; len];
+        match self {
+            Memory::File(f) => f.read_exact_at(&mut out, off).unwrap(),
+            Memory::Buffer(b) => {
+                out.copy_from_slice(&b.lock().unwrap()[off as usize..off as usize + len])
+            }
+        }
+        out
+    }
+}
+
+/// Relay, device VM serving `dma-engine` as `dma0`, and a connected client with the
+/// source and destination regions mapped and MSI-X vector 0 on `irq`.
+pub struct Setup {
+    _relay: Proc,
+    /// The loopback device VM.
+    pub guest: Proc,
+    /// The client.
+    pub client: Client,
+    /// The client's memory.
+    pub memory: Memory,
+    /// The eventfd of MSI-X vector 0.
+    pub irq: OwnedFd,
+    _scratch: Scratch,
+}
+
+pub fn memfd(len: u64) -> File {
+    // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
+    let fd = unsafe { libc::memfd_create(c"vfu-dma-client".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: fd is new and owned by nobody else.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(len).unwrap();
+    f
+}
+
+pub fn eventfd() -> OwnedFd {
+    // SAFETY: eventfd(2) returns a new fd that we own.
+    unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }
+}
+
+pub fn fired(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut v = 0u64;
+        // SAFETY: reads 8 bytes into a local from a non-blocking eventfd we own.
+        if unsafe { libc::read(fd.as_raw_fd(), &mut v as *mut u64 as *mut libc::c_void, 8) } == 8 {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+pub fn cfg_read(c: &mut Client, off: u64, len: u32) -> u32 {
+    let b = c.region_read(pci_region::CONFIG, off, len).unwrap();
+    let mut v = [0u8; 4];
+    v[..b.len()].copy_from_slice(&b);
+    u32::from_le_bytes(v)
+}
+
+/// Offset of capability `id` in config space.
+pub fn find_cap(c: &mut Client, id: u32) -> u64 {
+    let mut at = cfg_read(c, 0x34, 1) as u64;
+    while at != 0 {
+        let h = cfg_read(c, at, 2);
+        if h & 0xff == id {
+            return at;
+        }
+        at = u64::from((h >> 8) & 0xfc);
+    }
+    panic!("capability {id:#x} not found");
+}
+
+pub fn reg_write(c: &mut Client, off: u64, v: u64, width: usize) {
+    c.region_write(BAR0, off, &v.to_le_bytes()[..width])
+        .unwrap();
+}
+
+pub fn reg_read(c: &mut Client, off: u64) -> u32 {
+    let b = c.region_read(BAR0, off, 4).unwrap();
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+pub fn map(c: &mut Client, iova: u64, size: u64, offset: u64, write: bool, fd: Option<&File>) {
+    let req = Request::DmaMap(DmaMap {
+        read: true,
+        write,
+        offset: if fd.is_some() { offset } else { 0 },
+        address: iova,
+        size,
+    });
+    let fds = fd
+        .map(|f| vec![OwnedFd::from(f.try_clone().unwrap())])
+        .unwrap_or_default();
+    c.request(&req, fds).expect("DMA_MAP");
+}
+
+pub fn setup(tag: &str, path: Path) -> Setup {
+    setup_on(None, tag, path)
+}
+
+/// [`setup`] with the relay and the device VM pinned to `cpu`.
+pub fn setup_on(cpu: Option<usize>, tag: &str, path: Path) -> Setup {
+    let scratch = Scratch::new(tag);
+    let frontend = scratch.join("frontend.sock");
+    let device = scratch.join("dma0.sock");
+    let relay = start_relay_on(cpu, &frontend, &[("dma0", &device)]);
+    assert!(wait_for_socket(&device, TIMEOUT));
+    let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
+    args.extend(["--serve".into(), "dma0=dma-engine".into()]);
+    if path == Path::CopyMapped {
+        args.push("--no-shmem".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let guest = Proc::spawn_on(cpu, "vfu-guest", &crate::binary("vfu-guest"), &args);
+    let deadline = Instant::now() + TIMEOUT;
+    let mut client = loop {
+        if let Ok(mut c) = Client::connect(&device, TIMEOUT) {
+            if c.negotiate(Capabilities {
+                max_msg_fds: Some(16),
+                ..Default::default()
+            })
+            .is_ok()
+            {
+                break c;
+            }
+        }
+        assert!(Instant::now() < deadline, "device never served");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let total = 2 * MIB + 4096;
+    let memory = match path {
+        Path::CopyMessages => {
+            let buf = Arc::new(Mutex::new(vec![0u8; total as usize]));
+            client.serve_dma(SRC, buf.clone());
+            map(&mut client, SRC, MIB, 0, false, None);
+            map(&mut client, DST, DST_SIZE, 0, true, None);
+            Memory::Buffer(buf)
+        }
+        _ => {
+            let f = memfd(total);
+            map(&mut client, SRC, MIB, 0, false, Some(&f));
+            map(&mut client, DST, DST_SIZE, MIB, true, Some(&f));
+            Memory::File(f)
+        }
+    };
+    // Memory and bus master on; MSI-X on, vector 0 to an eventfd.
+    let cmd = cfg_read(&mut client, 4, 2) | 0x6;
+    client
+        .region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
+        .unwrap();
+    let msix = find_cap(&mut client, 0x11);
+    let ctl = cfg_read(&mut client, msix + 2, 2) | 0x8000;
+    client
+        .region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
+        .unwrap();
+    let irq = eventfd();
+    set_irq(&mut client, Some(irq.try_clone().unwrap()));
+    Setup {
+        _relay: relay,
+        guest,
+        client,
+        memory,
+        irq,
+        _scratch: scratch,
+    }
+}
+
+pub fn set_irq(c: &mut Client, fd: Option<OwnedFd>) {
+    let req = Request::DeviceSetIrqs(SetIrqs {
+        action: IRQ_SET_ACTION_TRIGGER,
+        index: pci_irq::MSIX,
+        start: 0,
+        count: 1,
+        data: IrqData::EventFd {
+            assign: fd.is_some(),
+        },
+    });
+    c.request(&req, fd.into_iter().collect()).expect("SET_IRQS");
+}
+
+/// Programs and starts one operation; returns STATUS.
+pub fn run(c: &mut Client, src: u64, dst: u64, len: u32) -> u32 {
+    reg_write(c, 0x08, src, 8);
+    reg_write(c, 0x10, dst, 8);
+    reg_write(c, 0x18, COMPLETION, 8);
+    reg_write(c, 0x20, u64::from(len), 4);
+    reg_write(c, 0x24, 1, 4);
+    reg_read(c, 0x28)
+}
