@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 
 pub mod client;
+pub mod mem;
 pub mod transport;
 pub mod tunnel;
 pub mod vfio_user;

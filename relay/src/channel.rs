@@ -366,13 +366,20 @@ impl Channel {
             // the frontend supports it, into a window of shared memory region 0.
             Request::DmaMap(m) => {
                 let fd = fds.pop();
-                let map = fd.as_ref().and_then(|fd| {
-                    Mapping::new(fd, m.offset, m.size, m.read, m.write)
-                        .map_err(|e| {
-                            warn!("{}: cannot map DMA region {:#x}: {e}", self.name, m.address)
-                        })
-                        .ok()
-                });
+                // A region the relay cannot map (a file shorter than the range, an fd
+                // that cannot be mapped) is refused: the device VM would fault on it.
+                let map = match fd
+                    .as_ref()
+                    .map(|fd| Mapping::new(fd, m.offset, m.size, m.read, m.write))
+                {
+                    Some(Err(e)) => {
+                        warn!("{}: cannot map DMA region {:#x}: {e}", self.name, m.address);
+                        let errno = e.raw_os_error().unwrap_or(libc::EINVAL) as u32;
+                        return client.error(&header, errno);
+                    }
+                    Some(Ok(map)) => Some(map),
+                    None => None,
+                };
                 let window = match (&fd, relay.windows_enabled()) {
                     (Some(fd), true) => relay.windows().map(fd, m.offset, m.size, m.write),
                     _ => None,

@@ -7,7 +7,7 @@
 //! region's window before it answers the client's DMA_UNMAP.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use log::warn;
 use vm_memory::volatile_memory::VolatileSlice;
@@ -26,7 +26,8 @@ pub struct Mapping {
 unsafe impl Send for Mapping {}
 
 impl Mapping {
-    /// Maps `len` bytes of `fd` at `offset`, readable and/or writable.
+    /// Maps `len` bytes of `fd` at `offset`, readable and/or writable (a range past
+    /// the end of a regular file is refused: it would SIGBUS the relay).
     pub fn new(
         fd: &OwnedFd,
         offset: u64,
@@ -34,37 +35,10 @@ impl Mapping {
         read: bool,
         write: bool,
     ) -> std::io::Result<Self> {
-        let len =
-            usize::try_from(len).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        let mut prot = 0;
-        if read {
-            prot |= libc::PROT_READ;
-        }
-        if write {
-            prot |= libc::PROT_WRITE;
-        }
-        if prot == 0 {
-            prot = libc::PROT_NONE;
-        }
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: a new shared mapping of a file the caller owns; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
+        let ptr = vfu_proto::mem::map_fd(fd.as_fd(), offset, len, read, write)?;
         Ok(Self {
-            ptr: ptr as *mut u8,
-            len,
+            ptr: ptr.as_ptr(),
+            len: len as usize,
         })
     }
 
@@ -431,6 +405,7 @@ impl Windows {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn region(iova: u64, size: u64, read: bool, write: bool) -> Region {
         Region {

@@ -201,7 +201,8 @@ fn dma_engine_through_client_messages() {
 }
 
 /// Overlapping maps are refused (EEXIST), as are maps that are not page aligned
-/// (EINVAL); the relay answers them before the device VM sees them.
+/// (EINVAL) and maps past the end of the client's file (EINVAL); the relay answers them
+/// before the device VM sees them.
 #[test]
 fn dma_map_rules() {
     let mut s = setup("dma-rules", Path::Window);
@@ -231,5 +232,26 @@ fn dma_map_rules() {
         Err(ClientError::Errno(e)) => assert_eq!(e, libc::EINVAL as u32),
         other => panic!("misaligned: {other:?}"),
     }
+    // A range beyond the end of the client's memfd: refused, where mapping it would
+    // have raised SIGBUS in the relay or the device VM on the first access.
+    let short = Request::DmaMap(DmaMap {
+        read: true,
+        write: true,
+        offset: 0,
+        address: 0x900_0000,
+        size: 16384,
+    });
+    match s
+        .client
+        .request(&short, vec![OwnedFd::from(f.try_clone().unwrap())])
+    {
+        Err(ClientError::Errno(e)) => assert_eq!(e, libc::EINVAL as u32),
+        other => panic!("map past the end of the file: {other:?}"),
+    }
+    assert_eq!(
+        reg_read(&mut s.client, 0),
+        u32::from_le_bytes(*b"DMAE"),
+        "relay still serves"
+    );
     let _ = &s.memory;
 }

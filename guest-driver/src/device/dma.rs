@@ -30,7 +30,7 @@
 //! ([`DmaRegion::dirty_pages`]) for dirty page logging.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::ptr::NonNull;
 
 use vfu_proto::vfio_user::{DmaMap, DmaUnmap};
@@ -128,42 +128,8 @@ impl LocalMemory {
     /// range: an access past its end would raise SIGBUS.
     fn mmap(fd: &OwnedFd, offset: u64, size: u64, read: bool, write: bool) -> Result<Self, Errno> {
         let len = usize::try_from(size).map_err(|_| EINVAL)?;
-        let file_offset = libc::off_t::try_from(offset).map_err(|_| EINVAL)?;
-        // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: fstat writes one `stat` into the exclusively borrowed `st`.
-        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-            return Err(last_errno());
-        }
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-            let end = offset.checked_add(size).ok_or(EINVAL)?;
-            if end > u64::try_from(st.st_size).unwrap_or(0) {
-                return Err(EINVAL);
-            }
-        }
-        let mut prot = 0;
-        if read {
-            prot |= libc::PROT_READ;
-        }
-        if write {
-            prot |= libc::PROT_WRITE;
-        }
-        // SAFETY: a new shared mapping at an address the kernel picks (no hint, no
-        // MAP_FIXED), so it overlaps no memory Rust knows about.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                prot,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                file_offset,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(last_errno());
-        }
-        let ptr = NonNull::new(p.cast::<u8>()).ok_or(EINVAL)?;
+        let ptr = vfu_proto::mem::map_fd(fd.as_fd(), offset, size, read, write)
+            .map_err(|e| e.raw_os_error().map_or(EINVAL, |e| e as Errno))?;
         Ok(Self {
             ptr,
             len,
@@ -690,6 +656,7 @@ impl<'a> Dma<'a> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
     use std::os::fd::FromRawFd;
 
     fn m(address: u64, size: u64) -> DmaMap {

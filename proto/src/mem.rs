@@ -1,0 +1,87 @@
+//! Mapping memory a peer passed as an fd (DMA regions).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::ptr::NonNull;
+
+/// Maps `size` bytes of `fd` at `offset`, shared, readable and/or writable, at an
+/// address the kernel picks. The caller owns the mapping (`munmap(ptr, size)`).
+///
+/// A regular file (a memfd, a file in /dev/shm or hugetlbfs) must hold the whole range,
+/// else `EINVAL`: an access past its end would raise SIGBUS in the process that maps it,
+/// and a peer must not be able to crash it that way. (A peer that shrinks the file
+/// afterwards still can; that is the same with every vfio-user implementation.)
+pub fn map_fd(
+    fd: BorrowedFd<'_>,
+    offset: u64,
+    size: u64,
+    read: bool,
+    write: bool,
+) -> io::Result<NonNull<u8>> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    let len = usize::try_from(size).map_err(|_| einval())?;
+    let file_offset = libc::off_t::try_from(offset).map_err(|_| einval())?;
+    if len == 0 {
+        return Err(einval());
+    }
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the exclusively borrowed `st`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let end = offset.checked_add(size).ok_or_else(einval)?;
+        if end > u64::try_from(st.st_size).unwrap_or(0) {
+            return Err(einval());
+        }
+    }
+    let mut prot = libc::PROT_NONE;
+    if read {
+        prot |= libc::PROT_READ;
+    }
+    if write {
+        prot |= libc::PROT_WRITE;
+    }
+    // SAFETY: a new shared mapping at an address the kernel picks (no MAP_FIXED), so it
+    // overlaps no memory Rust knows about; the result is checked.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            prot,
+            libc::MAP_SHARED,
+            fd.as_raw_fd(),
+            file_offset,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(einval)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    /// A range beyond the end of a memfd is refused instead of mapped (it would SIGBUS
+    /// on access); a range inside is mapped with the asked permission.
+    #[test]
+    fn refuses_ranges_past_the_end_of_a_file() {
+        // SAFETY: memfd_create with a valid C string; the fd is owned below.
+        let fd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"map-test".as_ptr(), 0)) };
+        // SAFETY: ftruncate on our fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 8192) }, 0);
+        let e = map_fd(fd.as_fd(), 4096, 8192, true, false).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        let p = map_fd(fd.as_fd(), 4096, 4096, true, true).unwrap();
+        // SAFETY: the mapping is 4096 bytes, readable and writable.
+        unsafe {
+            p.as_ptr().write_volatile(7);
+            assert_eq!(p.as_ptr().read_volatile(), 7);
+            libc::munmap(p.as_ptr().cast(), 4096);
+        }
+    }
+}
