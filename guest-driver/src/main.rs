@@ -114,6 +114,7 @@ fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    vfu_proto::mem::keep_large_buffers_on_heap();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,

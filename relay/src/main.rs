@@ -60,6 +60,7 @@ impl TryFrom<Args> for Config {
 }
 
 fn main() -> ExitCode {
+    vfu_proto::mem::keep_large_buffers_on_heap();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let args = Args::parse();
     let result = Config::try_from(args).and_then(vfu_relay::run);
