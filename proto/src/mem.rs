@@ -24,18 +24,7 @@ pub fn map_fd(
     if len == 0 {
         return Err(einval());
     }
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one `stat` into the exclusively borrowed `st`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-        let end = offset.checked_add(size).ok_or_else(einval)?;
-        if end > u64::try_from(st.st_size).unwrap_or(0) {
-            return Err(einval());
-        }
-    }
+    check_range(fd, offset, size)?;
     let mut prot = libc::PROT_NONE;
     if read {
         prot |= libc::PROT_READ;
@@ -59,6 +48,73 @@ pub fn map_fd(
         return Err(io::Error::last_os_error());
     }
     NonNull::new(p.cast::<u8>()).ok_or_else(einval)
+}
+
+/// Checks that a regular file holds `[offset, offset + size)` (`EINVAL` otherwise);
+/// other kinds of fd pass.
+pub fn check_range(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<()> {
+    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
+    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes one `stat` into the exclusively borrowed `st`.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
+        let end = offset.checked_add(size).ok_or_else(einval)?;
+        if end > u64::try_from(st.st_size).unwrap_or(0) {
+            return Err(einval());
+        }
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes of `fd` at `offset` (pread, retrying short reads
+/// and EINTR). End of file is `EFAULT`: a client that shrank its file after mapping it
+/// gets an error, where touching a mapping of it would raise SIGBUS.
+pub fn read_exact_at(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: reads at most buf.len() bytes into the exclusively borrowed buffer.
+        let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        buf = &mut buf[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+/// Writes all of `data` to `fd` at `offset` (pwrite, retrying short writes and EINTR).
+pub fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: writes at most data.len() bytes from the borrowed slice.
+        let n = unsafe { libc::pwrite(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Err(io::Error::from_raw_os_error(libc::EFAULT));
+        }
+        data = &data[n as usize..];
+        offset += n as u64;
+    }
+    Ok(())
 }
 
 /// Keeps message-sized buffers (up to 1 MiB of data) on the heap: glibc otherwise

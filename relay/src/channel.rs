@@ -21,7 +21,7 @@ use vfu_proto::vfio_user::{
     Request, Version, HEADER_SIZE,
 };
 
-use crate::dma::{DmaError, DmaTable, Mapping, Region};
+use crate::dma::{DmaError, DmaTable, Region};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::negotiate;
@@ -48,8 +48,10 @@ enum PendingKind {
     SetIrqs { index: u32, change: IrqChange },
     /// Keep the region's fd once the device accepted the map.
     DmaMap { address: u64, size: u64 },
-    /// Drop the region's fd (or all) once the device acknowledged the unmap.
-    DmaUnmap { address: u64, size: u64, all: bool },
+    /// The regions the unmap took out of the table (when it was forwarded, so that
+    /// pipelined maps see the table as the client does); released once the device
+    /// acknowledged, or gave up on, the unmap.
+    DmaUnmap(u64),
 }
 
 /// What a SET_IRQS does to the relay's eventfd table.
@@ -72,6 +74,9 @@ struct Pending {
     relay_id: u16,
     deadline: Instant,
     kind: PendingKind,
+    /// The client sent the request with NO_REPLY: the relay asked for the reply itself
+    /// (it needs it to commit or release DMA regions) and does not pass it on.
+    silent: bool,
 }
 
 /// The client connected to a channel's socket.
@@ -112,9 +117,9 @@ pub struct ChannelState {
     /// requests itself, across clients, so a late reply (after a timeout, or for a
     /// client that went away) never matches a newer request that reused the ID.
     next_id: u16,
-    /// Regions of a client that went away, whose windows stay until the device VM
-    /// acknowledges SESSION_END.
-    retired: Vec<Region>,
+    /// Regions of clients that went away, by the tag of their SESSION_END: their
+    /// windows stay until the device VM acknowledges it.
+    retired: Vec<(u32, Vec<Region>)>,
 }
 
 /// One exported device.
@@ -276,16 +281,19 @@ impl Channel {
                 self.name,
                 client.pending.len()
             );
-            // Windows stay until the device VM says it let go of the memory.
-            st.retired.extend(client.dma.take_all());
+            // Windows stay until the device VM says it let go of the memory, those of
+            // unmaps still in flight included (take_all holds them).
+            let regions = client.dma.take_all();
+            client.pending.clear();
+            if st.guest == GuestState::Served && relay.link.is_up() {
+                let tag = relay.send_control(self.id, Body::SessionEnd);
+                st.retired.push((tag, regions));
+            } else {
+                release(relay, regions);
+            }
             for (tag, body) in client.remote.fail_all(libc::ENODEV as u32) {
                 send_tunnel_reply(relay, self.id, tag, body);
             }
-        }
-        if st.guest == GuestState::Served && relay.link.is_up() {
-            relay.send_control(self.id, Body::SessionEnd);
-        } else {
-            release(relay, std::mem::take(&mut st.retired));
         }
     }
 
@@ -362,25 +370,26 @@ impl Channel {
                 },
                 _ => PendingKind::Plain,
             },
-            // The memory fd stays with the relay: it maps it for the copy path and, where
-            // the frontend supports it, into a window of shared memory region 0.
+            // The memory fd stays with the relay: it serves the copy path from it and,
+            // where the frontend supports it, has it mapped into a window of shared
+            // memory region 0.
             Request::DmaMap(m) => {
                 let fd = fds.pop();
-                // A region the relay cannot map (a file shorter than the range, an fd
-                // that cannot be mapped) is refused: the device VM would fault on it.
-                let map = match fd
+                // A file shorter than the range is refused: the device VM would fault
+                // on the part that is not there.
+                if let Some(Err(e)) = fd
                     .as_ref()
-                    .map(|fd| Mapping::new(fd, m.offset, m.size, m.read, m.write))
+                    .map(|fd| vfu_proto::mem::check_range(fd.as_fd(), m.offset, m.size))
                 {
-                    Some(Err(e)) => {
-                        warn!("{}: cannot map DMA region {:#x}: {e}", self.name, m.address);
-                        let errno = e.raw_os_error().unwrap_or(libc::EINVAL) as u32;
-                        return client.error(&header, errno);
-                    }
-                    Some(Ok(map)) => Some(map),
-                    None => None,
-                };
-                let window = match (&fd, relay.windows_enabled()) {
+                    warn!(
+                        "{}: DMA region {:#x} past the end of its file: {e}",
+                        self.name, m.address
+                    );
+                    return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
+                }
+                // A window is always readable (SHMEM_MAP has no write-only mapping), so
+                // a region the client did not make readable goes through the copy path.
+                let window = match (&fd, m.read && relay.windows_enabled()) {
                     (Some(fd), true) => relay.windows().map(fd, m.offset, m.size, m.write),
                     _ => None,
                 };
@@ -394,7 +403,6 @@ impl Channel {
                     write: m.write,
                     fd_offset: m.offset,
                     fd,
-                    map,
                     window,
                     committed: false,
                 });
@@ -403,17 +411,22 @@ impl Channel {
                     size: m.size,
                 }
             }
-            Request::DmaUnmap(u) => PendingKind::DmaUnmap {
-                address: u.address,
-                size: u.size,
-                all: u.all,
-            },
+            Request::DmaUnmap(u) => {
+                PendingKind::DmaUnmap(client.dma.begin_unmap(u.address, u.size, u.all))
+            }
             _ => PendingKind::Plain,
         };
         let relay_id = st.next_id;
         st.next_id = st.next_id.wrapping_add(1);
         let mut forwarded = header;
         forwarded.msg_id = relay_id;
+        // DMA maps and unmaps change the relay's own state when the reply comes: the
+        // relay always asks for it.
+        let silent = header.no_reply
+            && matches!(kind, PendingKind::DmaMap { .. } | PendingKind::DmaUnmap(_));
+        if silent {
+            forwarded.no_reply = false;
+        }
         let frame = VfioUserFrame {
             header: forwarded,
             payload: msg.payload,
@@ -427,6 +440,7 @@ impl Channel {
             .send(&TunnelMessage::new(self.id, Body::VfioUser(frame)))
         {
             debug!("{}: tunnel refused a request: {e}", self.name);
+            undo(relay, client, kind);
             return client.error(&header, e.errno());
         }
         if let Request::Version(v) = &request {
@@ -434,12 +448,13 @@ impl Channel {
             client.versioned = true;
             client.caps = v.capabilities.unwrap_or_default();
         }
-        if !header.no_reply {
+        if !header.no_reply || silent {
             client.pending.push_back(Pending {
                 header,
                 relay_id,
                 deadline: Instant::now() + relay.config.request_timeout(),
                 kind,
+                silent,
             });
         }
         SendOutcome::Done
@@ -511,15 +526,16 @@ impl Channel {
                 apply_irq_change(&mut client.irq_fds, index, change);
             }
             (PendingKind::DmaMap { address, .. }, Ok(Reply::DmaMap)) => client.dma.commit(address),
-            (PendingKind::DmaMap { address, size }, _) => {
-                release(relay, take_regions(&mut client.dma, address, size, false));
-            }
-            (PendingKind::DmaUnmap { address, size, all }, _) => {
+            (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
+            (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
                 // client hears back.
-                release(relay, take_regions(&mut client.dma, address, size, all));
+                release(relay, client.dma.finish_unmap(id));
             }
             _ => {}
+        }
+        if pending.silent {
+            return SendOutcome::Done;
         }
         match (result, version) {
             (Err(errno), _) => client.send(encode_error_reply(&pending.header, errno), vec![]),
@@ -537,20 +553,55 @@ impl Channel {
         }
     }
 
-    /// The device VM acknowledged SESSION_END: the old client's windows can go.
-    pub fn on_session_end_ack(&self, relay: &Relay) {
-        let retired = std::mem::take(&mut self.lock().retired);
-        release(relay, retired);
+    /// The device VM acknowledged the SESSION_END with `tag`: that client's windows can
+    /// go.
+    pub fn on_session_end_ack(&self, relay: &Relay, tag: u32) {
+        let mut st = self.lock();
+        if let Some(pos) = st.retired.iter().position(|(t, _)| *t == tag) {
+            let (_, regions) = st.retired.remove(pos);
+            release(relay, regions);
+        }
+    }
+
+    /// The driver restarted (a new HELLO on the same frontend connection): it knows
+    /// nothing of the windows, so they go, from the frontend too; the regions stay for
+    /// the copy path.
+    pub fn on_driver_restart(&self, relay: &Relay) {
+        let mut st = self.lock();
+        for (_, regions) in std::mem::take(&mut st.retired) {
+            release(relay, regions);
+        }
+        if let Some(client) = st.client.as_mut() {
+            let mut windows = relay.windows();
+            for (offset, size) in client.dma.take_windows() {
+                windows.unmap(offset, size);
+            }
+        }
     }
 
     /// The device VM asks to read client memory (copy path). Returns the reply body, or
     /// `None` when the data comes from the client (mapped without an fd) and the reply
     /// follows when it has answered.
     pub fn on_dma_read(&self, relay: &Relay, tag: u32, segments: &[(u64, u64)]) -> Option<Body> {
+        // The reply must fit one message toward the driver: refused before anything is
+        // allocated.
+        let total = segments.iter().fold(0u64, |a, s| a.saturating_add(s.1));
+        if total.saturating_add(64) > relay.link.guest_max_msg() as u64 {
+            return Some(Body::DmaReadReply {
+                status: libc::E2BIG as u32,
+                data: Vec::new(),
+            });
+        }
         let mut st = self.lock();
         let Some(client) = st.client.as_mut() else {
             return Some(dma_read_error(DmaError::Fault));
         };
+        if client.remote.busy(tag) {
+            return Some(Body::DmaReadReply {
+                status: libc::EBUSY as u32,
+                data: Vec::new(),
+            });
+        }
         match client.dma.check_segments(segments, false) {
             Ok(true) => {
                 let mut data = Vec::new();
@@ -588,6 +639,9 @@ impl Channel {
         let Some(client) = st.client.as_mut() else {
             return Some(DmaError::Fault.errno());
         };
+        if client.remote.busy(tag) {
+            return Some(libc::EBUSY as u32);
+        }
         match client.dma.check_segments(segments, true) {
             Ok(true) => Some(
                 client
@@ -656,6 +710,12 @@ impl Channel {
                 Command::try_from(p.header.command).map_or("?", |c| c.name()),
                 p.header.msg_id
             );
+            // A map the device never confirmed is dropped; an unmap's memory goes now,
+            // whatever the device VM still thinks (its late reply finds nothing).
+            undo(relay, client, p.kind);
+            if p.silent {
+                continue;
+            }
             let o = client.send(
                 encode_error_reply(&p.header, libc::ETIMEDOUT as u32),
                 vec![],
@@ -742,15 +802,6 @@ fn apply_irq_change(table: &mut HashMap<(u32, u32), OwnedFd>, index: u32, change
     }
 }
 
-/// Takes the regions a DMA_UNMAP (or a refused DMA_MAP) covers out of the table.
-fn take_regions(table: &mut DmaTable, iova: u64, size: u64, all: bool) -> Vec<Region> {
-    if all {
-        table.take_all()
-    } else {
-        table.remove(iova, size).into_iter().collect()
-    }
-}
-
 /// Drops regions: their windows are unmapped from the device VM (acknowledged by the
 /// frontend), then the relay's mappings and the client's fds are closed.
 fn release(relay: &Relay, regions: Vec<Region>) {
@@ -776,5 +827,20 @@ fn dma_read_error(e: DmaError) -> Body {
 fn send_tunnel_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
     if let Err(e) = relay.link.send(&TunnelMessage { channel, tag, body }) {
         debug!("DMA reply on channel {channel} not sent: {e}");
+    }
+}
+
+/// Takes back what forwarding a request did to the relay's state, when the request
+/// never reached the device VM or the device VM refused or ignored it.
+fn undo(relay: &Relay, client: &mut Client, kind: PendingKind) {
+    match kind {
+        PendingKind::DmaMap { address, size } => {
+            release(
+                relay,
+                client.dma.remove(address, size).into_iter().collect(),
+            );
+        }
+        PendingKind::DmaUnmap(id) => release(relay, client.dma.finish_unmap(id)),
+        _ => {}
     }
 }

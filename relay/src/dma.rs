@@ -10,55 +10,9 @@ use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
 
 use log::warn;
-use vm_memory::volatile_memory::VolatileSlice;
 
 /// Page size of DMA maps and windows.
 pub const PAGE: u64 = 4096;
-
-/// The relay's own mapping of a region's fd.
-#[derive(Debug)]
-pub struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is owned by this value and only accessed through volatile slices.
-unsafe impl Send for Mapping {}
-
-impl Mapping {
-    /// Maps `len` bytes of `fd` at `offset`, readable and/or writable (a range past
-    /// the end of a regular file is refused: it would SIGBUS the relay).
-    pub fn new(
-        fd: &OwnedFd,
-        offset: u64,
-        len: u64,
-        read: bool,
-        write: bool,
-    ) -> std::io::Result<Self> {
-        let ptr = vfu_proto::mem::map_fd(fd.as_fd(), offset, len, read, write)?;
-        Ok(Self {
-            ptr: ptr.as_ptr(),
-            len: len as usize,
-        })
-    }
-
-    /// A volatile view of `len` bytes at `offset`.
-    fn slice(&self, offset: u64, len: usize) -> Option<VolatileSlice<'_>> {
-        let offset = usize::try_from(offset).ok()?;
-        if offset.checked_add(len)? > self.len {
-            return None;
-        }
-        // SAFETY: the range lies inside the live mapping; access is volatile.
-        Some(unsafe { VolatileSlice::new(self.ptr.add(offset), len) })
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly the mapping created in `new`.
-        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
-    }
-}
 
 /// One region the client mapped.
 #[derive(Debug)]
@@ -73,10 +27,10 @@ pub struct Region {
     pub write: bool,
     /// Offset of the region in `fd`.
     pub fd_offset: u64,
-    /// The client's fd, if it passed one.
+    /// The client's fd, if it passed one: the copy path reads and writes it with
+    /// pread/pwrite, never through a mapping, so a client that shrinks its file gets
+    /// errors instead of crashing the relay with SIGBUS.
     pub fd: Option<OwnedFd>,
-    /// The relay's mapping of `fd`.
-    pub map: Option<Mapping>,
     /// Offset of the region's window in shared memory region 0, if it has one.
     pub window: Option<u64>,
     /// The device accepted the map (copy requests are served only then).
@@ -126,6 +80,11 @@ impl DmaError {
 #[derive(Debug, Default)]
 pub struct DmaTable {
     regions: BTreeMap<u64, Region>,
+    /// Regions a forwarded DMA_UNMAP took out, keyed by that unmap's ID: the device
+    /// VM may still finish work queued before the unmap, so the copy path serves them
+    /// until the device acknowledges.
+    unmapping: Vec<(u64, Vec<Region>)>,
+    next_unmap: u64,
 }
 
 impl DmaTable {
@@ -184,56 +143,106 @@ impl DmaTable {
     /// The windows are gone (the frontend went away): the regions keep their fds and
     /// mappings only.
     pub fn forget_windows(&mut self) {
-        for r in self.regions.values_mut() {
+        for r in self.all_mut() {
             r.window = None;
         }
     }
 
-    /// Removes every region.
-    pub fn take_all(&mut self) -> Vec<Region> {
-        std::mem::take(&mut self.regions).into_values().collect()
+    /// Takes every region's window: (offset, size) pairs to unmap.
+    pub fn take_windows(&mut self) -> Vec<(u64, u64)> {
+        self.all_mut()
+            .filter_map(|r| r.window.take().map(|w| (w, r.size)))
+            .collect()
     }
 
-    /// The committed region holding all of `[iova, iova + len)` with the permission.
-    fn find(&self, iova: u64, len: u64, write: bool) -> Result<&Region, DmaError> {
-        let (_, r) = self
-            .regions
-            .range(..=iova)
-            .next_back()
-            .ok_or(DmaError::Fault)?;
-        if !r.committed || !r.contains(iova, len) || (write && !r.write) || (!write && !r.read) {
-            return Err(DmaError::Fault);
+    fn all_mut(&mut self) -> impl Iterator<Item = &mut Region> {
+        self.regions
+            .values_mut()
+            .chain(self.unmapping.iter_mut().flat_map(|(_, v)| v.iter_mut()))
+    }
+
+    /// Removes every region, including those being unmapped.
+    pub fn take_all(&mut self) -> Vec<Region> {
+        let mut all: Vec<Region> = std::mem::take(&mut self.regions).into_values().collect();
+        for (_, regions) in self.unmapping.drain(..) {
+            all.extend(regions);
         }
-        Ok(r)
+        all
+    }
+
+    /// Starts unmapping `[iova, iova + size)` (every region if `all`): the regions
+    /// leave the table, so the IOVA range can be mapped again, but stay reachable for
+    /// copy requests until [`DmaTable::finish_unmap`] with the returned ID.
+    pub fn begin_unmap(&mut self, iova: u64, size: u64, all: bool) -> u64 {
+        let regions = if all {
+            std::mem::take(&mut self.regions).into_values().collect()
+        } else {
+            self.remove(iova, size).into_iter().collect()
+        };
+        let id = self.next_unmap;
+        self.next_unmap = self.next_unmap.wrapping_add(1);
+        self.unmapping.push((id, regions));
+        id
+    }
+
+    /// The device acknowledged (or refused, or never got) the unmap `id`: its regions
+    /// are no longer reachable and are handed back to be released.
+    pub fn finish_unmap(&mut self, id: u64) -> Vec<Region> {
+        match self.unmapping.iter().position(|(i, _)| *i == id) {
+            Some(at) => self.unmapping.remove(at).1,
+            None => Vec::new(),
+        }
+    }
+
+    /// The committed region holding all of `[iova, iova + len)` with the permission:
+    /// a mapped one, else one whose unmap the device has not acknowledged yet.
+    fn find(&self, iova: u64, len: u64, write: bool) -> Result<&Region, DmaError> {
+        let allows = |r: &Region| {
+            r.committed && r.contains(iova, len) && if write { r.write } else { r.read }
+        };
+        if let Some((_, r)) = self.regions.range(..=iova).next_back() {
+            if allows(r) {
+                return Ok(r);
+            }
+        }
+        self.unmapping
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .find(|r| allows(r))
+            .ok_or(DmaError::Fault)
     }
 
     /// Checks that every segment lies in a committed region with the permission;
-    /// returns whether all of them can be served from the relay's own mappings.
+    /// returns whether all of them can be served from the client's fds.
     pub fn check_segments(&self, segments: &[(u64, u64)], write: bool) -> Result<bool, DmaError> {
         let mut local = true;
         for &(iova, len) in segments {
             let r = self.find(iova, len, write)?;
-            local &= r.map.is_some();
+            local &= r.fd.is_some();
         }
         Ok(local)
     }
 
-    /// Reads the segments from the relay's mappings (all checked local).
+    /// Reads the segments from the client's fds (all checked local).
     pub fn read_local(&self, segments: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), DmaError> {
         for &(iova, len) in segments {
             let r = self.find(iova, len, false)?;
-            let map = r.map.as_ref().ok_or(DmaError::Fault)?;
+            let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
             let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
-            let slice = map.slice(iova - r.iova, n).ok_or(DmaError::Fault)?;
             let start = out.len();
             out.resize(start + n, 0);
-            slice.copy_to(&mut out[start..]);
+            vfu_proto::mem::read_exact_at(
+                fd.as_fd(),
+                &mut out[start..],
+                r.fd_offset + (iova - r.iova),
+            )
+            .map_err(|_| DmaError::Fault)?;
         }
         Ok(())
     }
 
-    /// Writes `data` across the segments through the relay's mappings, after checking
-    /// all of them (nothing is written if one fails).
+    /// Writes `data` across the segments to the client's fds, after checking all of
+    /// them (nothing is written if one fails).
     pub fn write_local(&self, segments: &[(u64, u64)], data: &[u8]) -> Result<(), DmaError> {
         if !self.check_segments(segments, true)? {
             return Err(DmaError::Fault);
@@ -241,12 +250,11 @@ impl DmaTable {
         let mut at = 0usize;
         for &(iova, len) in segments {
             let r = self.find(iova, len, true)?;
-            let map = r.map.as_ref().ok_or(DmaError::Fault)?;
+            let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
             let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
             let chunk = data.get(at..at + n).ok_or(DmaError::Fault)?;
-            map.slice(iova - r.iova, n)
-                .ok_or(DmaError::Fault)?
-                .copy_from(chunk);
+            vfu_proto::mem::write_all_at(fd.as_fd(), chunk, r.fd_offset + (iova - r.iova))
+                .map_err(|_| DmaError::Fault)?;
             at += n;
         }
         Ok(())
@@ -415,7 +423,6 @@ mod tests {
             write,
             fd_offset: 0,
             fd: None,
-            map: None,
             window: None,
             committed: true,
         }
@@ -438,6 +445,31 @@ mod tests {
         assert!(t.is_empty());
     }
 
+    /// A region being unmapped frees its IOVA range for a new map at once but keeps
+    /// serving copy requests (work queued before the unmap) until the unmap finishes.
+    #[test]
+    fn unmap_in_flight() {
+        let mut t = DmaTable::default();
+        t.insert(region(0x1000, 0x1000, true, false));
+        t.insert(region(0x2000, 0x1000, true, true));
+        let id = t.begin_unmap(0x1000, 0x1000, false);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.check_map(0x1000, 0x1000, 0, 4), Ok(()));
+        assert_eq!(t.check_segments(&[(0x1000, 8)], false), Ok(false));
+        assert_eq!(t.check_segments(&[(0x1000, 8)], true), Err(DmaError::Fault));
+        // A new map of the same range takes over once committed.
+        t.insert(region(0x1000, 0x1000, true, true));
+        assert_eq!(t.check_segments(&[(0x1000, 8)], true), Ok(false));
+        assert_eq!(t.finish_unmap(id).len(), 1);
+        assert!(t.finish_unmap(id).is_empty());
+        let all = t.begin_unmap(0, 0, true);
+        assert!(t.is_empty());
+        assert_eq!(t.check_segments(&[(0x2000, 8)], true), Ok(false));
+        assert_eq!(t.take_all().len(), 2);
+        assert!(t.finish_unmap(all).is_empty());
+        assert_eq!(t.check_segments(&[(0x2000, 8)], true), Err(DmaError::Fault));
+    }
+
     /// Copy requests must lie in one committed region with the right permission; a
     /// write touches nothing unless every segment is valid.
     #[test]
@@ -450,10 +482,11 @@ mod tests {
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x4000) }, 0);
         let mut t = DmaTable::default();
         let mut rw = region(0x10000, 0x2000, true, true);
-        rw.map = Some(Mapping::new(&fd, 0, 0x2000, true, true).unwrap());
+        rw.fd = Some(fd.try_clone().unwrap());
         t.insert(rw);
         let mut ro = region(0x20000, 0x1000, true, false);
-        ro.map = Some(Mapping::new(&fd, 0x2000, 0x1000, true, false).unwrap());
+        ro.fd = Some(fd.try_clone().unwrap());
+        ro.fd_offset = 0x2000;
         t.insert(ro);
         t.write_local(&[(0x10ff0, 32)], &[7u8; 32]).unwrap();
         let mut out = Vec::new();
@@ -479,6 +512,14 @@ mod tests {
         let mut out = Vec::new();
         t.read_local(&[(0x10000, 4)], &mut out).unwrap();
         assert_eq!(out, vec![0; 4]);
+        // A client that shrinks its file gets faults, not a SIGBUS in the relay.
+        // SAFETY: ftruncate on our fd.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
+        let mut out = Vec::new();
+        assert_eq!(
+            t.read_local(&[(0x10000, 4)], &mut out),
+            Err(DmaError::Fault)
+        );
         // Uncommitted regions serve nothing.
         let mut pending = region(0x40000, 0x1000, true, true);
         pending.committed = false;

@@ -73,6 +73,12 @@ impl RemoteDma {
         self.ops.is_empty()
     }
 
+    /// Whether an operation with tunnel tag `tag` is in flight (a device VM reusing a
+    /// tag gets EBUSY instead of mixing two operations).
+    pub fn busy(&self, tag: u32) -> bool {
+        self.ops.contains_key(&tag)
+    }
+
     /// Starts reading `segments`; returns the messages to send to the client.
     pub fn start_read(
         &mut self,

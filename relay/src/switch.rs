@@ -84,15 +84,14 @@ impl Relay {
 
     /// Sends a control request to the device VM; a link that is down is logged only
     /// (the device VM gets the full picture again with its next HELLO).
-    pub fn send_control(&self, channel: u32, body: Body) {
-        let msg = TunnelMessage {
-            channel,
-            tag: self.link.next_tag(),
-            body,
-        };
+    /// Returns the message's tag.
+    pub fn send_control(&self, channel: u32, body: Body) -> u32 {
+        let tag = self.link.next_tag();
+        let msg = TunnelMessage { channel, tag, body };
         if let Err(e) = self.link.send(&msg) {
             debug!("control message for channel {channel} not sent: {e}");
         }
+        tag
     }
 
     /// Deals with the outcome of writing to a channel's client from any thread.

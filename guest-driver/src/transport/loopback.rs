@@ -205,8 +205,19 @@ fn start_shm(
     std::thread::Builder::new()
         .name("vfu-shm".into())
         .spawn(move || {
-            while handler.handle_request().is_ok() {}
-            debug!("backend channel closed");
+            loop {
+                match handler.handle_request() {
+                    Ok(_) => {}
+                    // A refused request was answered with the error; keep serving.
+                    Err(vhost::vhost_user::Error::ReqHandlerError(e)) => {
+                        warn!("backend request refused: {e}")
+                    }
+                    Err(e) => {
+                        debug!("backend channel closed: {e}");
+                        break;
+                    }
+                }
+            }
         })
         .map_err(TransportError::Memory)?;
     info!(

@@ -234,6 +234,11 @@ impl Link {
         self.lock().up.is_some()
     }
 
+    /// Largest message the driver accepts (0 before HELLO).
+    pub fn guest_max_msg(&self) -> usize {
+        self.lock().up.map_or(0, |u| u.guest_max_msg)
+    }
+
     /// Tunnel features in force (0 before HELLO).
     pub fn features(&self) -> u64 {
         self.lock().up.map_or(0, |u| u.features)

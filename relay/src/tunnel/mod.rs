@@ -91,7 +91,7 @@ pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessag
     let (channel, tag) = (msg.channel, msg.tag);
     match msg.body {
         Body::Hello(h) => hello(relay, tag, h),
-        Body::Status { kind, status } => on_status(relay, channel, kind, status),
+        Body::Status { kind, status } => on_status(relay, channel, tag, kind, status),
         Body::VfioUser(frame) => match relay.channel(channel) {
             Some(ch) => {
                 let outcome = ch.on_device_message(relay, frame);
@@ -208,8 +208,10 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     } else {
         0
     };
-    // A HELLO after the first: the driver restarted; what it had is gone.
+    // A HELLO after the first: the driver restarted; what it had is gone, windows
+    // included (unmapped from the frontend, which stays connected).
     for ch in &relay.channels {
+        ch.on_driver_restart(relay);
         let outcome = ch.fail_pending(libc::ECONNRESET as u32);
         relay.after_send(ch, outcome);
     }
@@ -242,7 +244,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     }
 }
 
-fn on_status(relay: &Relay, channel: u32, kind: u16, status: u32) {
+fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
     let Some(ch) = relay.channel(channel) else {
         warn!("status for unknown channel {channel}");
         return;
@@ -271,7 +273,7 @@ fn on_status(relay: &Relay, channel: u32, kind: u16, status: u32) {
                     ch.name
                 );
             }
-            ch.on_session_end_ack(relay);
+            ch.on_session_end_ack(relay, tag);
         }
         Some(k) if status != 0 => {
             warn!("{}: device VM answered {k:?} with errno {status}", ch.name)
