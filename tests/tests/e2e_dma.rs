@@ -202,7 +202,7 @@ fn dma_engine_through_client_messages() {
 
 /// Overlapping maps are refused (EEXIST), as are maps that are not page aligned
 /// (EINVAL) and maps past the end of the client's file (EINVAL); the relay answers them
-/// before the device VM sees them.
+/// before the device VM sees them. Posted unmaps pipeline with maps of the same range.
 #[test]
 fn dma_map_rules() {
     let mut s = setup("dma-rules", Path::Window);
@@ -247,6 +247,36 @@ fn dma_map_rules() {
     {
         Err(ClientError::Errno(e)) => assert_eq!(e, libc::EINVAL as u32),
         other => panic!("map past the end of the file: {other:?}"),
+    }
+    // A posted (NO_REPLY) unmap pipelined with a new map of the same range: the relay
+    // frees the range when it forwards the unmap, so the map is accepted, and both
+    // reach the device in order.
+    let extra = Request::DmaMap(DmaMap {
+        read: true,
+        write: true,
+        offset: 0,
+        address: 0x900_0000,
+        size: 8192,
+    });
+    let unmap_extra = Request::DmaUnmap(DmaUnmap {
+        argsz: DmaUnmap::SIZE,
+        address: 0x900_0000,
+        size: 8192,
+        all: false,
+    });
+    for _ in 0..3 {
+        s.client
+            .request(&extra, vec![OwnedFd::from(f.try_clone().unwrap())])
+            .expect("map");
+        s.client.post(&unmap_extra).expect("posted unmap");
+    }
+    s.client
+        .request(&extra, vec![OwnedFd::from(f.try_clone().unwrap())])
+        .expect("map after posted unmaps");
+    s.client.request(&unmap_extra, vec![]).expect("unmap");
+    match s.client.request(&unmap_extra, vec![]) {
+        Err(ClientError::Errno(e)) => assert_eq!(e, libc::ENOENT as u32),
+        other => panic!("second unmap: {other:?}"),
     }
     assert_eq!(
         reg_read(&mut s.client, 0),
