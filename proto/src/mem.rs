@@ -1,7 +1,10 @@
 //! Mapping memory a peer passed as an fd (DMA regions).
 
+use std::fs::File;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd};
+use std::os::unix::fs::FileExt;
 use std::ptr::NonNull;
 
 /// Maps `size` bytes of `fd` at `offset`, shared, readable and/or writable, at an
@@ -69,52 +72,34 @@ pub fn check_range(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<()>
     Ok(())
 }
 
-/// Reads exactly `buf.len()` bytes of `fd` at `offset` (pread, retrying short reads
-/// and EINTR). End of file is `EFAULT`: a client that shrank its file after mapping it
-/// gets an error, where touching a mapping of it would raise SIGBUS.
-pub fn read_exact_at(fd: BorrowedFd<'_>, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: reads at most buf.len() bytes into the exclusively borrowed buffer.
-        let n = unsafe { libc::pread(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), off) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
+/// Runs `f` on `fd` seen as a [`File`], without taking it over.
+fn as_file<R>(fd: BorrowedFd<'_>, f: impl FnOnce(&File) -> io::Result<R>) -> io::Result<R> {
+    // SAFETY: the fd is open for the borrow's lifetime; ManuallyDrop keeps the File
+    // from closing it, so its owner still owns it afterwards.
+    let file = ManuallyDrop::new(unsafe { File::from_raw_fd(fd.as_raw_fd()) });
+    f(&file)
+}
+
+/// End of file is `EFAULT`: a client that shrank its file after mapping it gets an
+/// error, where touching a mapping of it would raise SIGBUS.
+fn eof_is_efault(e: io::Error) -> io::Error {
+    match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::WriteZero => {
+            io::Error::from_raw_os_error(libc::EFAULT)
         }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        buf = &mut buf[n as usize..];
-        offset += n as u64;
+        _ => e,
     }
-    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes of `fd` at `offset` (pread, retrying short reads
+/// and EINTR); end of file is `EFAULT`.
+pub fn read_exact_at(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    as_file(fd, |f| f.read_exact_at(buf, offset)).map_err(eof_is_efault)
 }
 
 /// Writes all of `data` to `fd` at `offset` (pwrite, retrying short writes and EINTR).
-pub fn write_all_at(fd: BorrowedFd<'_>, mut data: &[u8], mut offset: u64) -> io::Result<()> {
-    while !data.is_empty() {
-        let off = libc::off_t::try_from(offset)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: writes at most data.len() bytes from the borrowed slice.
-        let n = unsafe { libc::pwrite(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), off) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        if n == 0 {
-            return Err(io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        data = &data[n as usize..];
-        offset += n as u64;
-    }
-    Ok(())
+pub fn write_all_at(fd: BorrowedFd<'_>, data: &[u8], offset: u64) -> io::Result<()> {
+    as_file(fd, |f| f.write_all_at(data, offset)).map_err(eof_is_efault)
 }
 
 /// Keeps message-sized buffers (up to 1 MiB of data) on the heap: glibc otherwise
