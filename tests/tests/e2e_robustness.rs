@@ -179,8 +179,12 @@ fn flooding_neighbour_does_not_starve_others() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().unwrap();
     // Before per-channel fairness a read waited behind the whole flood (59 reads in
-    // 5 s); now it waits behind at most the flood messages already in the queue.
-    assert!(done >= 50, "only {done} reads in 2 s next to a flood");
+    // 5 s, waits growing with the backlog); now it waits behind at most the flood
+    // messages already queued, so no read waits long. The count is only a floor: next
+    // to this flood a read takes 20 to 50 ms (2 s gives 43 to 52 reads on this machine,
+    // fewer when the whole suite runs at once), so the bound on the worst wait is the
+    // property under test.
+    assert!(done >= 20, "only {done} reads in 2 s next to a flood");
     assert!(
         worst < Duration::from_secs(1),
         "a read waited {worst:?} behind the flood"

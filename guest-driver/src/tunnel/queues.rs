@@ -7,6 +7,7 @@ use std::collections::VecDeque;
 
 use log::warn;
 use vfu_proto::tunnel::{TunnelError, TunnelHeader, TunnelMessage, TUNNEL_HEADER_SIZE};
+use vm_memory::VolatileSlice;
 
 use crate::virtqueue::{Allocation, DriverQueue, QueueError, Segment, SharedMemory};
 
@@ -137,28 +138,36 @@ impl QueuePair {
         Ok(())
     }
 
-    /// Collects complete messages from `h2g` and re-posts the buffers.
+    /// Collects complete messages from `h2g` and re-posts the buffers. Each buffer's
+    /// bytes are copied once, straight into the message being reassembled.
     pub fn receive(&mut self) -> Result<Vec<Result<TunnelMessage, TunnelError>>, PairError> {
         let mut out = Vec::new();
         while let Some(used) = self.h2g.pop_used()? {
             let Some(buf) = self.rx_buffers[used.head as usize].take() else {
                 continue;
             };
-            let mut chunk = vec![0u8; used.len as usize];
-            if let Some(s) = buf.slice(0, chunk.len()) {
-                s.copy_to(&mut chunk);
-            }
+            // The ring checked `used.len` against the descriptor; clamp all the same.
+            let len = (used.len as usize).min(buf.len);
+            let done = buf.slice(0, len).and_then(|s| self.reassemble(&s));
             self.post_rx(buf)?;
-            if let Some(done) = self.reassemble(&chunk) {
+            if let Some(done) = done {
                 out.push(done);
             }
         }
         Ok(out)
     }
 
-    fn reassemble(&mut self, chunk: &[u8]) -> Option<Result<TunnelMessage, TunnelError>> {
+    fn reassemble(
+        &mut self,
+        chunk: &VolatileSlice<'_>,
+    ) -> Option<Result<TunnelMessage, TunnelError>> {
         if self.rx_expected == 0 {
-            let header = match TunnelHeader::decode(chunk) {
+            let mut head = [0u8; TUNNEL_HEADER_SIZE];
+            let n = chunk.len().min(TUNNEL_HEADER_SIZE);
+            if let Ok(h) = chunk.subslice(0, n) {
+                h.copy_to(&mut head[..n]);
+            }
+            let header = match TunnelHeader::decode(&head[..n]) {
                 Ok(h) => h,
                 Err(e) => return Some(Err(e)),
             };
@@ -178,7 +187,9 @@ impl QueuePair {
             self.rx_expected = 0;
             return Some(Err(TunnelError::TrailingBytes { extra }));
         }
-        self.rx_partial.extend_from_slice(chunk);
+        let start = self.rx_partial.len();
+        self.rx_partial.resize(start + chunk.len(), 0);
+        chunk.copy_to(&mut self.rx_partial[start..]);
         if self.rx_partial.len() < self.rx_expected {
             return None;
         }

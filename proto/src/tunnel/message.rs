@@ -242,6 +242,19 @@ pub enum Body {
 }
 
 impl Body {
+    /// Roughly how many bytes the encoded body takes: exact enough for the bulk data
+    /// to be written without growing the buffer.
+    fn size_hint(&self) -> usize {
+        64 + match self {
+            Body::VfioUser(f) => f.payload.len() + 16 * f.slots.len(),
+            Body::DmaRead { segments } => 16 * segments.len(),
+            Body::DmaReadReply { data, .. } => data.len(),
+            Body::DmaWrite { segments, data } => 16 * segments.len() + data.len(),
+            Body::Error { text, .. } => text.len(),
+            _ => 0,
+        }
+    }
+
     /// The kind number and REPLY flag this body is sent with.
     pub fn kind(&self) -> (u16, bool) {
         let (k, reply) = match self {
@@ -285,21 +298,23 @@ impl TunnelMessage {
         }
     }
 
-    /// Encodes header and body.
+    /// Encodes header and body. The body is written once, straight after the header,
+    /// whose length field is filled in last.
     pub fn encode(&self) -> Vec<u8> {
-        let mut body = Vec::new();
-        encode_body(&self.body, &mut body);
+        let mut out = Vec::with_capacity(TUNNEL_HEADER_SIZE + self.body.size_hint());
+        out.resize(TUNNEL_HEADER_SIZE, 0);
+        encode_body(&self.body, &mut out);
         let (kind, reply) = self.body.kind();
         let header = TunnelHeader {
-            len: u32::try_from(body.len()).unwrap_or(u32::MAX),
+            len: u32::try_from(out.len() - TUNNEL_HEADER_SIZE).unwrap_or(u32::MAX),
             channel: self.channel,
             kind,
             reply,
             tag: self.tag,
         };
-        let mut out = Vec::with_capacity(TUNNEL_HEADER_SIZE + body.len());
-        header.encode(&mut out);
-        out.extend_from_slice(&body);
+        let mut head = Vec::with_capacity(TUNNEL_HEADER_SIZE);
+        header.encode(&mut head);
+        out[..TUNNEL_HEADER_SIZE].copy_from_slice(&head);
         out
     }
 
