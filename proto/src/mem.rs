@@ -53,6 +53,15 @@ pub fn map_fd(
     NonNull::new(p.cast::<u8>()).ok_or_else(einval)
 }
 
+/// Whether `fd` is a memfd sealed against shrinking (`F_SEAL_SHRINK`, as QEMU's
+/// `memory-backend-memfd` seals by default): memory of it mapped elsewhere can never
+/// lose its backing under the mapper.
+pub fn cannot_shrink(fd: BorrowedFd<'_>) -> bool {
+    // SAFETY: F_GET_SEALS only reads the fd's seals; it fails on fds without seals.
+    let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
 /// Checks that a regular file holds `[offset, offset + size)` (`EINVAL` otherwise);
 /// other kinds of fd pass.
 pub fn check_range(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<()> {

@@ -389,8 +389,22 @@ impl Channel {
                 }
                 // A window is always readable (SHMEM_MAP has no write-only mapping), so
                 // a region the client did not make readable goes through the copy path.
+                // So does memory the client could shrink under the device VM's mapping,
+                // unless the operator trusts clients with it.
                 let window = match (&fd, m.read && relay.windows_enabled()) {
-                    (Some(fd), true) => relay.windows().map(fd, m.offset, m.size, m.write),
+                    (Some(fd), true)
+                        if relay.config.unsealed_windows
+                            || vfu_proto::mem::cannot_shrink(fd.as_fd()) =>
+                    {
+                        relay.windows().map(fd, m.offset, m.size, m.write)
+                    }
+                    (Some(_), true) => {
+                        debug!(
+                            "{}: DMA region {:#x} is not sealed against shrinking: copy path",
+                            self.name, m.address
+                        );
+                        None
+                    }
                     _ => None,
                 };
                 if let Some(offset) = window {

@@ -55,6 +55,12 @@ pub struct Config {
     /// turns windows off (every DMA goes through the copy path).
     #[serde(default = "default_shm_size_mib")]
     pub shm_size_mib: u64,
+    /// Give windows onto client memory that can shrink too (anything but a memfd
+    /// sealed with `F_SEAL_SHRINK`). Such a client can make the device VM fault on its
+    /// window by truncating the file, so this is for trusted clients only; by default
+    /// that memory goes through the copy path.
+    #[serde(default)]
+    pub unsealed_windows: bool,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -165,6 +171,7 @@ mod tests {
             request_timeout_ms: 3000,
             queue_pairs: 1,
             shm_size_mib: default_shm_size_mib(),
+            unsealed_windows: false,
         }
     }
 
@@ -220,6 +227,12 @@ mod tests {
         )
         .unwrap();
         assert_eq!(Config::from_file(&p).unwrap(), base());
+        std::fs::write(
+            &p,
+            "frontend_socket = \"/tmp/f.sock\"\nunsealed_windows = true\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
+        )
+        .unwrap();
+        assert!(Config::from_file(&p).unwrap().unsealed_windows);
         std::fs::write(&p, "frontend_socket = \"/tmp/f.sock\"\nbogus = 1\n").unwrap();
         assert!(Config::from_file(&p).is_err());
         assert!(Config::from_file(&dir.join("missing.toml")).is_err());

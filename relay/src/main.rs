@@ -34,6 +34,10 @@ struct Args {
     /// SHMEM support); 0 sends every DMA through the copy path.
     #[arg(long, value_name = "MIB", default_value_t = 16384)]
     shm_size_mib: u64,
+    /// Also give windows onto client memory that is not a memfd sealed against
+    /// shrinking (trusted clients only: such a client can make the device VM fault).
+    #[arg(long)]
+    unsealed_windows: bool,
 }
 
 impl TryFrom<Args> for Config {
@@ -54,6 +58,7 @@ impl TryFrom<Args> for Config {
             request_timeout_ms: args.request_timeout_ms,
             queue_pairs: args.queue_pairs,
             shm_size_mib: args.shm_size_mib,
+            unsealed_windows: args.unsealed_windows,
         }
         .validate()
     }

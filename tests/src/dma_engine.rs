@@ -13,7 +13,7 @@ use vfu_proto::vfio_user::{
     pci_irq, pci_region, Capabilities, DmaMap, IrqData, Request, SetIrqs, IRQ_SET_ACTION_TRIGGER,
 };
 
-use crate::{start_relay_on, wait_for_socket, Proc, Scratch};
+use crate::{start_relay_with, wait_for_socket, Proc, Scratch};
 
 /// How long setup steps may take.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -105,9 +105,22 @@ pub struct Setup {
     _scratch: Scratch,
 }
 
+/// Client memory as QEMU's `memory-backend-memfd` makes it: a memfd of `len` bytes
+/// sealed against shrinking, which the relay gives windows onto.
 pub fn memfd(len: u64) -> File {
+    let f = memfd_named(c"vfu-dma-client", len, libc::MFD_ALLOW_SEALING);
+    // SAFETY: F_ADD_SEALS on a memfd we own.
+    assert_eq!(
+        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+        0
+    );
+    f
+}
+
+/// A memfd named `name` of `len` bytes, not sealed.
+pub fn memfd_named(name: &std::ffi::CStr, len: u64, flags: libc::c_uint) -> File {
     // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
-    let fd = unsafe { libc::memfd_create(c"vfu-dma-client".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
     assert!(fd >= 0);
     // SAFETY: fd is new and owned by nobody else.
     let f = unsafe { File::from_raw_fd(fd) };
@@ -185,10 +198,15 @@ pub fn setup(tag: &str, path: Path) -> Setup {
 
 /// [`setup`] with the relay and the device VM pinned to `cpu`.
 pub fn setup_on(cpu: Option<usize>, tag: &str, path: Path) -> Setup {
+    setup_with(cpu, tag, path, &[])
+}
+
+/// [`setup_on`] with extra vfu-relay options.
+pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&str]) -> Setup {
     let scratch = Scratch::new(tag);
     let frontend = scratch.join("frontend.sock");
     let device = scratch.join("dma0.sock");
-    let relay = start_relay_on(cpu, &frontend, &[("dma0", &device)]);
+    let relay = start_relay_with(cpu, &frontend, &[("dma0", &device)], relay_options);
     assert!(wait_for_socket(&device, TIMEOUT));
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     args.extend(["--serve".into(), "dma0=dma-engine".into()]);

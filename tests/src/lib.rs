@@ -181,6 +181,16 @@ pub fn start_relay(frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
 
 /// [`start_relay`] pinned to `cpu`.
 pub fn start_relay_on(cpu: Option<usize>, frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
+    start_relay_with(cpu, frontend, devices, &[])
+}
+
+/// [`start_relay_on`] with `extra` command-line options.
+pub fn start_relay_with(
+    cpu: Option<usize>,
+    frontend: &Path,
+    devices: &[(&str, &Path)],
+    extra: &[&str],
+) -> Proc {
     let mut args = vec![
         "--frontend-socket".to_string(),
         frontend.display().to_string(),
@@ -189,6 +199,7 @@ pub fn start_relay_on(cpu: Option<usize>, frontend: &Path, devices: &[(&str, &Pa
         args.push("--device".into());
         args.push(format!("{name}={}", sock.display()));
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Proc::spawn_on(cpu, "vfu-relay", &binary("vfu-relay"), &args)
 }

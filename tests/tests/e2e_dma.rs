@@ -285,3 +285,61 @@ fn dma_map_rules() {
     );
     let _ = &s.memory;
 }
+
+/// Client memory that can shrink (a memfd without `F_SEAL_SHRINK`) gets no window by
+/// default: the device VM never maps it, so a client truncating it cannot make the
+/// device VM fault. DMA to it still works, through the relay's copy path; the sealed
+/// regions of the same client keep their windows.
+#[test]
+fn unsealed_memory_goes_through_the_copy_path() {
+    let mut s = setup("dma-unsealed", Path::Window);
+    const EXTRA: u64 = 0x80_0000;
+    let f = memfd_named(c"vfu-dma-unsealed", 65536, 0);
+    map(&mut s.client, EXTRA, 65536, 0, true, Some(&f));
+    let pattern: Vec<u8> = (0..65536u32).map(|i| ((i * 13) >> 3) as u8).collect();
+    s.memory.write(SRC, &pattern);
+    let status = run(&mut s.client, SRC, EXTRA, 65536);
+    assert_eq!(status & 0xff, 1, "DONE");
+    let mut out = vec![0u8; 65536];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut out, 0).unwrap();
+    assert!(
+        out == pattern,
+        "copied byte for byte into the unsealed memory"
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.guest.pid())).unwrap();
+    assert!(
+        maps.contains("memfd:vfu-dma-client"),
+        "sealed memory has its window"
+    );
+    assert!(
+        !maps.contains("memfd:vfu-dma-unsealed"),
+        "unsealed memory is never mapped into the device VM"
+    );
+    // Shrinking it now only makes DMA from it fail (a write would grow the file back;
+    // neither can fault anything).
+    f.set_len(0).unwrap();
+    assert_eq!(
+        run(&mut s.client, EXTRA, DST, 4096) >> 16,
+        libc::EFAULT as u32
+    );
+    assert_eq!(reg_read(&mut s.client, 0), u32::from_le_bytes(*b"DMAE"));
+}
+
+/// With `--unsealed-windows` the operator trusts clients with windows onto memory that
+/// can shrink: the same unsealed memfd is mapped into the device VM.
+#[test]
+fn unsealed_windows_option() {
+    let mut s = setup_with(
+        None,
+        "dma-unsealed-opt",
+        Path::Window,
+        &["--unsealed-windows"],
+    );
+    let f = memfd_named(c"vfu-dma-unsealed", 65536, 0);
+    map(&mut s.client, 0x80_0000, 65536, 0, true, Some(&f));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", s.guest.pid())).unwrap();
+    assert!(
+        maps.contains("memfd:vfu-dma-unsealed"),
+        "window onto unsealed memory"
+    );
+}
