@@ -511,7 +511,7 @@ impl Channel {
             client.paused = false;
             relay.update_interest(self, client);
         }
-        let result = match h.error {
+        let mut result = match h.error {
             Some(errno) => Err(errno),
             None => match Reply::decode(h.command, &frame.payload, frame.slots.len()) {
                 Ok(_) if !frame.slots.is_empty() => {
@@ -543,8 +543,16 @@ impl Channel {
             (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
             (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
-                // client hears back.
-                release(relay, client.dma.finish_unmap(id));
+                // client hears back. If the device VM's VMM does not confirm that, the
+                // client must not reuse the memory as if it were unmapped.
+                let confirmed = release(relay, client.dma.finish_unmap(id));
+                if !confirmed {
+                    warn!(
+                        "{}: DMA_UNMAP: the device VM may still see the memory; answering EIO",
+                        self.name
+                    );
+                    result = Err(libc::EIO as u32);
+                }
             }
             _ => {}
         }
@@ -817,17 +825,20 @@ fn apply_irq_change(table: &mut HashMap<(u32, u32), OwnedFd>, index: u32, change
 }
 
 /// Drops regions: their windows are unmapped from the device VM (acknowledged by the
-/// frontend), then the relay's mappings and the client's fds are closed.
-fn release(relay: &Relay, regions: Vec<Region>) {
+/// frontend), then the relay's mappings and the client's fds are closed. Returns false
+/// if the frontend did not confirm that every window is gone.
+fn release(relay: &Relay, regions: Vec<Region>) -> bool {
+    let mut confirmed = true;
     if regions.iter().any(|r| r.window.is_some()) {
         let mut windows = relay.windows();
         for r in &regions {
             if let Some(offset) = r.window {
-                windows.unmap(offset, r.size);
+                confirmed &= windows.unmap(offset, r.size);
             }
         }
     }
     drop(regions);
+    confirmed
 }
 
 fn dma_read_error(e: DmaError) -> Body {
@@ -854,7 +865,9 @@ fn undo(relay: &Relay, client: &mut Client, kind: PendingKind) {
                 client.dma.remove(address, size).into_iter().collect(),
             );
         }
-        PendingKind::DmaUnmap(id) => release(relay, client.dma.finish_unmap(id)),
+        PendingKind::DmaUnmap(id) => {
+            release(relay, client.dma.finish_unmap(id));
+        }
         _ => {}
     }
 }

@@ -8,8 +8,11 @@
 
 use std::collections::BTreeMap;
 use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
 
-use log::warn;
+use log::{error, warn};
+
+use crate::frontend_requests::FrontendRequests;
 
 /// Page size of DMA maps and windows.
 pub const PAGE: u64 = 4096;
@@ -314,43 +317,52 @@ impl WindowAllocator {
 
 /// The shared memory region of the current frontend connection and the windows in it.
 pub struct Windows {
-    backend: Option<vhost::vhost_user::Backend>,
+    channel: Option<FrontendRequests>,
     alloc: WindowAllocator,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Windows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Windows")
-            .field("available", &self.backend.is_some())
+            .field("available", &self.channel.is_some())
             .field("alloc", &self.alloc)
             .finish()
     }
 }
 
 impl Windows {
-    /// No frontend channel yet; windows of up to `size` bytes in total.
-    pub fn new(size: u64) -> Self {
+    /// No frontend channel yet; windows of up to `size` bytes in total; the frontend
+    /// must acknowledge each map and unmap within `timeout`.
+    pub fn new(size: u64, timeout: Duration) -> Self {
         Self {
-            backend: None,
+            channel: None,
             alloc: WindowAllocator::new(size),
+            timeout,
         }
     }
 
     /// The frontend gave the backend its request channel (SET_BACKEND_REQ_FD).
     pub fn attach(&mut self, backend: vhost::vhost_user::Backend) {
-        self.backend = Some(backend);
         self.alloc.clear();
+        self.channel = match FrontendRequests::start(backend, self.timeout) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                error!("no thread for the frontend's backend channel ({e}): no DMA windows");
+                None
+            }
+        };
     }
 
     /// The frontend went away: its mappings went with it.
     pub fn detach(&mut self) {
-        self.backend = None;
+        self.channel = None;
         self.alloc.clear();
     }
 
     /// Whether windows can be offered (a frontend with a request channel).
     pub fn available(&self) -> bool {
-        self.backend.is_some() && self.alloc.size() > 0
+        self.channel.is_some() && self.alloc.size() > 0
     }
 
     /// Size of shared memory region 0.
@@ -358,13 +370,25 @@ impl Windows {
         self.alloc.size()
     }
 
+    /// The frontend did not acknowledge a request in time: no more windows for this
+    /// connection (the copy path serves new maps).
+    fn give_up(&mut self, what: &str) {
+        let timeout = self.channel.as_ref().map(FrontendRequests::timeout);
+        error!(
+            "the device VM's VMM did not acknowledge {what} within {timeout:?}: \
+             no more DMA windows until it reconnects"
+        );
+        self.channel = None;
+    }
+
     /// Maps `len` bytes of `fd` at `fd_offset` into a new window (BACKEND_SHMEM_MAP,
     /// acknowledged by the frontend). `None` if there is no room or the frontend
-    /// refuses: the region then goes through the copy path.
+    /// refuses or does not answer: the region then goes through the copy path.
     pub fn map(&mut self, fd: &OwnedFd, fd_offset: u64, len: u64, writable: bool) -> Option<u64> {
         use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
         use vhost::vhost_user::VhostUserFrontendReqHandler;
-        let backend = self.backend.clone()?;
+        let channel = self.channel.as_ref()?;
+        let fd = fd.try_clone().ok()?;
         let offset = self.alloc.alloc(len)?;
         let req = VhostUserMMap {
             shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
@@ -378,35 +402,50 @@ impl Windows {
                 0
             },
         };
-        match backend.shmem_map(&req, fd) {
-            Ok(_) => Some(offset),
-            Err(e) => {
+        match channel.call(move |b| b.shmem_map(&req, &fd).map_err(|e| e.to_string())) {
+            Some(Ok(_)) => Some(offset),
+            Some(Err(e)) => {
                 warn!("frontend refused to map a DMA window ({e}); using the copy path");
                 self.alloc.free(offset);
+                None
+            }
+            None => {
+                self.give_up("a window map");
                 None
             }
         }
     }
 
     /// Removes the window at `offset` (BACKEND_SHMEM_UNMAP, acknowledged), so that the
-    /// device VM no longer sees the memory.
-    pub fn unmap(&mut self, offset: u64, len: u64) {
+    /// device VM no longer sees the memory. False if that cannot be confirmed: the
+    /// frontend refused, did not answer in time, or its channel is gone while it still
+    /// runs.
+    pub fn unmap(&mut self, offset: u64, len: u64) -> bool {
         use vhost::vhost_user::message::VhostUserMMap;
         use vhost::vhost_user::VhostUserFrontendReqHandler;
-        if let Some(backend) = self.backend.clone() {
-            let req = VhostUserMMap {
-                shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
-                padding: [0; 7],
-                fd_offset: 0,
-                shm_offset: offset,
-                len,
-                flags: 0,
-            };
-            if let Err(e) = backend.shmem_unmap(&req) {
+        self.alloc.free(offset);
+        let Some(channel) = self.channel.as_ref() else {
+            return false;
+        };
+        let req = VhostUserMMap {
+            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
+            padding: [0; 7],
+            fd_offset: 0,
+            shm_offset: offset,
+            len,
+            flags: 0,
+        };
+        match channel.call(move |b| b.shmem_unmap(&req).map_err(|e| e.to_string())) {
+            Some(Ok(_)) => true,
+            Some(Err(e)) => {
                 warn!("frontend did not unmap window {offset:#x}: {e}");
+                false
+            }
+            None => {
+                self.give_up("a window unmap");
+                false
             }
         }
-        self.alloc.free(offset);
     }
 }
 
@@ -528,6 +567,31 @@ mod tests {
             t.check_segments(&[(0x40000, 1)], false),
             Err(DmaError::Fault)
         );
+    }
+
+    /// A frontend that never acknowledges BACKEND_SHMEM_MAP (a real socket whose peer
+    /// reads nothing) costs one deadline, not a stalled relay: the map falls back to the
+    /// copy path, windows are off for the connection, and an unmap reports that it
+    /// cannot confirm.
+    #[test]
+    fn silent_frontend() {
+        let (ours, peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let backend = vhost::vhost_user::Backend::from_stream(ours);
+        backend.set_reply_ack_flag(true);
+        backend.set_shmem_flag(true);
+        let mut w = Windows::new(1 << 20, std::time::Duration::from_millis(200));
+        w.attach(backend);
+        assert!(w.available());
+        // SAFETY: memfd_create with a valid C string; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: fd is new.
+        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let start = std::time::Instant::now();
+        assert_eq!(w.map(&fd, 0, 4096, true), None);
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+        assert!(!w.available(), "windows are off after a missed deadline");
+        assert!(!w.unmap(0, 4096), "an unmap cannot be confirmed");
+        drop(peer);
     }
 
     /// Windows are page aligned, first fit, reused after free, bounded by the size.

@@ -13,6 +13,7 @@
 pub mod channel;
 pub mod config;
 pub mod dma;
+pub mod frontend_requests;
 pub mod remote_dma;
 pub mod switch;
 pub mod tunnel;

@@ -64,6 +64,7 @@ impl Relay {
         let limits = RelayLimits::DEFAULT;
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let config_shm_bytes = config.shm_size_mib << 20;
+        let frontend_timeout = config.request_timeout();
         Ok(Self {
             link: Link::new(config.queue_pairs, limits, Some(wake.try_clone()?)),
             config,
@@ -72,7 +73,7 @@ impl Relay {
             poll: Epoll::new()?,
             wake,
             stopping: AtomicBool::new(false),
-            windows: std::sync::Mutex::new(Windows::new(config_shm_bytes)),
+            windows: std::sync::Mutex::new(Windows::new(config_shm_bytes, frontend_timeout)),
         })
     }
 
