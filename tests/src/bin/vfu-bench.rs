@@ -127,6 +127,9 @@ fn run(rounds: usize, writes: usize) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    // The client side of the benchmark serves DMA_READ/DMA_WRITE with buffers of up to
+    // 1 MiB, like the daemons: keep them on the heap the same way.
+    vfu_proto::mem::keep_large_buffers_on_heap();
     let mut rounds = 20_000;
     let mut writes = 100_000;
     let mut what = "all".to_string();
