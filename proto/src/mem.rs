@@ -53,6 +53,24 @@ pub fn map_fd(
     NonNull::new(p.cast::<u8>()).ok_or_else(einval)
 }
 
+/// Checks that `fd` can back DMA served with pread/pwrite: a regular file (memfd,
+/// tmpfs, hugetlbfs, ...) not opened with `O_APPEND` (where pwrite ignores the offset).
+/// `EINVAL` otherwise.
+pub fn check_positional_io(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fstat writes into the zeroed struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on a borrowed, open fd.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_GETFL only reads the fd's status flags.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG || flags < 0 || flags & libc::O_APPEND != 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    Ok(())
+}
+
 /// Whether `fd` is a memfd sealed against shrinking (`F_SEAL_SHRINK`, as QEMU's
 /// `memory-backend-memfd` seals by default): memory of it mapped elsewhere can never
 /// lose its backing under the mapper.

@@ -21,7 +21,7 @@ use vfu_proto::vfio_user::{
     Request, Version, HEADER_SIZE,
 };
 
-use crate::dma::{DmaError, DmaTable, Region};
+use crate::dma::{DmaError, DmaTable, Region, WindowMap};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::negotiate;
@@ -47,7 +47,7 @@ enum PendingKind {
     /// Apply the eventfd change once the device accepted it.
     SetIrqs { index: u32, change: IrqChange },
     /// Keep the region's fd once the device accepted the map.
-    DmaMap { address: u64, size: u64 },
+    DmaMap { address: u64, id: u64 },
     /// The regions the unmap took out of the table (when it was forwarded, so that
     /// pipelined maps see the table as the client does); released once the device
     /// acknowledged, or gave up on, the unmap.
@@ -377,12 +377,12 @@ impl Channel {
                 let fd = fds.pop();
                 // A file shorter than the range is refused: the device VM would fault
                 // on the part that is not there.
-                if let Some(Err(e)) = fd
-                    .as_ref()
-                    .map(|fd| vfu_proto::mem::check_range(fd.as_fd(), m.offset, m.size))
-                {
+                if let Some(Err(e)) = fd.as_ref().map(|fd| {
+                    vfu_proto::mem::check_positional_io(fd.as_fd())
+                        .and_then(|()| vfu_proto::mem::check_range(fd.as_fd(), m.offset, m.size))
+                }) {
                     warn!(
-                        "{}: DMA region {:#x} past the end of its file: {e}",
+                        "{}: DMA region {:#x}: its fd cannot back DMA (not a regular file, O_APPEND, or too short): {e}",
                         self.name, m.address
                     );
                     return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
@@ -403,14 +403,19 @@ impl Channel {
                             "{}: DMA region {:#x} is not sealed against shrinking: copy path",
                             self.name, m.address
                         );
-                        None
+                        WindowMap::None
                     }
-                    _ => None,
+                    _ => WindowMap::None,
+                };
+                let (window, unconfirmed_window) = match window {
+                    WindowMap::Mapped(offset) => (Some(offset), false),
+                    WindowMap::None => (None, false),
+                    WindowMap::Unconfirmed => (None, true),
                 };
                 if let Some(offset) = window {
                     slots.push(Slot::window(offset, m.read, m.write));
                 }
-                client.dma.insert(Region {
+                let id = client.dma.insert(Region {
                     iova: m.address,
                     size: m.size,
                     read: m.read,
@@ -419,10 +424,12 @@ impl Channel {
                     fd,
                     window,
                     committed: false,
+                    unconfirmed_window,
+                    id: 0,
                 });
                 PendingKind::DmaMap {
                     address: m.address,
-                    size: m.size,
+                    id,
                 }
             }
             Request::DmaUnmap(u) => {
@@ -539,7 +546,7 @@ impl Channel {
             (PendingKind::SetIrqs { index, change }, Ok(Reply::DeviceSetIrqs)) => {
                 apply_irq_change(&mut client.irq_fds, index, change);
             }
-            (PendingKind::DmaMap { address, .. }, Ok(Reply::DmaMap)) => client.dma.commit(address),
+            (PendingKind::DmaMap { id, .. }, Ok(Reply::DmaMap)) => client.dma.commit(id),
             (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
             (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
@@ -595,9 +602,9 @@ impl Channel {
         }
         if let Some(client) = st.client.as_mut() {
             let mut windows = relay.windows();
-            for (offset, size) in client.dma.take_windows() {
-                windows.unmap(offset, size);
-            }
+            client
+                .dma
+                .unmap_windows(|offset, size| windows.unmap(offset, size));
         }
     }
 
@@ -749,8 +756,11 @@ impl Channel {
         outcome
     }
 
-    /// The device VM went away or restarted: requests in flight fail with `errno`.
-    pub fn fail_pending(&self, errno: u32) -> SendOutcome {
+    /// The device VM went away or restarted: requests in flight fail with `errno`
+    /// (posted ones silently), and what forwarding them did to the DMA table is taken
+    /// back: maps the device never accepted and unmaps it never finished release their
+    /// regions.
+    pub fn fail_pending(&self, relay: &Relay, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
         // The frontend took its windows with it; what is left are fds and mappings.
@@ -763,6 +773,10 @@ impl Channel {
         };
         let mut outcome = SendOutcome::Done;
         while let Some(p) = client.pending.pop_front() {
+            undo(relay, client, p.kind);
+            if p.silent {
+                continue;
+            }
             let o = client.send(encode_error_reply(&p.header, errno), vec![]);
             if o != SendOutcome::Done {
                 outcome = o;
@@ -828,7 +842,7 @@ fn apply_irq_change(table: &mut HashMap<(u32, u32), OwnedFd>, index: u32, change
 /// frontend), then the relay's mappings and the client's fds are closed. Returns false
 /// if the frontend did not confirm that every window is gone.
 fn release(relay: &Relay, regions: Vec<Region>) -> bool {
-    let mut confirmed = true;
+    let mut confirmed = !regions.iter().any(|r| r.unconfirmed_window);
     if regions.iter().any(|r| r.window.is_some()) {
         let mut windows = relay.windows();
         for r in &regions {
@@ -859,15 +873,195 @@ fn send_tunnel_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
 /// never reached the device VM or the device VM refused or ignored it.
 fn undo(relay: &Relay, client: &mut Client, kind: PendingKind) {
     match kind {
-        PendingKind::DmaMap { address, size } => {
+        PendingKind::DmaMap { address, id } => {
             release(
                 relay,
-                client.dma.remove(address, size).into_iter().collect(),
+                client.dma.remove_id(address, id).into_iter().collect(),
             );
         }
         PendingKind::DmaUnmap(id) => {
             release(relay, client.dma.finish_unmap(id));
         }
         _ => {}
+    }
+}
+
+/// DMA maps and unmaps pipelined, refused, timed out and cut off by a device-VM
+/// restart, against a relay whose link has no device VM behind it (replies are fed in).
+#[cfg(test)]
+mod pipelined_dma_tests {
+    use super::*;
+    use crate::config::{Config, DeviceConfig};
+    use crate::tunnel::Negotiated;
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    use vfu_proto::vfio_user::{encode_request, DmaMap, DmaUnmap};
+    use vhost_user_backend::{VringRwLock, VringT};
+    use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+    const X: u64 = 0x10_0000;
+    const SZ: u64 = 0x2000;
+
+    fn relay() -> Relay {
+        let relay = Relay::new(Config {
+            frontend_socket: "/tmp/review-f.sock".into(),
+            devices: vec![DeviceConfig::parse("dev0=/tmp/review-d.sock").unwrap()],
+            request_timeout_ms: 3000,
+            queue_pairs: 1,
+            shm_size_mib: 0,
+            unsealed_windows: false,
+        })
+        .unwrap();
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let vrings: Vec<VringRwLock> = (0..2)
+            .map(|_| VringRwLock::new(mem.clone(), 256).unwrap())
+            .collect();
+        relay.link.attach_vrings(relay.link.generation(), &vrings);
+        relay.link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: 2 << 20,
+            features: 0,
+        });
+        relay
+    }
+
+    fn connect(relay: &Relay) -> UnixStream {
+        let ch = &relay.channels[0];
+        let (ours, peer) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_nonblocking(true).unwrap();
+        ch.lock().guest = GuestState::Served;
+        ch.on_client_connected(relay, Arc::new(ours));
+        ch.lock().client.as_mut().unwrap().versioned = true;
+        peer
+    }
+
+    fn raw(msg_id: u16, req: &Request, no_reply: bool, fds: Vec<OwnedFd>) -> RawMessage {
+        let b = encode_request(msg_id, req, no_reply);
+        RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds,
+        }
+    }
+
+    fn memfd() -> OwnedFd {
+        // SAFETY: valid C string; the fd is owned below.
+        let fd = unsafe { libc::memfd_create(c"review".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: new fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: our fd.
+        assert_eq!(
+            unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), SZ as i64) },
+            0
+        );
+        fd
+    }
+
+    fn map_req() -> Request {
+        Request::DmaMap(DmaMap {
+            read: true,
+            write: true,
+            offset: 0,
+            address: X,
+            size: SZ,
+        })
+    }
+
+    fn device_reply(relay_id: u16, cmd: Command, errno: Option<u32>) -> VfioUserFrame {
+        let req = Header::command(relay_id, cmd as u16, 0);
+        VfioUserFrame {
+            header: match errno {
+                Some(e) => Header::error_reply_to(&req, e),
+                None => Header::reply_to(&req, 0),
+            },
+            payload: vec![],
+            slots: vec![],
+        }
+    }
+
+    /// MAP X, UNMAP X, MAP X pipelined; the device refuses the first map and accepts the
+    /// second. Undoing the first map must not touch the second region (regions are told
+    /// apart by ID, not address), which stays mapped.
+    #[test]
+    fn refused_map_leaves_the_pipelined_remap() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channels[0];
+        let unmap = Request::DmaUnmap(DmaUnmap::region(X, SZ));
+        assert_eq!(
+            ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()])),
+            SendOutcome::Done
+        );
+        assert_eq!(
+            ch.on_client_message(&relay, raw(2, &unmap, false, vec![])),
+            SendOutcome::Done
+        );
+        assert_eq!(
+            ch.on_client_message(&relay, raw(3, &map_req(), false, vec![memfd()])),
+            SendOutcome::Done
+        );
+        // Relay IDs 0, 1, 2.
+        ch.on_device_message(
+            &relay,
+            device_reply(0, Command::DmaMap, Some(libc::ENOSPC as u32)),
+        );
+        ch.on_device_message(
+            &relay,
+            device_reply(1, Command::DmaUnmap, Some(libc::ENOENT as u32)),
+        );
+        ch.on_device_message(&relay, device_reply(2, Command::DmaMap, None));
+        // The client now believes X is mapped (its third request succeeded).
+        let st = ch.lock();
+        let dma = &st.client.as_ref().unwrap().dma;
+        assert!(
+            dma.has_exact(X, SZ),
+            "the region the device accepted is kept"
+        );
+    }
+
+    /// Same, with the first map timing out instead of being refused.
+    #[test]
+    fn timed_out_map_leaves_the_pipelined_remap() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channels[0];
+        let unmap = Request::DmaUnmap(DmaUnmap::region(X, SZ));
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
+        ch.on_client_message(&relay, raw(2, &unmap, true, vec![]));
+        std::thread::sleep(std::time::Duration::from_millis(5));
+        ch.on_client_message(&relay, raw(3, &map_req(), false, vec![memfd()]));
+        let first_deadline = ch.lock().client.as_ref().unwrap().pending[0].deadline;
+        ch.expire(&relay, first_deadline); // only the first map (and posted unmap) expire
+        ch.on_device_message(&relay, device_reply(2, Command::DmaMap, None));
+        let st = ch.lock();
+        assert!(
+            st.client.as_ref().unwrap().dma.has_exact(X, SZ),
+            "the first map's timeout leaves the second map's region"
+        );
+    }
+
+    /// A posted (NO_REPLY) DMA_UNMAP cut off by a driver restart (or the device VM going
+    /// away) gets no reply, and its region is released, not served for good.
+    #[test]
+    fn cut_off_posted_unmap_is_silent_and_released() {
+        let relay = relay();
+        let mut peer = connect(&relay);
+        let ch = &relay.channels[0];
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
+        ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
+        let mut buf = [0u8; 64];
+        assert_eq!(peer.read(&mut buf).unwrap(), HEADER_SIZE, "map reply");
+        let unmap = Request::DmaUnmap(DmaUnmap::region(X, SZ));
+        ch.on_client_message(&relay, raw(7, &unmap, true, vec![]));
+        ch.fail_pending(&relay, libc::ECONNRESET as u32);
+        let unsolicited = peer.read(&mut buf).ok();
+        let st = ch.lock();
+        let c = st.client.as_ref().unwrap();
+        let still_served = c.dma.check_segments(&[(X, 8)], false).is_ok();
+        assert!(
+            unsolicited.is_none() && !still_served,
+            "reply {unsolicited:?} to a posted unmap, or region still served: {still_served}"
+        );
     }
 }

@@ -38,6 +38,12 @@ pub struct Region {
     pub window: Option<u64>,
     /// The device accepted the map (copy requests are served only then).
     pub committed: bool,
+    /// A window map of this region was sent but never acknowledged: the device VM may
+    /// see the memory, and the relay cannot take it back.
+    pub unconfirmed_window: bool,
+    /// Set by [`DmaTable::insert`]: tells this map apart from a later one of the same
+    /// range (a client may pipeline map, unmap, map).
+    pub id: u64,
 }
 
 impl Region {
@@ -88,6 +94,7 @@ pub struct DmaTable {
     /// until the device acknowledges.
     unmapping: Vec<(u64, Vec<Region>)>,
     next_unmap: u64,
+    next_id: u64,
 }
 
 impl DmaTable {
@@ -118,15 +125,28 @@ impl DmaTable {
         Ok(())
     }
 
-    /// Adds a region (checked with [`DmaTable::check_map`]).
-    pub fn insert(&mut self, region: Region) {
+    /// Adds a region (checked with [`DmaTable::check_map`]); returns its ID.
+    pub fn insert(&mut self, mut region: Region) -> u64 {
+        self.next_id = self.next_id.wrapping_add(1);
+        region.id = self.next_id;
         self.regions.insert(region.iova, region);
+        self.next_id
     }
 
-    /// The device accepted the map of `iova`.
-    pub fn commit(&mut self, iova: u64) {
-        if let Some(r) = self.regions.get_mut(&iova) {
+    /// The device accepted the map that made region `id`, wherever that region is now
+    /// (an unmap may already be taking it out).
+    pub fn commit(&mut self, id: u64) {
+        if let Some(r) = self.all_mut().find(|r| r.id == id) {
             r.committed = true;
+        }
+    }
+
+    /// Removes region `id` if it is still mapped at `iova` (a refused or lost map). A
+    /// region that an unmap already took out is left to that unmap.
+    pub fn remove_id(&mut self, iova: u64, id: u64) -> Option<Region> {
+        match self.regions.get(&iova) {
+            Some(r) if r.id == id => self.regions.remove(&iova),
+            _ => None,
         }
     }
 
@@ -151,11 +171,16 @@ impl DmaTable {
         }
     }
 
-    /// Takes every region's window: (offset, size) pairs to unmap.
-    pub fn take_windows(&mut self) -> Vec<(u64, u64)> {
-        self.all_mut()
-            .filter_map(|r| r.window.take().map(|w| (w, r.size)))
-            .collect()
+    /// Takes every region's window and unmaps it with `unmap(offset, size)`; a region
+    /// whose unmap is not confirmed (false) is marked as such.
+    pub fn unmap_windows(&mut self, mut unmap: impl FnMut(u64, u64) -> bool) {
+        for r in self.all_mut() {
+            if let Some(offset) = r.window.take() {
+                if !unmap(offset, r.size) {
+                    r.unconfirmed_window = true;
+                }
+            }
+        }
     }
 
     fn all_mut(&mut self) -> impl Iterator<Item = &mut Region> {
@@ -315,6 +340,18 @@ impl WindowAllocator {
     }
 }
 
+/// What [`Windows::map`] achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowMap {
+    /// The window at this offset of shared memory region 0.
+    Mapped(u64),
+    /// No window: the copy path serves the region.
+    None,
+    /// The frontend did not answer in time: no usable window, but the device VM may
+    /// see the memory anyway.
+    Unconfirmed,
+}
+
 /// The shared memory region of the current frontend connection and the windows in it.
 pub struct Windows {
     channel: Option<FrontendRequests>,
@@ -382,14 +419,20 @@ impl Windows {
     }
 
     /// Maps `len` bytes of `fd` at `fd_offset` into a new window (BACKEND_SHMEM_MAP,
-    /// acknowledged by the frontend). `None` if there is no room or the frontend
-    /// refuses or does not answer: the region then goes through the copy path.
-    pub fn map(&mut self, fd: &OwnedFd, fd_offset: u64, len: u64, writable: bool) -> Option<u64> {
+    /// acknowledged by the frontend). Without a window (no room, refused, no answer)
+    /// the region goes through the copy path.
+    pub fn map(&mut self, fd: &OwnedFd, fd_offset: u64, len: u64, writable: bool) -> WindowMap {
         use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
         use vhost::vhost_user::VhostUserFrontendReqHandler;
-        let channel = self.channel.as_ref()?;
-        let fd = fd.try_clone().ok()?;
-        let offset = self.alloc.alloc(len)?;
+        let Some(channel) = self.channel.as_ref() else {
+            return WindowMap::None;
+        };
+        let Ok(fd) = fd.try_clone() else {
+            return WindowMap::None;
+        };
+        let Some(offset) = self.alloc.alloc(len) else {
+            return WindowMap::None;
+        };
         let req = VhostUserMMap {
             shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
             padding: [0; 7],
@@ -403,15 +446,16 @@ impl Windows {
             },
         };
         match channel.call(move |b| b.shmem_map(&req, &fd).map_err(|e| e.to_string())) {
-            Some(Ok(_)) => Some(offset),
+            Some(Ok(_)) => WindowMap::Mapped(offset),
             Some(Err(e)) => {
                 warn!("frontend refused to map a DMA window ({e}); using the copy path");
                 self.alloc.free(offset);
-                None
+                WindowMap::None
             }
             None => {
+                // The frontend may still map it: the offset stays taken.
                 self.give_up("a window map");
-                None
+                WindowMap::Unconfirmed
             }
         }
     }
@@ -420,10 +464,11 @@ impl Windows {
     /// device VM no longer sees the memory. False if that cannot be confirmed: the
     /// frontend refused, did not answer in time, or its channel is gone while it still
     /// runs.
+    /// The offset is freed only when the frontend confirms; otherwise it stays taken
+    /// until the frontend goes away, so that no new window lands on a live mapping.
     pub fn unmap(&mut self, offset: u64, len: u64) -> bool {
         use vhost::vhost_user::message::VhostUserMMap;
         use vhost::vhost_user::VhostUserFrontendReqHandler;
-        self.alloc.free(offset);
         let Some(channel) = self.channel.as_ref() else {
             return false;
         };
@@ -436,7 +481,10 @@ impl Windows {
             flags: 0,
         };
         match channel.call(move |b| b.shmem_unmap(&req).map_err(|e| e.to_string())) {
-            Some(Ok(_)) => true,
+            Some(Ok(_)) => {
+                self.alloc.free(offset);
+                true
+            }
             Some(Err(e)) => {
                 warn!("frontend did not unmap window {offset:#x}: {e}");
                 false
@@ -464,6 +512,8 @@ mod tests {
             fd: None,
             window: None,
             committed: true,
+            unconfirmed_window: false,
+            id: 0,
         }
     }
 
@@ -587,7 +637,7 @@ mod tests {
         // SAFETY: fd is new.
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         let start = std::time::Instant::now();
-        assert_eq!(w.map(&fd, 0, 4096, true), None);
+        assert_eq!(w.map(&fd, 0, 4096, true), WindowMap::Unconfirmed);
         assert!(start.elapsed() < std::time::Duration::from_secs(2));
         assert!(!w.available(), "windows are off after a missed deadline");
         assert!(!w.unmap(0, 4096), "an unmap cannot be confirmed");
@@ -605,5 +655,106 @@ mod tests {
         assert_eq!(a.alloc(0x1000), Some(0x1000));
         assert_eq!(a.alloc(0x10000), None);
         assert_eq!(a.alloc(u64::MAX), None);
+    }
+}
+
+/// Window bookkeeping against a frontend on a raw socket (found in review).
+#[cfg(test)]
+mod frontend_tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    /// (request, shm_offset) of each request the frontend answered.
+    type FrontendLog = Arc<Mutex<Vec<(u32, u64)>>>;
+
+    /// A frontend on a raw socket: answers MAP (9) after `map_delay` with 0, UNMAP (10)
+    /// with `unmap_status`; logs (request, shm_offset).
+    fn frontend(mut s: UnixStream, map_delay: Duration, unmap_status: u64) -> FrontendLog {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let l = log.clone();
+        std::thread::spawn(move || loop {
+            let mut hdr = [0u8; 12];
+            if s.read_exact(&mut hdr).is_err() {
+                return;
+            }
+            let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
+            let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+            let mut body = vec![0u8; size];
+            s.read_exact(&mut body).unwrap();
+            let shm_offset = u64::from_le_bytes(body[16..24].try_into().unwrap());
+            let status = if req == 9 {
+                std::thread::sleep(map_delay);
+                0
+            } else {
+                unmap_status
+            };
+            l.lock().unwrap().push((req, shm_offset));
+            let mut out = Vec::new();
+            out.extend_from_slice(&req.to_le_bytes());
+            out.extend_from_slice(&(0x1u32 | 0x4).to_le_bytes());
+            out.extend_from_slice(&8u32.to_le_bytes());
+            out.extend_from_slice(&status.to_le_bytes());
+            if s.write_all(&out).is_err() {
+                return;
+            }
+        });
+        log
+    }
+
+    fn windows(peer_delay: Duration, unmap_status: u64) -> (Windows, FrontendLog) {
+        let (ours, peer) = UnixStream::pair().unwrap();
+        let backend = vhost::vhost_user::Backend::from_stream(ours);
+        backend.set_reply_ack_flag(true);
+        backend.set_shmem_flag(true);
+        let mut w = Windows::new(1 << 20, Duration::from_millis(200));
+        w.attach(backend);
+        (w, frontend(peer, peer_delay, unmap_status))
+    }
+
+    fn memfd() -> OwnedFd {
+        // SAFETY: valid C string.
+        let fd = unsafe { libc::memfd_create(c"review".as_ptr(), libc::MFD_CLOEXEC) };
+        // SAFETY: new fd.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: our fd.
+        unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), 8192) };
+        fd
+    }
+
+    /// The frontend refuses an unmap: the window is still mapped there, so its offset
+    /// must not go to the next map.
+    #[test]
+    fn refused_unmap_keeps_the_offset() {
+        let (mut w, log) = windows(Duration::ZERO, 1);
+        let WindowMap::Mapped(a) = w.map(&memfd(), 0, 8192, true) else {
+            panic!("first map");
+        };
+        assert!(!w.unmap(a, 8192), "the frontend refused");
+        let b = w.map(&memfd(), 0, 8192, true);
+        assert_ne!(
+            b,
+            WindowMap::Mapped(a),
+            "offset {a:#x} reused while the frontend still maps it: {:?}",
+            log.lock().unwrap()
+        );
+    }
+
+    /// A map acknowledged after the deadline: the frontend did map the memory, so the
+    /// relay must not report "no window" (which would let the client's unmap succeed)
+    /// but an unconfirmed one, whose unmap answers EIO.
+    #[test]
+    fn late_map_ack_is_unconfirmed() {
+        let (mut w, log) = windows(Duration::from_millis(400), 0);
+        assert_eq!(w.map(&memfd(), 0, 8192, true), WindowMap::Unconfirmed);
+        std::thread::sleep(Duration::from_millis(400));
+        assert!(
+            log.lock().unwrap().iter().any(|&(r, _)| r == 9),
+            "the frontend did map it"
+        );
+        assert!(!w.available());
     }
 }

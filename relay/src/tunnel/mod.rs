@@ -55,7 +55,7 @@ fn device_vm_gone(relay: &Relay) {
     relay.link.reset();
     relay.windows().detach();
     for ch in &relay.channels {
-        let outcome = ch.fail_pending(libc::ENODEV as u32);
+        let outcome = ch.fail_pending(relay, libc::ENODEV as u32);
         relay.after_send(ch, outcome);
     }
 }
@@ -174,7 +174,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
         // The link is not up, so answer directly through a temporary negotiation.
         relay.link.set_up(Negotiated {
             pairs: 1,
-            guest_max_msg: h.max_msg_size as usize,
+            guest_max_msg: (h.max_msg_size as usize).min(relay.link.max_msg_size),
             features: 0,
         });
         send_reply(
@@ -200,7 +200,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     }
     let negotiated = Negotiated {
         pairs: h.queue_pairs.min(relay.link.offered_pairs).max(1),
-        guest_max_msg: h.max_msg_size as usize,
+        guest_max_msg: (h.max_msg_size as usize).min(relay.link.max_msg_size),
         features: h.features & offered & features::ALL,
     };
     let shm_size = if negotiated.features & features::WINDOWS != 0 {
@@ -212,7 +212,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     // included (unmapped from the frontend, which stays connected).
     for ch in &relay.channels {
         ch.on_driver_restart(relay);
-        let outcome = ch.fail_pending(libc::ECONNRESET as u32);
+        let outcome = ch.fail_pending(relay, libc::ECONNRESET as u32);
         relay.after_send(ch, outcome);
     }
     relay.link.set_up(negotiated);
