@@ -53,22 +53,17 @@ pub fn map_fd(
     NonNull::new(p.cast::<u8>()).ok_or_else(einval)
 }
 
-/// Checks that `fd` can back DMA served with pread/pwrite: a regular file (memfd,
-/// tmpfs, hugetlbfs, ...) not opened with `O_APPEND` (where pwrite ignores the offset).
-/// `EINVAL` otherwise.
-pub fn check_positional_io(fd: BorrowedFd<'_>) -> io::Result<()> {
-    // SAFETY: fstat writes into the zeroed struct we own.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat on a borrowed, open fd.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+/// Checks that `fd` can back DMA at `[offset, offset + size)` served with
+/// pread/pwrite: a regular file (memfd, tmpfs, hugetlbfs, ...) that holds the range,
+/// not opened with `O_APPEND` (where pwrite ignores the offset). `EINVAL` otherwise.
+pub fn check_positional_io(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<()> {
+    let meta = as_file(fd, File::metadata)?;
     // SAFETY: F_GETFL only reads the fd's status flags.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
-    if st.st_mode & libc::S_IFMT != libc::S_IFREG || flags < 0 || flags & libc::O_APPEND != 0 {
+    if !meta.is_file() || flags < 0 || flags & libc::O_APPEND != 0 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
-    Ok(())
+    holds(meta.len(), offset, size)
 }
 
 /// Whether `fd` is a memfd sealed against shrinking (`F_SEAL_SHRINK`, as QEMU's
@@ -83,20 +78,19 @@ pub fn cannot_shrink(fd: BorrowedFd<'_>) -> bool {
 /// Checks that a regular file holds `[offset, offset + size)` (`EINVAL` otherwise);
 /// other kinds of fd pass.
 pub fn check_range(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Result<()> {
-    let einval = || io::Error::from_raw_os_error(libc::EINVAL);
-    // SAFETY: an all-zero `stat` is a valid value of this plain C struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: fstat writes one `stat` into the exclusively borrowed `st`.
-    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if st.st_mode & libc::S_IFMT == libc::S_IFREG {
-        let end = offset.checked_add(size).ok_or_else(einval)?;
-        if end > u64::try_from(st.st_size).unwrap_or(0) {
-            return Err(einval());
-        }
+    let meta = as_file(fd, File::metadata)?;
+    if meta.is_file() {
+        holds(meta.len(), offset, size)?;
     }
     Ok(())
+}
+
+/// Whether a file of `len` bytes holds `[offset, offset + size)` (`EINVAL` otherwise).
+fn holds(len: u64, offset: u64, size: u64) -> io::Result<()> {
+    match offset.checked_add(size) {
+        Some(end) if end <= len => Ok(()),
+        _ => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+    }
 }
 
 /// Runs `f` on `fd` seen as a [`File`], without taking it over.

@@ -377,10 +377,10 @@ impl Channel {
                 let fd = fds.pop();
                 // A file shorter than the range is refused: the device VM would fault
                 // on the part that is not there.
-                if let Some(Err(e)) = fd.as_ref().map(|fd| {
-                    vfu_proto::mem::check_positional_io(fd.as_fd())
-                        .and_then(|()| vfu_proto::mem::check_range(fd.as_fd(), m.offset, m.size))
-                }) {
+                if let Some(Err(e)) = fd
+                    .as_ref()
+                    .map(|fd| vfu_proto::mem::check_positional_io(fd.as_fd(), m.offset, m.size))
+                {
                     warn!(
                         "{}: DMA region {:#x}: its fd cannot back DMA (not a regular file, O_APPEND, or too short): {e}",
                         self.name, m.address
@@ -894,7 +894,6 @@ mod pipelined_dma_tests {
     use crate::config::{Config, DeviceConfig};
     use crate::tunnel::Negotiated;
     use std::io::Read;
-    use std::os::fd::FromRawFd;
     use vfu_proto::vfio_user::{encode_request, DmaMap, DmaUnmap};
     use vhost_user_backend::{VringRwLock, VringT};
     use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -946,16 +945,7 @@ mod pipelined_dma_tests {
     }
 
     fn memfd() -> OwnedFd {
-        // SAFETY: valid C string; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"review".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: new fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: our fd.
-        assert_eq!(
-            unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), SZ as i64) },
-            0
-        );
-        fd
+        crate::dma::tests::memfd(SZ)
     }
 
     fn map_req() -> Request {

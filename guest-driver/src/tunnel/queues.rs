@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 
 use log::warn;
 use vfu_proto::tunnel::{TunnelError, TunnelHeader, TunnelMessage, TUNNEL_HEADER_SIZE};
-use vm_memory::VolatileSlice;
+use vm_memory::{VolatileSlice, WriteVolatile};
 
 use crate::virtqueue::{Allocation, DriverQueue, QueueError, Segment, SharedMemory};
 
@@ -187,9 +187,16 @@ impl QueuePair {
             self.rx_expected = 0;
             return Some(Err(TunnelError::TrailingBytes { extra }));
         }
-        let start = self.rx_partial.len();
-        self.rx_partial.resize(start + chunk.len(), 0);
-        chunk.copy_to(&mut self.rx_partial[start..]);
+        // Appends without zero-filling first (the Vec has room for the whole message).
+        // (Appending to a Vec cannot fail; were it to, the message is short.)
+        if self.rx_partial.write_all_volatile(chunk).is_err() {
+            let len = u32::try_from(self.rx_expected).unwrap_or(u32::MAX);
+            self.rx_expected = 0;
+            return Some(Err(TunnelError::LengthMismatch {
+                len,
+                actual: self.rx_partial.len(),
+            }));
+        }
         if self.rx_partial.len() < self.rx_expected {
             return None;
         }

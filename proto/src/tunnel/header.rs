@@ -1,6 +1,6 @@
 //! The 16-byte tunnel header (`docs/tunnel.md`, section 6.1).
 
-use crate::wire::{Reader, Writer};
+use crate::wire::Reader;
 
 use super::TunnelError;
 
@@ -104,11 +104,19 @@ impl TunnelHeader {
 
     /// Appends the 16 header bytes.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.put_u32(self.len);
-        out.put_u32(self.channel);
-        out.put_u16(self.kind);
-        out.put_u16(if self.reply { FLAG_REPLY } else { 0 });
-        out.put_u32(self.tag);
+        out.extend_from_slice(&self.to_bytes());
+    }
+
+    /// The 16 header bytes.
+    pub fn to_bytes(&self) -> [u8; TUNNEL_HEADER_SIZE] {
+        let flags = if self.reply { FLAG_REPLY } else { 0 };
+        let mut b = [0u8; TUNNEL_HEADER_SIZE];
+        b[0..4].copy_from_slice(&self.len.to_le_bytes());
+        b[4..8].copy_from_slice(&self.channel.to_le_bytes());
+        b[8..10].copy_from_slice(&self.kind.to_le_bytes());
+        b[10..12].copy_from_slice(&flags.to_le_bytes());
+        b[12..16].copy_from_slice(&self.tag.to_le_bytes());
+        b
     }
 
     /// Total message size, header included.

@@ -312,9 +312,7 @@ impl TunnelMessage {
             reply,
             tag: self.tag,
         };
-        let mut head = Vec::with_capacity(TUNNEL_HEADER_SIZE);
-        header.encode(&mut head);
-        out[..TUNNEL_HEADER_SIZE].copy_from_slice(&head);
+        out[..TUNNEL_HEADER_SIZE].copy_from_slice(&header.to_bytes());
         out
     }
 
