@@ -11,6 +11,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
 use log::{error, warn};
+use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
+use vhost::vhost_user::VhostUserFrontendReqHandler;
 
 use crate::frontend_requests::FrontendRequests;
 
@@ -410,20 +412,30 @@ impl Windows {
     /// The frontend did not acknowledge a request in time: no more windows for this
     /// connection (the copy path serves new maps).
     fn give_up(&mut self, what: &str) {
-        let timeout = self.channel.as_ref().map(FrontendRequests::timeout);
         error!(
-            "the device VM's VMM did not acknowledge {what} within {timeout:?}: \
-             no more DMA windows until it reconnects"
+            "the device VM's VMM did not acknowledge {what} within {:?}: \
+             no more DMA windows until it reconnects",
+            self.timeout
         );
         self.channel = None;
+    }
+
+    /// A BACKEND_SHMEM_MAP / UNMAP body for `len` bytes at `shm_offset` of region 0.
+    fn request(shm_offset: u64, fd_offset: u64, len: u64, flags: u64) -> VhostUserMMap {
+        VhostUserMMap {
+            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
+            padding: [0; 7],
+            fd_offset,
+            shm_offset,
+            len,
+            flags,
+        }
     }
 
     /// Maps `len` bytes of `fd` at `fd_offset` into a new window (BACKEND_SHMEM_MAP,
     /// acknowledged by the frontend). Without a window (no room, refused, no answer)
     /// the region goes through the copy path.
     pub fn map(&mut self, fd: &OwnedFd, fd_offset: u64, len: u64, writable: bool) -> WindowMap {
-        use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
-        use vhost::vhost_user::VhostUserFrontendReqHandler;
         let Some(channel) = self.channel.as_ref() else {
             return WindowMap::None;
         };
@@ -433,18 +445,12 @@ impl Windows {
         let Some(offset) = self.alloc.alloc(len) else {
             return WindowMap::None;
         };
-        let req = VhostUserMMap {
-            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
-            padding: [0; 7],
-            fd_offset,
-            shm_offset: offset,
-            len,
-            flags: if writable {
-                VhostUserMMapFlags::WRITABLE.bits()
-            } else {
-                0
-            },
+        let flags = if writable {
+            VhostUserMMapFlags::WRITABLE.bits()
+        } else {
+            0
         };
+        let req = Self::request(offset, fd_offset, len, flags);
         match channel.call(move |b| b.shmem_map(&req, &fd).map_err(|e| e.to_string())) {
             Some(Ok(_)) => WindowMap::Mapped(offset),
             Some(Err(e)) => {
@@ -467,19 +473,10 @@ impl Windows {
     /// The offset is freed only when the frontend confirms; otherwise it stays taken
     /// until the frontend goes away, so that no new window lands on a live mapping.
     pub fn unmap(&mut self, offset: u64, len: u64) -> bool {
-        use vhost::vhost_user::message::VhostUserMMap;
-        use vhost::vhost_user::VhostUserFrontendReqHandler;
         let Some(channel) = self.channel.as_ref() else {
             return false;
         };
-        let req = VhostUserMMap {
-            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
-            padding: [0; 7],
-            fd_offset: 0,
-            shm_offset: offset,
-            len,
-            flags: 0,
-        };
+        let req = Self::request(offset, 0, len, 0);
         match channel.call(move |b| b.shmem_unmap(&req).map_err(|e| e.to_string())) {
             Some(Ok(_)) => {
                 self.alloc.free(offset);
@@ -498,8 +495,20 @@ impl Windows {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// A memfd of `len` bytes standing for client memory.
+    pub(crate) fn memfd(len: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a valid C string; the result is checked and owned
+        // below.
+        let fd = unsafe { libc::memfd_create(c"vfu-relay-test".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: fd is new and owned by nobody else.
+        let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        f.set_len(len).unwrap();
+        f.into()
+    }
     use std::os::fd::AsRawFd;
 
     fn region(iova: u64, size: u64, read: bool, write: bool) -> Region {
@@ -563,12 +572,7 @@ mod tests {
     /// write touches nothing unless every segment is valid.
     #[test]
     fn segments_and_permissions() {
-        // SAFETY: memfd_create with a valid C string; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: fd is new.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-        // SAFETY: ftruncate on our fd.
-        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0x4000) }, 0);
+        let fd = memfd(0x4000);
         let mut t = DmaTable::default();
         let mut rw = region(0x10000, 0x2000, true, true);
         rw.fd = Some(fd.try_clone().unwrap());
@@ -632,10 +636,7 @@ mod tests {
         let mut w = Windows::new(1 << 20, std::time::Duration::from_millis(200));
         w.attach(backend);
         assert!(w.available());
-        // SAFETY: memfd_create with a valid C string; the fd is owned below.
-        let fd = unsafe { libc::memfd_create(c"dma-test".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: fd is new.
-        let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let fd = memfd(4096);
         let start = std::time::Instant::now();
         assert_eq!(w.map(&fd, 0, 4096, true), WindowMap::Unconfirmed);
         assert!(start.elapsed() < std::time::Duration::from_secs(2));
@@ -661,9 +662,9 @@ mod tests {
 /// Window bookkeeping against a frontend on a raw socket (found in review).
 #[cfg(test)]
 mod frontend_tests {
+    use super::tests::memfd;
     use super::*;
     use std::io::{Read, Write};
-    use std::os::fd::FromRawFd;
     use std::os::unix::net::UnixStream;
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
@@ -715,26 +716,16 @@ mod frontend_tests {
         (w, frontend(peer, peer_delay, unmap_status))
     }
 
-    fn memfd() -> OwnedFd {
-        // SAFETY: valid C string.
-        let fd = unsafe { libc::memfd_create(c"review".as_ptr(), libc::MFD_CLOEXEC) };
-        // SAFETY: new fd.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: our fd.
-        unsafe { libc::ftruncate(std::os::fd::AsRawFd::as_raw_fd(&fd), 8192) };
-        fd
-    }
-
     /// The frontend refuses an unmap: the window is still mapped there, so its offset
     /// must not go to the next map.
     #[test]
     fn refused_unmap_keeps_the_offset() {
         let (mut w, log) = windows(Duration::ZERO, 1);
-        let WindowMap::Mapped(a) = w.map(&memfd(), 0, 8192, true) else {
+        let WindowMap::Mapped(a) = w.map(&memfd(8192), 0, 8192, true) else {
             panic!("first map");
         };
         assert!(!w.unmap(a, 8192), "the frontend refused");
-        let b = w.map(&memfd(), 0, 8192, true);
+        let b = w.map(&memfd(8192), 0, 8192, true);
         assert_ne!(
             b,
             WindowMap::Mapped(a),
@@ -749,7 +740,7 @@ mod frontend_tests {
     #[test]
     fn late_map_ack_is_unconfirmed() {
         let (mut w, log) = windows(Duration::from_millis(400), 0);
-        assert_eq!(w.map(&memfd(), 0, 8192, true), WindowMap::Unconfirmed);
+        assert_eq!(w.map(&memfd(8192), 0, 8192, true), WindowMap::Unconfirmed);
         std::thread::sleep(Duration::from_millis(400));
         assert!(
             log.lock().unwrap().iter().any(|&(r, _)| r == 9),

@@ -49,9 +49,4 @@ impl FrontendRequests {
             .ok()?;
         rx.recv_timeout(self.timeout).ok()
     }
-
-    /// The deadline of each request.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
 }

@@ -35,21 +35,21 @@ pub const BAR0: u32 = 0;
 pub enum Path {
     /// Windows in the tunnel's shared memory (zero copy).
     Window,
-    /// The relay copies from its own mapping of the client's fds (no SHMEM).
-    CopyMapped,
+    /// The relay reads and writes the client's fds (pread/pwrite; no SHMEM).
+    CopyFd,
     /// The client mapped without fds: DMA_READ / DMA_WRITE to the client.
     CopyMessages,
 }
 
 impl Path {
     /// Every path.
-    pub const ALL: [Path; 3] = [Path::Window, Path::CopyMapped, Path::CopyMessages];
+    pub const ALL: [Path; 3] = [Path::Window, Path::CopyFd, Path::CopyMessages];
 
     /// A name for tables.
     pub fn name(self) -> &'static str {
         match self {
             Path::Window => "window",
-            Path::CopyMapped => "copy (relay mapping)",
+            Path::CopyFd => "copy (client fd)",
             Path::CopyMessages => "copy (client messages)",
         }
     }
@@ -210,7 +210,7 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
     assert!(wait_for_socket(&device, TIMEOUT));
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     args.extend(["--serve".into(), "dma0=dma-engine".into()]);
-    if path == Path::CopyMapped {
+    if path == Path::CopyFd {
         args.push("--no-shmem".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

@@ -3,8 +3,8 @@
 //! paths:
 //! - window: the loopback VMM supports vhost-user SHMEM, the client passes fds; the
 //!   device VM reads and writes the client's memory in place;
-//! - copy (relay mapping): the loopback VMM without SHMEM (`--no-shmem`); the relay
-//!   copies from its own mapping of the client's fds;
+//! - copy (client fd): the loopback VMM without SHMEM (`--no-shmem`); the relay
+//!   reads and writes the client's fds (pread/pwrite);
 //! - copy (client messages): the client maps without fds; the relay turns the device's
 //!   requests into vfio-user DMA_READ / DMA_WRITE to the client.
 //!
@@ -188,10 +188,10 @@ fn dma_engine_on_the_window_path() {
     exercise(Path::Window, "dma-window");
 }
 
-/// The copy path, served from the relay's own mapping of the client's fds.
+/// The copy path, served by the relay reading and writing the client's fds.
 #[test]
 fn dma_engine_on_the_copy_path() {
-    exercise(Path::CopyMapped, "dma-copy");
+    exercise(Path::CopyFd, "dma-copy");
 }
 
 /// The copy path for memory mapped without fds: DMA_READ / DMA_WRITE to the client.

@@ -702,30 +702,12 @@ pub(crate) mod tests {
 
     pub(crate) fn pread(fd: &OwnedFd, offset: u64, len: usize) -> Vec<u8> {
         let mut buf = vec![0u8; len];
-        // SAFETY: pread into an exclusively borrowed buffer of `len` bytes.
-        let n = unsafe {
-            libc::pread(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                len,
-                offset as libc::off_t,
-            )
-        };
-        assert_eq!(n, len as isize);
+        vfu_proto::mem::read_exact_at(fd.as_fd(), &mut buf, offset).unwrap();
         buf
     }
 
     pub(crate) fn pwrite(fd: &OwnedFd, offset: u64, data: &[u8]) {
-        // SAFETY: pwrite from a borrowed buffer.
-        let n = unsafe {
-            libc::pwrite(
-                fd.as_raw_fd(),
-                data.as_ptr().cast(),
-                data.len(),
-                offset as libc::off_t,
-            )
-        };
-        assert_eq!(n, data.len() as isize);
+        vfu_proto::mem::write_all_at(fd.as_fd(), data, offset).unwrap();
     }
 
     /// A [`DmaRemote`] over a byte vector standing for client memory at IOVA 0, that

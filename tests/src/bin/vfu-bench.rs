@@ -211,33 +211,22 @@ mod dma {
 
     /// Median nanoseconds of the same work with memcpy: `len` bytes from a source buffer
     /// into a local one, then from it into a destination buffer.
-    fn memcpy_ns(len: usize) -> f64 {
+    /// Median nanoseconds of the two copies the device does (source into a local
+    /// buffer, local buffer into the destination) with memcpy. With `cold`, a 64 MiB
+    /// sweep (twice this machine's L3) runs before each one: the device's copies run
+    /// between round trips through the relay, so their cache state lies between the two.
+    fn memcpy_ns(len: usize, cold: bool) -> f64 {
         let src = vec![0x5au8; len];
         let mut tmp = vec![0u8; len];
         let mut dst = vec![0u8; len];
+        let (rounds, mut sweep) = if cold {
+            (60, vec![0u8; 64 << 20])
+        } else {
+            (2000, Vec::new())
+        };
         let mut ns = Vec::new();
-        for _ in 0..2000 {
-            let t = Instant::now();
-            tmp.copy_from_slice(std::hint::black_box(&src));
-            dst.copy_from_slice(std::hint::black_box(&tmp));
-            ns.push(t.elapsed().as_nanos() as f64);
-            std::hint::black_box(&dst);
-        }
-        ns.sort_by(f64::total_cmp);
-        ns[ns.len() / 2]
-    }
-
-    /// The same two copies with caches cold: a 64 MiB sweep (twice this machine's L3)
-    /// before each one. The device's copies run between round trips through the relay,
-    /// so their cache state lies between this and the hot baseline.
-    fn memcpy_cold_ns(len: usize) -> f64 {
-        let src = vec![0x5au8; len];
-        let mut tmp = vec![0u8; len];
-        let mut dst = vec![0u8; len];
-        let mut sweep = vec![0u8; 64 << 20];
-        let mut ns = Vec::new();
-        for i in 0..60u8 {
-            sweep.fill(i);
+        for i in 0..rounds {
+            sweep.fill(i as u8);
             std::hint::black_box(&sweep);
             let t = Instant::now();
             tmp.copy_from_slice(std::hint::black_box(&src));
@@ -302,8 +291,11 @@ mod dma {
     fn baseline_on(cpu: usize) -> (Vec<f64>, Vec<f64>) {
         std::thread::spawn(move || {
             let _ = pin_to(cpu);
-            let hot = SIZES.iter().map(|&l| memcpy_ns(l as usize)).collect();
-            let cold = SIZES.iter().map(|&l| memcpy_cold_ns(l as usize)).collect();
+            let hot = SIZES
+                .iter()
+                .map(|&l| memcpy_ns(l as usize, false))
+                .collect();
+            let cold = SIZES.iter().map(|&l| memcpy_ns(l as usize, true)).collect();
             (hot, cold)
         })
         .join()
