@@ -20,7 +20,9 @@ use vfu_proto::vfio_user::{
     encode_error_reply, encode_reply, Capabilities, Command, Header, IrqData, MessageType, Reply,
     Request, Version, HEADER_SIZE,
 };
+use vm_memory::VolatileSlice;
 
+use crate::client_memory::{self, ClientMapping, Direction};
 use crate::dma::{DmaError, DmaTable, Region, WindowMap};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
@@ -415,6 +417,9 @@ impl Channel {
                 if let Some(offset) = window {
                     slots.push(Slot::window(offset, m.read, m.write));
                 }
+                let map = fd.as_ref().and_then(|fd| {
+                    ClientMapping::new(fd.as_fd(), m.offset, m.size, m.read, m.write)
+                });
                 let id = client.dma.insert(Region {
                     iova: m.address,
                     size: m.size,
@@ -422,6 +427,7 @@ impl Channel {
                     write: m.write,
                     fd_offset: m.offset,
                     fd,
+                    map,
                     window,
                     committed: false,
                     unconfirmed_window,
@@ -655,6 +661,33 @@ impl Channel {
         }
     }
 
+    /// Copies between the client's memory and `buffers` (device-VM memory holding a
+    /// direct request's data), when the client's fds reach every segment: `Some` with
+    /// the outcome (also for segments outside the client's maps, and for no client).
+    /// `None` when some segment has no fd: the request must go to the client.
+    pub fn copy_local(
+        &self,
+        segments: &[(u64, u64)],
+        buffers: &[VolatileSlice<'_>],
+        direction: Direction,
+    ) -> Option<Result<(), DmaError>> {
+        let st = self.lock();
+        let Some(client) = st.client.as_ref() else {
+            return Some(Err(DmaError::Fault));
+        };
+        let write = direction == Direction::ToClient;
+        match client.dma.check_segments(segments, write) {
+            Ok(true) => Some(
+                client
+                    .dma
+                    .spans(segments, write)
+                    .and_then(|spans| client_memory::copy(&spans, buffers, direction)),
+            ),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     /// The device VM asks to write client memory (copy path). Returns the status, or
     /// `None` when the client itself writes it and the status follows.
     pub fn on_dma_write(
@@ -662,7 +695,7 @@ impl Channel {
         relay: &Relay,
         tag: u32,
         segments: &[(u64, u64)],
-        data: &[u8],
+        data: &mut [u8],
     ) -> Option<u32> {
         let mut st = self.lock();
         let Some(client) = st.client.as_mut() else {
@@ -862,11 +895,9 @@ fn dma_read_error(e: DmaError) -> Body {
     }
 }
 
-/// Answers a tunnel request of the device VM.
+/// Answers a tunnel request of the device VM (in its chain, if it was a direct one).
 fn send_tunnel_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
-    if let Err(e) = relay.link.send(&TunnelMessage { channel, tag, body }) {
-        debug!("DMA reply on channel {channel} not sent: {e}");
-    }
+    relay.link.reply(channel, tag, body);
 }
 
 /// Takes back what forwarding a request did to the relay's state, when the request

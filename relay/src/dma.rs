@@ -13,7 +13,9 @@ use std::time::Duration;
 use log::{error, warn};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::VhostUserFrontendReqHandler;
+use vm_memory::VolatileSlice;
 
+use crate::client_memory::{self, ClientMapping, ClientSpan, Direction};
 use crate::frontend_requests::FrontendRequests;
 
 /// Page size of DMA maps and windows.
@@ -33,9 +35,12 @@ pub struct Region {
     /// Offset of the region in `fd`.
     pub fd_offset: u64,
     /// The client's fd, if it passed one: the copy path reads and writes it with
-    /// pread/pwrite, never through a mapping, so a client that shrinks its file gets
+    /// pread/pwrite where it has no mapping, so a client that shrinks its file gets
     /// errors instead of crashing the relay with SIGBUS.
     pub fd: Option<OwnedFd>,
+    /// The relay's own mapping of the region, when `fd` is sealed against shrinking
+    /// (see [`crate::client_memory`]): the copy path then is a memcpy.
+    pub map: Option<ClientMapping>,
     /// Offset of the region's window in shared memory region 0, if it has one.
     pub window: Option<u64>,
     /// The device accepted the map (copy requests are served only then).
@@ -253,41 +258,50 @@ impl DmaTable {
         Ok(local)
     }
 
-    /// Reads the segments from the client's fds (all checked local).
-    pub fn read_local(&self, segments: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), DmaError> {
-        for &(iova, len) in segments {
-            let r = self.find(iova, len, false)?;
-            let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
-            let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
-            let start = out.len();
-            out.resize(start + n, 0);
-            vfu_proto::mem::read_exact_at(
-                fd.as_fd(),
-                &mut out[start..],
-                r.fd_offset + (iova - r.iova),
-            )
-            .map_err(|_| DmaError::Fault)?;
-        }
-        Ok(())
+    /// The client memory of the segments, in order, for a copy (every segment inside a
+    /// committed region with the permission, and backed by an fd).
+    pub fn spans(
+        &self,
+        segments: &[(u64, u64)],
+        write: bool,
+    ) -> Result<Vec<ClientSpan<'_>>, DmaError> {
+        segments
+            .iter()
+            .map(|&(iova, len)| {
+                let r = self.find(iova, len, write)?;
+                let at = iova - r.iova;
+                let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
+                if let Some(map) = &r.map {
+                    return map
+                        .slice(at, n)
+                        .map(ClientSpan::Mapped)
+                        .ok_or(DmaError::Fault);
+                }
+                let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
+                Ok(ClientSpan::File {
+                    fd: fd.as_fd(),
+                    offset: r.fd_offset + at,
+                    len: n,
+                })
+            })
+            .collect()
     }
 
-    /// Writes `data` across the segments to the client's fds, after checking all of
+    /// Reads the segments from the client's memory (all checked local), appending to
+    /// `out`.
+    pub fn read_local(&self, segments: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), DmaError> {
+        let spans = self.spans(segments, false)?;
+        let start = out.len();
+        out.resize(start + spans.iter().map(ClientSpan::len).sum::<usize>(), 0);
+        let dst = VolatileSlice::from(&mut out[start..]);
+        client_memory::copy(&spans, &[dst], Direction::FromClient)
+    }
+
+    /// Writes `data` across the segments to the client's memory, after checking all of
     /// them (nothing is written if one fails).
-    pub fn write_local(&self, segments: &[(u64, u64)], data: &[u8]) -> Result<(), DmaError> {
-        if !self.check_segments(segments, true)? {
-            return Err(DmaError::Fault);
-        }
-        let mut at = 0usize;
-        for &(iova, len) in segments {
-            let r = self.find(iova, len, true)?;
-            let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
-            let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
-            let chunk = data.get(at..at + n).ok_or(DmaError::Fault)?;
-            vfu_proto::mem::write_all_at(fd.as_fd(), chunk, r.fd_offset + (iova - r.iova))
-                .map_err(|_| DmaError::Fault)?;
-            at += n;
-        }
-        Ok(())
+    pub fn write_local(&self, segments: &[(u64, u64)], data: &mut [u8]) -> Result<(), DmaError> {
+        let spans = self.spans(segments, true)?;
+        client_memory::copy(&spans, &[VolatileSlice::from(data)], Direction::ToClient)
     }
 }
 
@@ -502,7 +516,12 @@ pub(crate) mod tests {
     pub(crate) fn memfd(len: u64) -> OwnedFd {
         // SAFETY: memfd_create with a valid C string; the result is checked and owned
         // below.
-        let fd = unsafe { libc::memfd_create(c"vfu-relay-test".as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe {
+            libc::memfd_create(
+                c"vfu-relay-test".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
         assert!(fd >= 0);
         // SAFETY: fd is new and owned by nobody else.
         let f = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
@@ -519,6 +538,7 @@ pub(crate) mod tests {
             write,
             fd_offset: 0,
             fd: None,
+            map: None,
             window: None,
             committed: true,
             unconfirmed_window: false,
@@ -581,7 +601,7 @@ pub(crate) mod tests {
         ro.fd = Some(fd.try_clone().unwrap());
         ro.fd_offset = 0x2000;
         t.insert(ro);
-        t.write_local(&[(0x10ff0, 32)], &[7u8; 32]).unwrap();
+        t.write_local(&[(0x10ff0, 32)], &mut [7u8; 32]).unwrap();
         let mut out = Vec::new();
         t.read_local(&[(0x10ff0, 32)], &mut out).unwrap();
         assert_eq!(out, vec![7u8; 32]);
@@ -591,7 +611,7 @@ pub(crate) mod tests {
             Err(DmaError::Fault)
         );
         assert_eq!(
-            t.write_local(&[(0x20000, 4)], &[1; 4]),
+            t.write_local(&[(0x20000, 4)], &mut [1; 4]),
             Err(DmaError::Fault)
         );
         assert_eq!(
@@ -600,7 +620,7 @@ pub(crate) mod tests {
         );
         // A two-segment write whose second segment is bad writes nothing.
         assert!(t
-            .write_local(&[(0x10000, 4), (0x20000, 4)], &[9; 8])
+            .write_local(&[(0x10000, 4), (0x20000, 4)], &mut [9; 8])
             .is_err());
         let mut out = Vec::new();
         t.read_local(&[(0x10000, 4)], &mut out).unwrap();

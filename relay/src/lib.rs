@@ -11,6 +11,7 @@
 //! - [`version`]: the honest VERSION negotiation between client and device model.
 
 pub mod channel;
+pub mod client_memory;
 pub mod config;
 pub mod dma;
 pub mod frontend_requests;

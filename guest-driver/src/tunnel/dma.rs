@@ -2,15 +2,18 @@
 //! no window becomes a DMA_READ or DMA_WRITE request to the relay, answered before the
 //! model's call goes on.
 
-use vfu_proto::tunnel::{Body, DmaSegment};
-
 use crate::device::errno::EFAULT;
 use crate::device::{DmaRemote, Errno};
 
-/// What the engine offers a channel for DMA: one request, its answer.
+/// What the engine offers a channel for DMA: one request, its answer. How the request
+/// travels (a buffer the relay fills in place, or messages both ways) is the engine's
+/// choice.
 pub trait DmaPort {
-    /// Sends `body` (DMA_READ or DMA_WRITE) on `channel` and waits for the reply.
-    fn exchange(&mut self, channel: u32, body: Body) -> Result<Body, Errno>;
+    /// Reads `buf.len()` bytes (at most [`DmaPort::max_chunk`]) of client memory at
+    /// `iova`, for the device of `channel`.
+    fn read(&mut self, channel: u32, iova: u64, buf: &mut [u8]) -> Result<(), Errno>;
+    /// Writes `data` (at most [`DmaPort::max_chunk`] bytes) to client memory at `iova`.
+    fn write(&mut self, channel: u32, iova: u64, data: &[u8]) -> Result<(), Errno>;
     /// Largest data payload of one request.
     fn max_chunk(&self) -> usize;
 }
@@ -30,18 +33,9 @@ impl DmaRemote for TunnelDma<'_> {
         let chunk = self.port.max_chunk().max(1);
         for (i, piece) in buf.chunks_mut(chunk).enumerate() {
             let at = iova + (i * chunk) as u64;
-            let req = Body::DmaRead {
-                segments: vec![DmaSegment {
-                    iova: at,
-                    len: piece.len() as u64,
-                }],
-            };
-            match self.port.exchange(self.channel, req).map_err(|_| EFAULT)? {
-                Body::DmaReadReply { status: 0, data } if data.len() == piece.len() => {
-                    piece.copy_from_slice(&data);
-                }
-                _ => return Err(EFAULT),
-            }
+            self.port
+                .read(self.channel, at, piece)
+                .map_err(|_| EFAULT)?;
         }
         Ok(())
     }
@@ -50,17 +44,9 @@ impl DmaRemote for TunnelDma<'_> {
         let chunk = self.port.max_chunk().max(1);
         for (i, piece) in data.chunks(chunk).enumerate() {
             let at = iova + (i * chunk) as u64;
-            let req = Body::DmaWrite {
-                segments: vec![DmaSegment {
-                    iova: at,
-                    len: piece.len() as u64,
-                }],
-                data: piece.to_vec(),
-            };
-            match self.port.exchange(self.channel, req).map_err(|_| EFAULT)? {
-                Body::Status { status: 0, .. } => {}
-                _ => return Err(EFAULT),
-            }
+            self.port
+                .write(self.channel, at, piece)
+                .map_err(|_| EFAULT)?;
         }
         Ok(())
     }

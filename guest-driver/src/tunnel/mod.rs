@@ -23,18 +23,19 @@ use std::time::{Duration, Instant};
 use log::{debug, info, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
-    features, pair_of_channel, Body, Hello, Kind, TunnelMessage, MIN_MSG_SIZE, VERSION_MAJOR,
-    VERSION_MINOR,
+    encode_dma_write_head, features, pair_of_channel, Body, DmaSegment, Hello, Kind, TunnelHeader,
+    TunnelMessage, MIN_MSG_SIZE, REPLY_HEAD_SIZE, VERSION_MAJOR, VERSION_MINOR,
 };
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::device::errno::EFAULT;
 use crate::device::Errno;
 use crate::transport::{Transport, TransportError};
 use channels::Channels;
-use queues::{PairError, QueuePair};
+use queues::{PairError, QueuePair, DIRECT_READ_REPLY, DIRECT_WRITE_REQUEST};
 
 /// Largest message the driver accepts (1 MiB of data plus headers).
 pub const MAX_MSG_SIZE: usize = (1 << 20) + 4096;
@@ -85,6 +86,8 @@ pub struct Io<T: Transport> {
     relay_max_msg: usize,
     tag: u32,
     deferred: VecDeque<TunnelMessage>,
+    /// The relay answers DMA requests in their own chain (`DIRECT_DATA`).
+    direct: bool,
 }
 
 impl<T: Transport> Io<T> {
@@ -155,24 +158,39 @@ impl<T: Transport> Io<T> {
     }
 }
 
-impl<T: Transport> DmaPort for Io<T> {
+impl<T: Transport> Io<T> {
+    /// Sends a DMA request as a message and waits for the reply message.
     fn exchange(&mut self, channel: u32, body: Body) -> Result<Body, Errno> {
         let tag = self.next_tag();
         let expected = body.kind().0;
         self.send(TunnelMessage { channel, tag, body })
             .map_err(|_| libc::EIO as u32)?;
+        let mut found = None;
+        self.wait_for(|io| {
+            if let Some(i) = io.deferred.iter().position(|m| {
+                let (kind, reply) = m.body.kind();
+                reply && kind == expected && m.channel == channel && m.tag == tag
+            }) {
+                found = io.deferred.remove(i).map(|m| m.body);
+            }
+            found.is_some()
+        })?;
+        found.ok_or(libc::EIO as u32)
+    }
+
+    /// Serves the queues (keeping the messages for later) until `done` says so, or the
+    /// relay took too long.
+    fn wait_for(&mut self, mut done: impl FnMut(&mut Self) -> bool) -> Result<(), Errno> {
         let deadline = Instant::now() + DMA_TIMEOUT;
         let mut events = vec![EpollEvent::default(); 8];
         loop {
             self.kick_all();
             for p in 0..self.pairs.len() {
-                for msg in self.drain(p).map_err(|_| libc::EIO as u32)? {
-                    let (kind, reply) = msg.body.kind();
-                    if reply && kind == expected && msg.channel == channel && msg.tag == tag {
-                        return Ok(msg.body);
-                    }
-                    self.deferred.push_back(msg);
-                }
+                let messages = self.drain(p).map_err(|_| libc::EIO as u32)?;
+                self.deferred.extend(messages);
+            }
+            if done(self) {
+                return Ok(());
             }
             if Instant::now() > deadline {
                 warn!("the relay did not answer a DMA request in time");
@@ -180,6 +198,143 @@ impl<T: Transport> DmaPort for Io<T> {
             }
             // Model events seen meanwhile are picked up by the main loop (level-triggered).
             self.wait(100, &mut events).map_err(|_| libc::EIO as u32)?;
+        }
+    }
+
+    /// The pair of `channel`, if its direct buffer is free and the relay takes direct
+    /// requests.
+    fn direct_pair(&self, channel: u32) -> Option<usize> {
+        if !self.direct {
+            return None;
+        }
+        let p = (pair_of_channel(channel, self.active_pairs) as usize).min(self.pairs.len() - 1);
+        self.pairs[p].direct_ready().then_some(p)
+    }
+
+    /// Posts a direct request and waits for the relay to give its chain back; returns
+    /// the reply head and the bytes of answer.
+    fn direct_exchange(
+        &mut self,
+        p: usize,
+        request: (usize, usize),
+        reply: (usize, usize),
+    ) -> Result<([u8; REPLY_HEAD_SIZE], usize), Errno> {
+        self.pairs[p]
+            .post_direct(request.0, request.1, reply.0, reply.1)
+            .map_err(|_| libc::EIO as u32)?;
+        let mut used = None;
+        let waited = self.wait_for(|io| {
+            used = io.pairs[p].take_direct_answer();
+            used.is_some()
+        });
+        if waited.is_err() {
+            self.pairs[p].abandon_direct();
+        }
+        waited?;
+        let used = used.unwrap_or(0) as usize;
+        let mut head = [0u8; REPLY_HEAD_SIZE];
+        match self.pairs[p].direct_area().slice(reply.0, REPLY_HEAD_SIZE) {
+            Some(s) if used >= REPLY_HEAD_SIZE => s.copy_to(&mut head),
+            _ => return Err(libc::EIO as u32),
+        };
+        Ok((head, used))
+    }
+}
+
+/// Checks a direct reply head against the request; returns its status.
+fn check_reply(
+    head: &[u8; REPLY_HEAD_SIZE],
+    channel: u32,
+    tag: u32,
+    kind: Kind,
+) -> Result<(TunnelHeader, u32), Errno> {
+    let h = TunnelHeader::decode(head).map_err(|_| libc::EIO as u32)?;
+    if h.channel != channel || h.tag != tag || h.kind != kind as u16 || !h.reply {
+        warn!("the relay answered a direct DMA request with a foreign head: {h:?}");
+        return Err(libc::EIO as u32);
+    }
+    let status = u32::from_le_bytes([head[16], head[17], head[18], head[19]]);
+    Ok((h, status))
+}
+
+impl<T: Transport> DmaPort for Io<T> {
+    fn read(&mut self, channel: u32, iova: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let segments = vec![DmaSegment {
+            iova,
+            len: buf.len() as u64,
+        }];
+        let Some(p) = self.direct_pair(channel) else {
+            return match self.exchange(channel, Body::DmaRead { segments })? {
+                Body::DmaReadReply { status: 0, data } if data.len() == buf.len() => {
+                    buf.copy_from_slice(&data);
+                    Ok(())
+                }
+                _ => Err(EFAULT),
+            };
+        };
+        let tag = self.next_tag();
+        let request = TunnelMessage {
+            channel,
+            tag,
+            body: Body::DmaRead { segments },
+        }
+        .encode();
+        let direct = self.pairs[p].direct_area();
+        direct
+            .slice(0, request.len())
+            .ok_or(libc::EIO as u32)?
+            .copy_from(&request);
+        let reply_len = REPLY_HEAD_SIZE + buf.len();
+        let (head, used) =
+            self.direct_exchange(p, (0, request.len()), (DIRECT_READ_REPLY, reply_len))?;
+        let (h, status) = check_reply(&head, channel, tag, Kind::DmaRead)?;
+        if status != 0 {
+            return Err(EFAULT);
+        }
+        if used != reply_len || h.len as usize != 8 + buf.len() {
+            warn!("the relay's direct DMA read reply has {used} bytes, not {reply_len}");
+            return Err(libc::EIO as u32);
+        }
+        let direct = self.pairs[p].direct_area();
+        direct
+            .slice(DIRECT_READ_REPLY + REPLY_HEAD_SIZE, buf.len())
+            .ok_or(libc::EIO as u32)?
+            .copy_to(buf);
+        Ok(())
+    }
+
+    fn write(&mut self, channel: u32, iova: u64, data: &[u8]) -> Result<(), Errno> {
+        let segments = vec![DmaSegment {
+            iova,
+            len: data.len() as u64,
+        }];
+        let Some(p) = self.direct_pair(channel) else {
+            let body = Body::DmaWrite {
+                segments,
+                data: data.to_vec(),
+            };
+            return match self.exchange(channel, body)? {
+                Body::Status { status: 0, .. } => Ok(()),
+                _ => Err(EFAULT),
+            };
+        };
+        let tag = self.next_tag();
+        let head = encode_dma_write_head(channel, tag, &segments, data.len());
+        let direct = self.pairs[p].direct_area();
+        let at = DIRECT_WRITE_REQUEST;
+        direct
+            .slice(at, head.len())
+            .ok_or(libc::EIO as u32)?
+            .copy_from(&head);
+        direct
+            .slice(at + head.len(), data.len())
+            .ok_or(libc::EIO as u32)?
+            .copy_from(data);
+        let (reply, _) =
+            self.direct_exchange(p, (at, head.len() + data.len()), (0, REPLY_HEAD_SIZE))?;
+        match check_reply(&reply, channel, tag, Kind::DmaWrite)? {
+            (_, 0) => Ok(()),
+            _ => Err(EFAULT),
         }
     }
 
@@ -246,6 +401,7 @@ impl<T: Transport> TunnelDriver<T> {
                 relay_max_msg: MIN_MSG_SIZE as usize,
                 tag: 0,
                 deferred: VecDeque::new(),
+                direct: false,
             },
             channels: Channels::new(config.serve),
             up: false,
@@ -266,6 +422,7 @@ impl<T: Transport> TunnelDriver<T> {
         } else {
             0
         };
+        let wanted = windows | features::DIRECT_DATA;
         let tag = self.io.next_tag();
         self.io.send(TunnelMessage {
             channel: 0,
@@ -275,7 +432,7 @@ impl<T: Transport> TunnelDriver<T> {
                 version_minor: VERSION_MINOR,
                 queue_pairs: self.io.pairs.len() as u16,
                 max_msg_size: MAX_MSG_SIZE as u32,
-                features: windows,
+                features: wanted,
             }),
         })?;
         let mut events = vec![EpollEvent::default(); 16];
@@ -344,6 +501,7 @@ impl<T: Transport> TunnelDriver<T> {
                 self.io.active_pairs = r.queue_pairs.clamp(1, self.io.pairs.len() as u16);
                 self.io.relay_max_msg = r.max_msg_size as usize;
                 self.channels.set_peer_max_msg(r.max_msg_size as usize);
+                self.io.direct = r.features & features::DIRECT_DATA != 0;
                 if r.features & features::WINDOWS != 0 {
                     if let Some((base, len)) = self.io.transport.shared_memory() {
                         let len = len.min(usize::try_from(r.shm_size).unwrap_or(usize::MAX));
@@ -353,8 +511,11 @@ impl<T: Transport> TunnelDriver<T> {
                 }
                 self.up = true;
                 info!(
-                    "relay answered HELLO: tunnel {}.{}, {} queue pair(s)",
-                    r.version_major, r.version_minor, self.io.active_pairs
+                    "relay answered HELLO: tunnel {}.{}, {} queue pair(s), direct DMA data {}",
+                    r.version_major,
+                    r.version_minor,
+                    self.io.active_pairs,
+                    if self.io.direct { "on" } else { "off" }
                 );
                 Vec::new()
             }

@@ -14,6 +14,26 @@ use crate::virtqueue::{Allocation, DriverQueue, QueueError, Segment, SharedMemor
 /// Size of each buffer, both directions.
 pub const BUFFER_SIZE: usize = 16 << 10;
 
+/// Where a direct request's parts lie in the pair's direct buffer: a DMA_READ's request
+/// at 0 and its reply (head and data) at [`DIRECT_READ_REPLY`]; a DMA_WRITE's reply at 0
+/// and its request (head and data) at [`DIRECT_WRITE_REQUEST`].
+pub const DIRECT_READ_REPLY: usize = 4096;
+/// See [`DIRECT_READ_REPLY`].
+pub const DIRECT_WRITE_REQUEST: usize = 64;
+
+/// The direct request of a pair (`DIRECT_DATA`, `docs/tunnel.md` section 6.6): at most
+/// one at a time, as the engine waits for each.
+#[derive(Debug, Default)]
+struct Direct {
+    /// Head of the chain the device holds.
+    in_flight: Option<u16>,
+    /// The engine stopped waiting for it (timeout): its answer is dropped, and the
+    /// buffer is reused only once the device gave the chain back.
+    abandoned: bool,
+    /// Bytes the device wrote, once it gave the chain back.
+    used: Option<u32>,
+}
+
 /// Driver side of a queue pair.
 pub struct QueuePair {
     /// Queue index of `h2g`.
@@ -32,6 +52,9 @@ pub struct QueuePair {
     rx_partial: Vec<u8>,
     rx_expected: usize,
     max_msg: usize,
+    /// Buffer of direct requests and their replies.
+    direct_buf: Allocation,
+    direct: Direct,
 }
 
 /// A queue pair's failure (the device misbehaved, or memory ran out).
@@ -59,6 +82,9 @@ impl QueuePair {
         let tx_free = (0..size)
             .map(|_| mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory))
             .collect::<Result<Vec<_>, _>>()?;
+        let direct_buf = mem
+            .alloc(DIRECT_READ_REPLY + max_msg, 4096)
+            .ok_or(PairError::NoMemory)?;
         let mut p = Self {
             h2g_index: pair * 2,
             g2h_index: pair * 2 + 1,
@@ -71,6 +97,8 @@ impl QueuePair {
             rx_partial: Vec::new(),
             rx_expected: 0,
             max_msg,
+            direct_buf,
+            direct: Direct::default(),
         };
         for _ in 0..size {
             let buf = mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory)?;
@@ -128,9 +156,70 @@ impl QueuePair {
         Ok(())
     }
 
+    /// Whether a direct request may be posted: none holds the buffer, and the `g2h`
+    /// stream is between messages (a chain in the middle of a message would break its framing).
+    pub fn direct_ready(&self) -> bool {
+        self.direct.in_flight.is_none() && self.tx_pending.is_empty() && self.g2h.num_free() >= 2
+    }
+
+    /// The direct buffer (write a request into it only when [`QueuePair::direct_ready`];
+    /// read a reply from it only after [`QueuePair::take_direct_answer`]).
+    pub fn direct_area(&self) -> &Allocation {
+        &self.direct_buf
+    }
+
+    /// Posts a direct request: `request` bytes of the direct buffer at `request_at`
+    /// (device-readable), then `reply_len` bytes at `reply_at` for the answer
+    /// (device-writable). Call only when [`QueuePair::direct_ready`].
+    pub fn post_direct(
+        &mut self,
+        request_at: usize,
+        request: usize,
+        reply_at: usize,
+        reply_len: usize,
+    ) -> Result<(), PairError> {
+        let gpa = self.direct_buf.gpa;
+        let head = self.g2h.add(&[
+            Segment {
+                gpa: gpa + request_at as u64,
+                len: request as u32,
+                device_writable: false,
+            },
+            Segment {
+                gpa: gpa + reply_at as u64,
+                len: reply_len as u32,
+                device_writable: true,
+            },
+        ])?;
+        self.direct = Direct {
+            in_flight: Some(head),
+            abandoned: false,
+            used: None,
+        };
+        Ok(())
+    }
+
+    /// Bytes of answer the device wrote, once it gave the direct chain back.
+    pub fn take_direct_answer(&mut self) -> Option<u32> {
+        self.direct.used.take()
+    }
+
+    /// Stops waiting for the direct request in flight.
+    pub fn abandon_direct(&mut self) {
+        self.direct.abandoned = true;
+    }
+
     /// Takes back `g2h` buffers the device has read.
     pub fn reclaim_tx(&mut self) -> Result<(), PairError> {
         while let Some(used) = self.g2h.pop_used()? {
+            if self.direct.in_flight == Some(used.head) {
+                self.direct.in_flight = None;
+                if !std::mem::take(&mut self.direct.abandoned) {
+                    // The ring checked `len` against the chain's writable bytes.
+                    self.direct.used = Some(used.len);
+                }
+                continue;
+            }
             if let Some(buf) = self.tx_in_flight[used.head as usize].take() {
                 self.tx_free.push(buf);
             }
@@ -214,11 +303,13 @@ impl QueuePair {
     }
 
     /// Re-arms interrupts; true if work arrived meanwhile. Incoming messages always
-    /// interrupt; `g2h` completions only while messages wait for room (otherwise the
-    /// buffers are reclaimed on the next pass, without a wake-up per message).
+    /// interrupt; `g2h` completions only while messages wait for room or a direct
+    /// request waits for its answer (otherwise the buffers are reclaimed on the next
+    /// pass, without a wake-up per message).
     pub fn rearm(&mut self) -> bool {
         let incoming = self.h2g.enable_interrupts();
-        let reclaimable = if self.tx_pending.is_empty() {
+        let waiting = self.direct.in_flight.is_some() && !self.direct.abandoned;
+        let reclaimable = if self.tx_pending.is_empty() && !waiting {
             self.g2h.disable_interrupts();
             false
         } else {

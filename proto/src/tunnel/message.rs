@@ -553,6 +553,62 @@ fn decode_segments(r: &mut Reader<'_>) -> Result<Vec<DmaSegment>, TunnelError> {
     Ok(segments)
 }
 
+/// Decodes the start of a DMA_READ or DMA_WRITE request body: its segments, and the
+/// offset in the body where a DMA_WRITE's data begins. `body` may stop there: this is
+/// for receivers that leave the data where it lies (tunnel feature `DIRECT_DATA`).
+pub fn decode_dma_request_head(body: &[u8]) -> Result<(Vec<DmaSegment>, usize), TunnelError> {
+    let mut r = Reader::new(body);
+    let segments = decode_segments(&mut r)?;
+    Ok((segments, r.position()))
+}
+
+/// Encodes the header and the segments of a DMA_WRITE request that carries `data_len`
+/// bytes of data; the caller places the data straight after them.
+pub fn encode_dma_write_head(
+    channel: u32,
+    tag: u32,
+    segments: &[DmaSegment],
+    data_len: usize,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(TUNNEL_HEADER_SIZE + 8 + 16 * segments.len());
+    out.resize(TUNNEL_HEADER_SIZE, 0);
+    encode_segments(segments, &mut out);
+    let header = TunnelHeader {
+        len: u32::try_from(out.len() - TUNNEL_HEADER_SIZE + data_len).unwrap_or(u32::MAX),
+        channel,
+        kind: Kind::DmaWrite as u16,
+        reply: false,
+        tag,
+    };
+    out[..TUNNEL_HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    out
+}
+
+/// Bytes before the data of a reply: the tunnel header, `le32 status`, `le32 reserved`.
+pub const REPLY_HEAD_SIZE: usize = TUNNEL_HEADER_SIZE + 8;
+
+/// Encodes the header and status of a reply of `kind` followed by `data_len` bytes of
+/// data (a DMA_READ reply's), which the caller places straight after it.
+pub fn encode_reply_head(
+    channel: u32,
+    tag: u32,
+    kind: Kind,
+    status: u32,
+    data_len: usize,
+) -> [u8; REPLY_HEAD_SIZE] {
+    let header = TunnelHeader {
+        len: u32::try_from(8 + data_len).unwrap_or(u32::MAX),
+        channel,
+        kind: kind as u16,
+        reply: true,
+        tag,
+    };
+    let mut out = [0u8; REPLY_HEAD_SIZE];
+    out[..TUNNEL_HEADER_SIZE].copy_from_slice(&header.to_bytes());
+    out[TUNNEL_HEADER_SIZE..TUNNEL_HEADER_SIZE + 4].copy_from_slice(&status.to_le_bytes());
+    out
+}
+
 /// Sum of the segment lengths, refusing overflow.
 pub(crate) fn segments_total(segments: &[DmaSegment]) -> Result<u64, TunnelError> {
     segments

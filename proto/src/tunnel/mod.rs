@@ -13,8 +13,9 @@ mod message;
 pub use error::TunnelError;
 pub use header::{Kind, TunnelHeader, FLAG_REPLY, TUNNEL_HEADER_SIZE};
 pub use message::{
-    Body, DmaSegment, Hello, HelloReply, IrqTrigger, Slot, SlotType, TunnelMessage, VfioUserFrame,
-    MAX_CHANNEL_NAME, MAX_DMA_SEGMENTS, MAX_ERROR_TEXT,
+    decode_dma_request_head, encode_dma_write_head, encode_reply_head, Body, DmaSegment, Hello,
+    HelloReply, IrqTrigger, Slot, SlotType, TunnelMessage, VfioUserFrame, MAX_CHANNEL_NAME,
+    MAX_DMA_SEGMENTS, MAX_ERROR_TEXT, REPLY_HEAD_SIZE,
 };
 
 /// Protocol version spoken by this crate.
@@ -38,8 +39,12 @@ pub mod features {
     pub const DOORBELLS: u64 = 1 << 1;
     /// Replies may carry GUEST_MEMORY slots.
     pub const GUEST_MEMORY: u64 = 1 << 2;
+    /// A DMA_READ or DMA_WRITE request may end its chain with device-writable
+    /// descriptors; the device then writes the reply there instead of sending it on
+    /// `h2g`, so a DMA_READ's data lands where the driver wants it.
+    pub const DIRECT_DATA: u64 = 1 << 3;
     /// Every feature this crate knows.
-    pub const ALL: u64 = WINDOWS | DOORBELLS | GUEST_MEMORY;
+    pub const ALL: u64 = WINDOWS | DOORBELLS | GUEST_MEMORY | DIRECT_DATA;
 }
 
 /// Queue index of the host-to-guest queue of pair `pair`.

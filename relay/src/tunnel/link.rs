@@ -13,7 +13,7 @@
 //! channel's lock, never the other way round. No call blocks or loops without bound
 //! while holding it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -21,14 +21,15 @@ use std::sync::Mutex;
 use log::{debug, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
-    g2h_queue, h2g_queue, pair_of_channel, Body, TunnelError, TunnelHeader, TunnelMessage,
-    TUNNEL_HEADER_SIZE,
+    features, g2h_queue, h2g_queue, pair_of_channel, Body, TunnelError, TunnelHeader,
+    TunnelMessage, TUNNEL_HEADER_SIZE,
 };
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueOwnedT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::direct::{BadDirect, DirectRequest, GuestRanges, HEAD_MAX};
 use crate::version::RelayLimits;
 
 /// Bytes of vfio-user messages one channel may have waiting for the device VM. Above
@@ -84,6 +85,15 @@ pub struct BadMessage {
     pub error: TunnelError,
 }
 
+/// What the driver sent.
+#[derive(Debug)]
+pub enum Incoming {
+    /// A message (or what could not be decoded of one).
+    Message(Result<TunnelMessage, BadMessage>),
+    /// A DMA request to be answered in its own chain (`DIRECT_DATA`).
+    Direct(DirectRequest),
+}
+
 /// Reassembles one `g2h` queue's messages.
 #[derive(Debug, Default)]
 struct Reassembly {
@@ -93,9 +103,9 @@ struct Reassembly {
 
 impl Reassembly {
     /// Adds the bytes of one buffer; returns a complete message or a framing error.
-    fn push(&mut self, chunk: &[u8], max: usize) -> Option<Result<Vec<u8>, TunnelError>> {
+    fn push(&mut self, chunk: Vec<u8>, max: usize) -> Option<Result<Vec<u8>, TunnelError>> {
         if self.expected == 0 {
-            let header = match TunnelHeader::decode(chunk) {
+            let header = match TunnelHeader::decode(&chunk) {
                 Ok(h) => h,
                 Err(e) => return Some(Err(e)),
             };
@@ -105,6 +115,9 @@ impl Reassembly {
                     size: total,
                     limit: max,
                 }));
+            }
+            if chunk.len() == total {
+                return Some(Ok(chunk)); // the whole message in one buffer: no copy
             }
             self.expected = total;
             self.buf = Vec::with_capacity(total);
@@ -116,7 +129,7 @@ impl Reassembly {
             self.buf = Vec::new();
             return Some(Err(TunnelError::TrailingBytes { extra }));
         }
-        self.buf.extend_from_slice(chunk);
+        self.buf.extend_from_slice(&chunk);
         if self.buf.len() == self.expected {
             self.expected = 0;
             return Some(Ok(std::mem::take(&mut self.buf)));
@@ -173,6 +186,9 @@ struct Inner {
     backlog: BTreeMap<u32, usize>,
     /// Per pair: the driver must be signalled about used `h2g` buffers.
     signal_due: Vec<bool>,
+    /// Direct requests whose answer comes from the client, by channel and tag. At most
+    /// one per `g2h` descriptor chain the driver has in flight.
+    parked: HashMap<(u32, u32), DirectRequest>,
 }
 
 /// The link to the device VM.
@@ -375,7 +391,7 @@ impl Link {
 
     /// Takes up to [`RECEIVE_BATCH`] messages from the `g2h` queue of `pair`. The
     /// second value says whether more may be waiting (call again).
-    pub fn receive(&self, pair: usize) -> (Vec<Result<TunnelMessage, BadMessage>>, bool) {
+    pub fn receive(&self, pair: usize) -> (Vec<Incoming>, bool) {
         let mut inner = self.lock();
         let max = self.max_msg_size;
         let mut out = Vec::new();
@@ -388,6 +404,10 @@ impl Link {
         let Some(vring) = inner.vrings.get(g2h_queue(pair as u16) as usize).cloned() else {
             return (out, false);
         };
+        let direct_allowed = inner
+            .up
+            .is_some_and(|u| u.features & features::DIRECT_DATA != 0);
+        let generation = self.generation();
         let guard = mem.memory();
         let mut more = false;
         'outer: loop {
@@ -410,27 +430,88 @@ impl Link {
                 };
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
+                // The chain's buffers: readable ones first, then writable ones.
+                let (mut readable, mut writable) = (GuestRanges::default(), GuestRanges::default());
+                let mut order_ok = true;
+                for d in chain.clone() {
+                    if d.is_write_only() {
+                        writable.push(d.addr(), d.len() as usize);
+                    } else {
+                        order_ok &= writable.is_empty();
+                        readable.push(d.addr(), d.len() as usize);
+                    }
+                }
+                if readable.len() > max || writable.len() > max || !order_ok {
+                    warn!(
+                        "g2h queue {pair}: bad buffer ({} readable, {} writable bytes, in order: {order_ok})",
+                        readable.len(),
+                        writable.len()
+                    );
+                    let _ = vring.add_used(head, 0);
+                    continue;
+                }
+                if !writable.is_empty() {
+                    let parsed = if !direct_allowed {
+                        Err(BadDirect {
+                            header: None,
+                            error: TunnelError::InvalidField {
+                                field: "device-writable g2h buffer without DIRECT_DATA",
+                                value: writable.len() as u64,
+                            },
+                        })
+                    } else if inner.rx.get(pair).is_some_and(|rx| rx.expected != 0) {
+                        Err(BadDirect {
+                            header: None,
+                            error: TunnelError::TrailingBytes {
+                                extra: readable.len(),
+                            },
+                        })
+                    } else {
+                        match readable.read_prefix(&guard, HEAD_MAX) {
+                            Some(prefix) => DirectRequest::parse(
+                                &prefix,
+                                readable,
+                                writable,
+                                mem.clone(),
+                                pair,
+                                head,
+                                generation,
+                            ),
+                            None => Err(BadDirect {
+                                header: None,
+                                error: TunnelError::InvalidField {
+                                    field: "buffer outside guest memory",
+                                    value: readable.len() as u64,
+                                },
+                            }),
+                        }
+                    };
+                    match parsed {
+                        Ok(req) => out.push(Incoming::Direct(req)),
+                        Err(BadDirect { header, error }) => {
+                            let _ = vring.add_used(head, 0);
+                            out.push(Incoming::Message(Err(BadMessage { header, error })));
+                        }
+                    }
+                    continue;
+                }
                 let mut data = Vec::new();
                 let read = chain
                     .clone()
                     .reader(&*guard)
                     .map_err(|e| e.to_string())
                     .and_then(|mut r| {
-                        if r.available_bytes() > max {
-                            Err(format!("buffer of {} bytes", r.available_bytes()))
-                        } else {
-                            r.read_to_end(&mut data)
-                                .map(|_| ())
-                                .map_err(|e| e.to_string())
-                        }
+                        r.read_to_end(&mut data)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
                     });
                 let _ = vring.add_used(head, 0);
                 if let Err(e) = read {
                     warn!("g2h queue {pair}: bad buffer: {e}");
                     continue;
                 }
-                if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(&data, max)) {
-                    out.push(decode(done));
+                if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(data, max)) {
+                    out.push(Incoming::Message(decode(done)));
                 }
             }
             if !vring.enable_notification().unwrap_or(false) {
@@ -441,6 +522,49 @@ impl Link {
             let _ = vring.signal_used_queue();
         }
         (out, more)
+    }
+
+    /// Keeps a direct request until its answer comes (from the client). Gives it back
+    /// when one with the same channel and tag is already waiting, or when the device VM
+    /// it came from is gone.
+    pub fn park_direct(&self, req: DirectRequest) -> Option<DirectRequest> {
+        let mut inner = self.lock();
+        let key = (req.header.channel, req.header.tag);
+        if req.generation != self.generation() || inner.parked.contains_key(&key) {
+            return Some(req);
+        }
+        inner.parked.insert(key, req);
+        None
+    }
+
+    /// Answers the driver's request `tag` on `channel`: in its chain if it is a parked
+    /// direct request, else as a message on `h2g`.
+    pub fn reply(&self, channel: u32, tag: u32, body: Body) {
+        let parked = self.lock().parked.remove(&(channel, tag));
+        match parked {
+            Some(req) => req.answer(self, body),
+            None => {
+                if let Err(e) = self.send(&TunnelMessage { channel, tag, body }) {
+                    debug!("reply on channel {channel} not sent: {e}");
+                }
+            }
+        }
+    }
+
+    /// Returns a direct request's chain with `written` bytes of reply in it, and
+    /// interrupts the driver (which waits for it) unless it asked not to be.
+    pub fn complete_direct(&self, req: &DirectRequest, written: u32) {
+        let inner = self.lock();
+        if req.generation != self.generation() || inner.broken {
+            return; // the chain belongs to a device VM that is gone
+        }
+        if let Some(vring) = inner.vrings.get(g2h_queue(req.pair as u16) as usize) {
+            if vring.add_used(req.head, written).is_ok()
+                && vring.needs_notification().unwrap_or(true)
+            {
+                let _ = vring.signal_used_queue();
+            }
+        }
     }
 }
 
@@ -562,15 +686,15 @@ mod tests {
         )
         .encode();
         let mut r = Reassembly::default();
-        assert!(r.push(&msg[..16], 4096).is_none());
-        assert!(r.push(&msg[16..50], 4096).is_none());
-        assert_eq!(r.push(&msg[50..], 4096).unwrap().unwrap(), msg);
+        assert!(r.push(msg[..16].to_vec(), 4096).is_none());
+        assert!(r.push(msg[16..50].to_vec(), 4096).is_none());
+        assert_eq!(r.push(msg[50..].to_vec(), 4096).unwrap().unwrap(), msg);
         let mut two = msg.clone();
         two.extend_from_slice(&msg);
-        assert!(r.push(&two, 4096).unwrap().is_err());
-        assert!(r.push(&msg, 64).unwrap().is_err());
-        assert_eq!(r.push(&msg, 4096).unwrap().unwrap(), msg);
-        assert!(r.push(&[1, 2, 3], 4096).unwrap().is_err());
+        assert!(r.push(two.to_vec(), 4096).unwrap().is_err());
+        assert!(r.push(msg.to_vec(), 64).unwrap().is_err());
+        assert_eq!(r.push(msg.to_vec(), 4096).unwrap().unwrap(), msg);
+        assert!(r.push([1, 2, 3].to_vec(), 4096).unwrap().is_err());
     }
 
     /// Round-robin starts after the channel served last and finishes a message in

@@ -3,10 +3,11 @@
 //! sessions, replies, interrupts.
 
 mod backend;
+pub mod direct;
 mod link;
 
 pub use backend::TunnelBackend;
-pub use link::{BadMessage, Link, LinkError, Negotiated, CHANNEL_BUDGET};
+pub use link::{BadMessage, Incoming, Link, LinkError, Negotiated, CHANNEL_BUDGET};
 
 use std::sync::Arc;
 
@@ -23,7 +24,7 @@ use crate::switch::Relay;
 use crate::{Error, Result};
 
 /// Features the relay supports today.
-const RELAY_FEATURES: u64 = features::WINDOWS;
+const RELAY_FEATURES: u64 = features::WINDOWS | features::DIRECT_DATA;
 
 /// Serves one device VM after another on the frontend socket, until the relay stops.
 /// Between two device VMs, clients get ENODEV.
@@ -61,7 +62,11 @@ fn device_vm_gone(relay: &Relay) {
 }
 
 /// Handles one message from the device VM.
-pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessage>) {
+pub fn dispatch(relay: &Relay, incoming: Incoming) {
+    let msg = match incoming {
+        Incoming::Direct(req) => return direct::serve(relay, req),
+        Incoming::Message(m) => m,
+    };
     let msg = match msg {
         Ok(m) => m,
         Err(BadMessage {
@@ -116,10 +121,10 @@ pub fn dispatch(relay: &Relay, msg: std::result::Result<TunnelMessage, BadMessag
                 send_reply(relay, channel, tag, reply);
             }
         }
-        Body::DmaWrite { segments, data } => {
+        Body::DmaWrite { segments, mut data } => {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let status = match relay.channel(channel) {
-                Some(ch) => ch.on_dma_write(relay, tag, &segs, &data),
+                Some(ch) => ch.on_dma_write(relay, tag, &segs, &mut data),
                 None => Some(libc::ENOENT as u32),
             };
             if let Some(status) = status {
