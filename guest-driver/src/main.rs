@@ -54,6 +54,10 @@ struct Args {
     /// goes through the relay's copy path), as with a VMM without vhost-user SHMEM.
     #[arg(long)]
     no_shmem: bool,
+    /// Do not ask the relay to place copy-path DMA data in the driver's buffers
+    /// (tunnel feature DIRECT_DATA): the data then travels inside tunnel messages.
+    #[arg(long)]
+    no_direct_data: bool,
 }
 
 fn stop_on_signals() -> Arc<AtomicBool> {
@@ -108,6 +112,7 @@ fn run(args: Args) -> Result<(), String> {
         serve: args.serve,
         queue_pairs: args.queue_pairs,
         queue_size: 256,
+        direct_data: !args.no_direct_data,
     };
     let mut driver = TunnelDriver::new(transport, config).map_err(|e| e.to_string())?;
     driver.run(stop).map_err(|e| e.to_string())

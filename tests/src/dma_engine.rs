@@ -35,21 +35,31 @@ pub const BAR0: u32 = 0;
 pub enum Path {
     /// Windows in the tunnel's shared memory (zero copy).
     Window,
-    /// The relay reads and writes the client's fds (pread/pwrite; no SHMEM).
+    /// The relay reads and writes the client's memory (no SHMEM) straight into and out
+    /// of the driver's buffers (DIRECT_DATA).
     CopyFd,
+    /// As `CopyFd`, with a driver that does not take DIRECT_DATA: the data travels in
+    /// tunnel messages.
+    CopyFdInMessages,
     /// The client mapped without fds: DMA_READ / DMA_WRITE to the client.
     CopyMessages,
 }
 
 impl Path {
     /// Every path.
-    pub const ALL: [Path; 3] = [Path::Window, Path::CopyFd, Path::CopyMessages];
+    pub const ALL: [Path; 4] = [
+        Path::Window,
+        Path::CopyFd,
+        Path::CopyFdInMessages,
+        Path::CopyMessages,
+    ];
 
     /// A name for tables.
     pub fn name(self) -> &'static str {
         match self {
             Path::Window => "window",
             Path::CopyFd => "copy (client fd)",
+            Path::CopyFdInMessages => "copy (client fd, no DIRECT_DATA)",
             Path::CopyMessages => "copy (client messages)",
         }
     }
@@ -93,7 +103,8 @@ impl Memory {
 /// Relay, device VM serving `dma-engine` as `dma0`, and a connected client with the
 /// source and destination regions mapped and MSI-X vector 0 on `irq`.
 pub struct Setup {
-    _relay: Proc,
+    /// The relay.
+    pub relay: Proc,
     /// The loopback device VM.
     pub guest: Proc,
     /// The client.
@@ -210,8 +221,11 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
     assert!(wait_for_socket(&device, TIMEOUT));
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     args.extend(["--serve".into(), "dma0=dma-engine".into()]);
-    if path == Path::CopyFd {
+    if matches!(path, Path::CopyFd | Path::CopyFdInMessages) {
         args.push("--no-shmem".into());
+    }
+    if path == Path::CopyFdInMessages {
+        args.push("--no-direct-data".into());
     }
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let guest = Proc::spawn_on(cpu, "vfu-guest", &crate::binary("vfu-guest"), &args);
@@ -259,7 +273,7 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
     let irq = eventfd();
     set_irq(&mut client, Some(irq.try_clone().unwrap()));
     Setup {
-        _relay: relay,
+        relay,
         guest,
         client,
         memory,

@@ -194,6 +194,13 @@ fn dma_engine_on_the_copy_path() {
     exercise(Path::CopyFd, "dma-copy");
 }
 
+/// The copy path with a driver that does not take DIRECT_DATA: requests and data
+/// travel as tunnel messages both ways.
+#[test]
+fn dma_engine_on_the_copy_path_in_messages() {
+    exercise(Path::CopyFdInMessages, "dma-copy-msg");
+}
+
 /// The copy path for memory mapped without fds: DMA_READ / DMA_WRITE to the client.
 #[test]
 fn dma_engine_through_client_messages() {
@@ -314,6 +321,17 @@ fn unsealed_memory_goes_through_the_copy_path() {
     assert!(
         !maps.contains("memfd:vfu-dma-unsealed"),
         "unsealed memory is never mapped into the device VM"
+    );
+    // Nor into the relay: it serves unsealed memory with pread/pwrite, and copies
+    // sealed memory through its own mapping.
+    let relay_maps = std::fs::read_to_string(format!("/proc/{}/maps", s.relay.pid())).unwrap();
+    assert!(
+        relay_maps.contains("memfd:vfu-dma-client"),
+        "the relay maps sealed client memory"
+    );
+    assert!(
+        !relay_maps.contains("memfd:vfu-dma-unsealed"),
+        "the relay never maps memory that can shrink"
     );
     // Shrinking it now only makes DMA from it fail (a write would grow the file back;
     // neither can fault anything).

@@ -72,6 +72,8 @@ pub struct DriverConfig {
     pub queue_pairs: u16,
     /// Entries per queue.
     pub queue_size: u16,
+    /// Offer `DIRECT_DATA`: copy-path DMA data placed in the driver's buffers.
+    pub direct_data: bool,
 }
 
 /// The I/O half of the engine: transport, queue pairs, and the messages taken off the
@@ -352,6 +354,7 @@ pub struct TunnelDriver<T: Transport> {
     io: Io<T>,
     channels: Channels,
     up: bool,
+    offer_direct: bool,
 }
 
 impl<T: Transport> TunnelDriver<T> {
@@ -405,6 +408,7 @@ impl<T: Transport> TunnelDriver<T> {
             },
             channels: Channels::new(config.serve),
             up: false,
+            offer_direct: config.direct_data,
         })
     }
 
@@ -422,7 +426,12 @@ impl<T: Transport> TunnelDriver<T> {
         } else {
             0
         };
-        let wanted = windows | features::DIRECT_DATA;
+        let direct = if self.offer_direct {
+            features::DIRECT_DATA
+        } else {
+            0
+        };
+        let wanted = windows | direct;
         let tag = self.io.next_tag();
         self.io.send(TunnelMessage {
             channel: 0,

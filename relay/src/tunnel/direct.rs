@@ -388,3 +388,201 @@ pub fn serve(relay: &Relay, req: DirectRequest) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::version::RelayLimits;
+    use vfu_proto::tunnel::{encode_dma_write_head, TunnelMessage};
+
+    fn memory() -> GuestMemoryAtomic<GuestMemoryMmap> {
+        GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 16)]).expect("guest memory"),
+        )
+    }
+
+    fn ranges(list: &[(u64, usize)]) -> GuestRanges {
+        let mut r = GuestRanges::default();
+        for &(a, n) in list {
+            r.push(GuestAddress(a), n);
+        }
+        r
+    }
+
+    /// Places `bytes` across `readable` and parses the chain.
+    fn chain(
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        bytes: &[u8],
+        readable: GuestRanges,
+        writable: GuestRanges,
+    ) -> Result<DirectRequest, BadDirect> {
+        assert!(readable.write(&mem.memory(), 0, bytes));
+        let prefix = readable.read_prefix(&mem.memory(), HEAD_MAX).unwrap();
+        DirectRequest::parse(&prefix, readable, writable, mem.clone(), 0, 3, 1)
+    }
+
+    fn read_request(len: u64) -> Vec<u8> {
+        TunnelMessage {
+            channel: 2,
+            tag: 5,
+            body: Body::DmaRead {
+                segments: vec![DmaSegment { iova: 0x1000, len }],
+            },
+        }
+        .encode()
+    }
+
+    /// Proves that a chain is taken as a direct request only when its readable part is
+    /// exactly one DMA_READ or DMA_WRITE request and its writable part can hold a reply
+    /// head; and that the data buffers are the right bytes of the chain, across
+    /// descriptor boundaries.
+    #[test]
+    fn chains_are_parsed_strictly() {
+        let mem = memory();
+        let req = read_request(100);
+        // Readable split over two descriptors; writable over two.
+        let ok = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, 10), (0x200, req.len() - 10)]),
+            ranges(&[(0x1000, 30), (0x2000, 94)]),
+        )
+        .unwrap();
+        assert_eq!(ok.op, DirectOp::Read);
+        assert_eq!(ok.segments, vec![(0x1000, 100)]);
+        let lens = ok
+            .with_data(|s, d| {
+                assert_eq!(d, Direction::FromClient);
+                s.iter().map(|s| s.len()).collect::<Vec<_>>()
+            })
+            .unwrap();
+        assert_eq!(lens, vec![6, 94], "data after the 24-byte reply head");
+        // The writable part cannot hold the data: no buffers (E2BIG for the caller).
+        let short = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 60)]),
+        );
+        assert!(short.unwrap().with_data(|_, _| ()).is_none());
+        // Too small for a reply head.
+        assert!(chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 8)])
+        )
+        .is_err());
+        // Readable part longer than the message.
+        assert!(chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len() + 1)]),
+            ranges(&[(0x1000, 200)])
+        )
+        .is_err());
+        // Not a DMA request.
+        let hello = TunnelMessage {
+            channel: 0,
+            tag: 1,
+            body: Body::ChannelDown,
+        }
+        .encode();
+        assert!(chain(
+            &mem,
+            &hello,
+            ranges(&[(0x100, hello.len())]),
+            ranges(&[(0x1000, 64)])
+        )
+        .is_err());
+        // A DMA_WRITE whose data length disagrees with its segments.
+        let seg = [DmaSegment {
+            iova: 0x1000,
+            len: 16,
+        }];
+        let mut w = encode_dma_write_head(2, 6, &seg, 8);
+        w.extend_from_slice(&[1; 8]);
+        assert!(chain(
+            &mem,
+            &w,
+            ranges(&[(0x100, w.len())]),
+            ranges(&[(0x1000, 64)])
+        )
+        .is_err());
+        // A good DMA_WRITE: its data is the request's last 16 bytes.
+        let mut w = encode_dma_write_head(2, 6, &seg, 16);
+        w.extend_from_slice(&[9; 16]);
+        let req = chain(
+            &mem,
+            &w,
+            ranges(&[(0x100, w.len())]),
+            ranges(&[(0x1000, 24)]),
+        )
+        .unwrap();
+        assert_eq!(req.data().unwrap(), vec![9; 16]);
+    }
+
+    /// Proves that an answer lands in the chain as a well-formed reply (head, status,
+    /// data) and that data that does not fit becomes E2BIG instead of an overrun.
+    #[test]
+    fn answers_land_in_the_chain() {
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let mem = memory();
+        let req = read_request(4);
+        let r = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 28)]),
+        )
+        .unwrap();
+        r.answer(
+            &link,
+            Body::DmaReadReply {
+                status: 0,
+                data: vec![1, 2, 3, 4],
+            },
+        );
+        let mut got = [0u8; 28];
+        mem.memory()
+            .read_slice(&mut got, GuestAddress(0x1000))
+            .unwrap();
+        let expected = TunnelMessage {
+            channel: 2,
+            tag: 5,
+            body: Body::DmaReadReply {
+                status: 0,
+                data: vec![1, 2, 3, 4],
+            },
+        }
+        .encode();
+        assert_eq!(got.to_vec(), expected);
+        // Five bytes do not fit four: E2BIG, and nothing written past the chain.
+        mem.memory()
+            .write_slice(&[0xaa; 8], GuestAddress(0x1000 + 28))
+            .unwrap();
+        let r = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 28)]),
+        )
+        .unwrap();
+        r.answer(
+            &link,
+            Body::DmaReadReply {
+                status: 0,
+                data: vec![1, 2, 3, 4, 5],
+            },
+        );
+        let mut head = [0u8; 32];
+        mem.memory()
+            .read_slice(&mut head, GuestAddress(0x1000))
+            .unwrap();
+        assert_eq!(
+            u32::from_le_bytes(head[16..20].try_into().unwrap()),
+            libc::E2BIG as u32
+        );
+        assert_eq!(head[28..], [0xaa; 4]);
+    }
+}
