@@ -17,8 +17,8 @@ use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
 use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, Capabilities, Command, Header, IrqData, MessageType, Reply,
-    Request, Version, HEADER_SIZE,
+    encode_error_reply, encode_reply, encode_request, Capabilities, Command, DmaMap, Header,
+    IrqData, MessageType, Reply, Request, SetIrqs, Version, HEADER_SIZE, IRQ_SET_ACTION_TRIGGER,
 };
 use vm_memory::VolatileSlice;
 
@@ -48,6 +48,9 @@ enum PendingKind {
     Version(Version),
     /// Apply the eventfd change once the device accepted it.
     SetIrqs { index: u32, change: IrqChange },
+    /// The relay's own request, restoring a client's setup in a restarted device VM:
+    /// nothing to forward, a failure is logged.
+    Restore,
     /// Keep the region's fd once the device accepted the map.
     DmaMap { address: u64, id: u64 },
     /// The regions the unmap took out of the table (when it was forwarded, so that
@@ -267,10 +270,93 @@ impl Channel {
     pub fn on_client_connected(&self, relay: &Relay, sock: Arc<UnixStream>) {
         let mut st = self.lock();
         st.client = Some(Client::new(sock));
-        if st.guest == GuestState::Served {
-            relay.send_control(self.id, Body::SessionStart);
-        }
+        let served = st.guest == GuestState::Served;
+        drop(st);
         info!("{}: client connected", self.name);
+        if served {
+            self.start_session(relay);
+        }
+    }
+
+    /// The device VM serves the channel (again): if a client is connected, start its
+    /// session and hand the device VM what the client set up with the previous one: its
+    /// DMA regions (with new windows) and its interrupt eventfd assignments. The client
+    /// goes on without reconnecting. The device's own state (registers, config space)
+    /// was the old device VM's: the client finds the device as after a reset.
+    pub fn start_session(&self, relay: &Relay) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Some(client) = st.client.as_mut() else {
+            return;
+        };
+        relay.send_control(self.id, Body::SessionStart);
+        let mut requests = Vec::new();
+        for r in client.dma.committed_mut() {
+            let m = DmaMap {
+                read: r.read,
+                write: r.write,
+                offset: r.fd_offset,
+                address: r.iova,
+                size: r.size,
+            };
+            let (window, unconfirmed) = window_for(relay, &self.name, r.fd.as_ref(), &m);
+            r.window = window;
+            r.unconfirmed_window = unconfirmed;
+            let slots = window
+                .map(|offset| vec![Slot::window(offset, m.read, m.write)])
+                .unwrap_or_default();
+            requests.push((Request::DmaMap(m), slots));
+        }
+        let mut vectors: Vec<(u32, u32)> = client.irq_fds.keys().copied().collect();
+        vectors.sort_unstable();
+        for run in vectors.chunk_by(|a, b| a.0 == b.0 && a.1 + 1 == b.1) {
+            let count = run.len() as u32;
+            let set = SetIrqs {
+                action: IRQ_SET_ACTION_TRIGGER,
+                index: run[0].0,
+                start: run[0].1,
+                count,
+                data: IrqData::EventFd { assign: true },
+            };
+            requests.push((
+                Request::DeviceSetIrqs(set),
+                vec![Slot::eventfd(); run.len()],
+            ));
+        }
+        if !requests.is_empty() {
+            info!(
+                "{}: restoring the client's setup in the device VM ({} request(s))",
+                self.name,
+                requests.len()
+            );
+        }
+        for (request, slots) in requests {
+            let relay_id = st.next_id;
+            st.next_id = st.next_id.wrapping_add(1);
+            let bytes = encode_request(relay_id, &request, false);
+            let Ok(header) = Header::decode(&bytes) else {
+                continue;
+            };
+            let frame = VfioUserFrame {
+                header,
+                payload: bytes[HEADER_SIZE..].to_vec(),
+                slots,
+            };
+            if let Err(e) = relay
+                .link
+                .send(&TunnelMessage::new(self.id, Body::VfioUser(frame)))
+            {
+                warn!("{}: restoring {}: {e}", self.name, request.command().name());
+                continue;
+            }
+            client.pending.push_back(Pending {
+                header,
+                relay_id,
+                deadline: Instant::now() + relay.config.request_timeout(),
+                kind: PendingKind::Restore,
+                silent: true,
+            });
+        }
     }
 
     /// The client went away: drop its state as the spec says (DMA maps, IRQ fds) and
@@ -389,31 +475,7 @@ impl Channel {
                     );
                     return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
                 }
-                // A window is always readable (SHMEM_MAP has no write-only mapping), so
-                // a region the client did not make readable goes through the copy path.
-                // So does memory the client could shrink under the device VM's mapping,
-                // unless the operator trusts clients with it.
-                let window = match (&fd, m.read && relay.windows_enabled()) {
-                    (Some(fd), true)
-                        if relay.config.unsealed_windows
-                            || vfu_proto::mem::cannot_shrink(fd.as_fd()) =>
-                    {
-                        relay.windows().map(fd, m.offset, m.size, m.write)
-                    }
-                    (Some(_), true) => {
-                        debug!(
-                            "{}: DMA region {:#x} is not sealed against shrinking: copy path",
-                            self.name, m.address
-                        );
-                        WindowMap::None
-                    }
-                    _ => WindowMap::None,
-                };
-                let (window, unconfirmed_window) = match window {
-                    WindowMap::Mapped(offset) => (Some(offset), false),
-                    WindowMap::None => (None, false),
-                    WindowMap::Unconfirmed => (None, true),
-                };
+                let (window, unconfirmed_window) = window_for(relay, &self.name, fd.as_ref(), m);
                 if let Some(offset) = window {
                     slots.push(Slot::window(offset, m.read, m.write));
                 }
@@ -545,6 +607,7 @@ impl Channel {
         // What the reply means for the relay's own state. A refused request changes
         // nothing, except that a refused map and any unmap remove the region here too.
         let mut version = None;
+        let restore = matches!(pending.kind, PendingKind::Restore);
         match (pending.kind, &result) {
             (PendingKind::Version(proposal), Ok(Reply::Version(device))) => {
                 version = Some(negotiate(&proposal, device, relay.limits));
@@ -570,6 +633,13 @@ impl Channel {
             _ => {}
         }
         if pending.silent {
+            if let (true, Err(errno)) = (restore, &result) {
+                warn!(
+                    "{}: the restarted device VM refused the client's earlier {} (errno {errno}); that setup is lost",
+                    self.name,
+                    Command::try_from(h.command).map_or("?", |c| c.name())
+                );
+            }
             return SendOutcome::Done;
         }
         match (result, version) {
@@ -816,6 +886,34 @@ impl Channel {
             }
         }
         outcome
+    }
+}
+
+/// The window a DMA region gets in shared memory region 0, if any, and whether its
+/// map went unconfirmed. A window is always readable (SHMEM_MAP has no write-only
+/// mapping), so a region the client did not make readable goes through the copy path.
+/// So does memory the client could shrink under the device VM's mapping, unless the
+/// operator trusts clients with it.
+fn window_for(relay: &Relay, name: &str, fd: Option<&OwnedFd>, m: &DmaMap) -> (Option<u64>, bool) {
+    let window = match (fd, m.read && relay.windows_enabled()) {
+        (Some(fd), true)
+            if relay.config.unsealed_windows || vfu_proto::mem::cannot_shrink(fd.as_fd()) =>
+        {
+            relay.windows().map(fd, m.offset, m.size, m.write)
+        }
+        (Some(_), true) => {
+            debug!(
+                "{name}: DMA region {:#x} is not sealed against shrinking: copy path",
+                m.address
+            );
+            WindowMap::None
+        }
+        _ => WindowMap::None,
+    };
+    match window {
+        WindowMap::Mapped(offset) => (Some(offset), false),
+        WindowMap::None => (None, false),
+        WindowMap::Unconfirmed => (None, true),
     }
 }
 

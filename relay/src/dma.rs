@@ -196,6 +196,11 @@ impl DmaTable {
             .chain(self.unmapping.iter_mut().flat_map(|(_, v)| v.iter_mut()))
     }
 
+    /// The regions the device accepted (not those being unmapped).
+    pub fn committed_mut(&mut self) -> impl Iterator<Item = &mut Region> {
+        self.regions.values_mut().filter(|r| r.committed)
+    }
+
     /// Removes every region, including those being unmapped.
     pub fn take_all(&mut self) -> Vec<Region> {
         let mut all: Vec<Region> = std::mem::take(&mut self.regions).into_values().collect();

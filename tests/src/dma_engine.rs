@@ -113,6 +113,9 @@ pub struct Setup {
     pub memory: Memory,
     /// The eventfd of MSI-X vector 0.
     pub irq: OwnedFd,
+    cpu: Option<usize>,
+    path: Path,
+    frontend: std::path::PathBuf,
     _scratch: Scratch,
 }
 
@@ -219,16 +222,7 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
     let device = scratch.join("dma0.sock");
     let relay = start_relay_with(cpu, &frontend, &[("dma0", &device)], relay_options);
     assert!(wait_for_socket(&device, TIMEOUT));
-    let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
-    args.extend(["--serve".into(), "dma0=dma-engine".into()]);
-    if matches!(path, Path::CopyFd | Path::CopyFdInMessages) {
-        args.push("--no-shmem".into());
-    }
-    if path == Path::CopyFdInMessages {
-        args.push("--no-direct-data".into());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let guest = Proc::spawn_on(cpu, "vfu-guest", &crate::binary("vfu-guest"), &args);
+    let guest = start_guest(cpu, &frontend, path);
     let deadline = Instant::now() + TIMEOUT;
     let mut client = loop {
         if let Ok(mut c) = Client::connect(&device, TIMEOUT) {
@@ -260,16 +254,7 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
             Memory::File(f)
         }
     };
-    // Memory and bus master on; MSI-X on, vector 0 to an eventfd.
-    let cmd = cfg_read(&mut client, 4, 2) | 0x6;
-    client
-        .region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
-        .unwrap();
-    let msix = find_cap(&mut client, 0x11);
-    let ctl = cfg_read(&mut client, msix + 2, 2) | 0x8000;
-    client
-        .region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
-        .unwrap();
+    enable(&mut client);
     let irq = eventfd();
     set_irq(&mut client, Some(irq.try_clone().unwrap()));
     Setup {
@@ -278,7 +263,54 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
         client,
         memory,
         irq,
+        cpu,
+        path,
+        frontend,
         _scratch: scratch,
+    }
+}
+
+/// Starts a loopback device VM serving `dma0` with dma-engine, set up for `path`.
+fn start_guest(cpu: Option<usize>, frontend: &std::path::Path, path: Path) -> Proc {
+    let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
+    args.extend(["--serve".into(), "dma0=dma-engine".into()]);
+    if matches!(path, Path::CopyFd | Path::CopyFdInMessages) {
+        args.push("--no-shmem".into());
+    }
+    if path == Path::CopyFdInMessages {
+        args.push("--no-direct-data".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Proc::spawn_on(cpu, "vfu-guest", &crate::binary("vfu-guest"), &args)
+}
+
+/// Memory and bus master on; MSI-X on.
+pub fn enable(client: &mut Client) {
+    let cmd = cfg_read(client, 4, 2) | 0x6;
+    client
+        .region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
+        .unwrap();
+    let msix = find_cap(client, 0x11);
+    let ctl = cfg_read(client, msix + 2, 2) | 0x8000;
+    client
+        .region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
+        .unwrap();
+}
+
+impl Setup {
+    /// Starts a new loopback device VM (after the old one was killed) and waits until
+    /// it serves the device: the client's requests succeed again.
+    pub fn restart_device_vm(&mut self) {
+        self.guest.kill();
+        self.guest = start_guest(self.cpu, &self.frontend, self.path);
+        let deadline = Instant::now() + TIMEOUT;
+        while self.client.region_read(BAR0, 0, 4).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the device never came back after the device VM restarted"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! DMA and interrupts end to end, with real processes: the `dma-engine` model in a
-//! loopback device VM behind the relay copies client memory, on each of the three
+//! loopback device VM behind the relay copies client memory, on each of its
 //! paths:
 //! - window: the loopback VMM supports vhost-user SHMEM, the client passes fds; the
 //!   device VM reads and writes the client's memory in place;
 //! - copy (client fd): the loopback VMM without SHMEM (`--no-shmem`); the relay
-//!   reads and writes the client's fds (pread/pwrite);
+//!   copies between the client's memory and the driver's buffers (DIRECT_DATA), or
+//!   inside tunnel messages (`--no-direct-data`);
 //! - copy (client messages): the client maps without fds; the relay turns the device's
 //!   requests into vfio-user DMA_READ / DMA_WRITE to the client.
 //!

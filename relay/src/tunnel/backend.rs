@@ -12,6 +12,9 @@ use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 
 use super::dispatch;
 use crate::switch::Relay;
@@ -50,6 +53,19 @@ impl VhostUserBackend for TunnelBackend {
 
     fn max_queue_size(&self) -> usize {
         MAX_QUEUE_SIZE
+    }
+
+    /// The event that stops a worker thread. Without one the library cannot stop the
+    /// worker when the frontend disconnects, and waits for it forever: the relay would
+    /// never serve the next device VM.
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
+            Ok(pair) => Some(pair),
+            Err(e) => {
+                warn!("worker thread {thread_index}: no exit event ({e}); it cannot be stopped");
+                None
+            }
+        }
     }
 
     fn features(&self) -> u64 {

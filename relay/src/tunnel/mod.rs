@@ -260,9 +260,8 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
             if status == 0 {
                 st.guest = GuestState::Served;
                 info!("{}: served by the device VM", ch.name);
-                if st.client.is_some() {
-                    relay.send_control(ch.id, Body::SessionStart);
-                }
+                drop(st);
+                ch.start_session(relay);
             } else {
                 st.guest = GuestState::NotServed;
                 warn!(
