@@ -99,6 +99,11 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// If it has exited: `Some` of its exit code (`None` inside for a signal).
+    pub fn exited(&mut self) -> Option<Option<i32>> {
+        self.child.try_wait().ok().flatten().map(|s| s.code())
+    }
+
     /// Sends SIGTERM and waits up to 5 s, then SIGKILL. Returns the exit status code.
     pub fn stop(&mut self) -> Option<i32> {
         // SAFETY: kill(2) on our own child's pid.

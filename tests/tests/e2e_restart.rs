@@ -90,3 +90,63 @@ fn device_vm_restart_keeps_clients_and_their_setup() {
         );
     }
 }
+
+/// Proves what `docs/operating.md` says of a relay restart: when the relay dies
+/// (SIGKILL, so its sockets stay behind), the client sees its connection closed and
+/// the loopback device VM stops with an error instead of serving nothing; a new relay
+/// on the same paths (stale socket files included) and a new device VM bring the
+/// device back, and the client recovers by reconnecting.
+#[test]
+fn relay_restart_is_a_disconnect_clients_recover_from() {
+    use vfu_proto::client::Client;
+    use vfu_proto::vfio_user::Capabilities;
+    use vfu_tests::{start_loopback_guest, start_relay, wait_for_socket, Scratch};
+
+    let scratch = Scratch::new("relay-restart");
+    let frontend = scratch.join("frontend.sock");
+    let device = scratch.join("gpio0.sock");
+    let connect = || -> Option<Client> {
+        let mut c = Client::connect(&device, Duration::from_secs(1)).ok()?;
+        c.negotiate(Capabilities::default()).ok()?;
+        Some(c)
+    };
+    let served = |what: &str| -> Client {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(mut c) = connect() {
+                if c.region_read(2, 0, 1).is_ok() {
+                    return c;
+                }
+            }
+            assert!(Instant::now() < deadline, "{what}: device never served");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let mut relay = start_relay(&frontend, &[("gpio0", &device)]);
+    assert!(wait_for_socket(&device, TIMEOUT));
+    let mut guest = start_loopback_guest(&frontend, &[("gpio0", "gpio")]);
+    let mut c = served("first relay");
+
+    relay.kill();
+    assert!(
+        c.region_read(2, 0, 1).is_err(),
+        "the client sees the relay gone"
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    let code = loop {
+        if let Some(code) = guest.exited() {
+            break code;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the device VM noticed that the relay is gone"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(1), "the device VM stops with an error");
+
+    let _relay = start_relay(&frontend, &[("gpio0", &device)]);
+    let _guest = start_loopback_guest(&frontend, &[("gpio0", "gpio")]);
+    let mut c = served("second relay");
+    assert!(c.region_read(2, 0, 1).is_ok());
+}

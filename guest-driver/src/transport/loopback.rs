@@ -337,6 +337,10 @@ impl Transport for Loopback {
         }
     }
 
+    fn hangup_fd(&self) -> Option<RawFd> {
+        Some(self.frontend.as_raw_fd())
+    }
+
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {
         self.shm.as_ref().map(|a| a.region())
     }

@@ -68,4 +68,9 @@ pub trait Transport: Send {
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {
         None
     }
+    /// A file descriptor that reports hang-up when the device is gone for good (the
+    /// loopback VMM's vhost-user connection to the relay), if the transport has one.
+    fn hangup_fd(&self) -> Option<RawFd> {
+        None
+    }
 }

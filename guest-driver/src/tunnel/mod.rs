@@ -46,6 +46,9 @@ const DMA_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoll data bit marking a model's event fd (the low bits hold the channel).
 const MODEL_TOKEN: u64 = 1 << 62;
 
+/// Epoll data of the transport's hang-up fd.
+const HANGUP_TOKEN: u64 = u64::MAX - 1;
+
 /// Why the engine stopped.
 #[derive(Debug, Error)]
 pub enum DriverError {
@@ -58,6 +61,9 @@ pub enum DriverError {
     /// The relay refused HELLO.
     #[error("the relay refused HELLO with errno {0}")]
     HelloRefused(u32),
+    /// The device went away (the relay closed the vhost-user connection).
+    #[error("the relay closed the connection; this device VM must be started again")]
+    DeviceGone,
     /// A system call failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -90,6 +96,8 @@ pub struct Io<T: Transport> {
     deferred: VecDeque<TunnelMessage>,
     /// The relay answers DMA requests in their own chain (`DIRECT_DATA`).
     direct: bool,
+    /// The transport reported that the device is gone.
+    gone: bool,
 }
 
 impl<T: Transport> Io<T> {
@@ -149,7 +157,9 @@ impl<T: Transport> Io<T> {
         let mut others = Vec::new();
         for ev in &events[..n] {
             let data = ev.data();
-            if data & MODEL_TOKEN != 0 || data == u64::MAX {
+            if data == HANGUP_TOKEN {
+                self.gone = true;
+            } else if data & MODEL_TOKEN != 0 || data == u64::MAX {
                 others.push(data);
             } else {
                 // The token is the queue index.
@@ -193,6 +203,9 @@ impl<T: Transport> Io<T> {
             }
             if done(self) {
                 return Ok(());
+            }
+            if self.gone {
+                return Err(libc::EIO as u32);
             }
             if Instant::now() > deadline {
                 warn!("the relay did not answer a DMA request in time");
@@ -380,6 +393,13 @@ impl<T: Transport> TunnelDriver<T> {
         }
         transport.start()?;
         let epoll = Epoll::new()?;
+        if let Some(fd) = transport.hangup_fd() {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::READ_HANG_UP | EventSet::HANG_UP, HANGUP_TOKEN),
+            )?;
+        }
         for pair in &mut pairs {
             for q in [pair.h2g_index, pair.g2h_index] {
                 epoll.ctl(
@@ -405,6 +425,7 @@ impl<T: Transport> TunnelDriver<T> {
                 tag: 0,
                 deferred: VecDeque::new(),
                 direct: false,
+                gone: false,
             },
             channels: Channels::new(config.serve),
             up: false,
@@ -447,6 +468,9 @@ impl<T: Transport> TunnelDriver<T> {
         let mut events = vec![EpollEvent::default(); 16];
         let mut model_fds: Vec<(u32, RawFd)> = Vec::new();
         while !stop.load(Ordering::Acquire) {
+            if self.io.gone {
+                return Err(DriverError::DeviceGone);
+            }
             self.sync_model_fds(&mut model_fds)?;
             // Notify the device last, right before sleeping, so that the relay thread we
             // wake does not preempt this batch half way.
