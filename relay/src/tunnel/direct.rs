@@ -529,20 +529,17 @@ mod tests {
         let link = Link::new(1, RelayLimits::DEFAULT, None);
         let mem = memory();
         let req = read_request(4);
-        let r = chain(
-            &mem,
-            &req,
-            ranges(&[(0x100, req.len())]),
-            ranges(&[(0x1000, 28)]),
-        )
-        .unwrap();
-        r.answer(
-            &link,
-            Body::DmaReadReply {
-                status: 0,
-                data: vec![1, 2, 3, 4],
-            },
-        );
+        let answer = |data: Vec<u8>| {
+            let r = chain(
+                &mem,
+                &req,
+                ranges(&[(0x100, req.len())]),
+                ranges(&[(0x1000, 28)]),
+            )
+            .unwrap();
+            r.answer(&link, Body::DmaReadReply { status: 0, data });
+        };
+        answer(vec![1, 2, 3, 4]);
         let mut got = [0u8; 28];
         mem.memory()
             .read_slice(&mut got, GuestAddress(0x1000))
@@ -561,20 +558,7 @@ mod tests {
         mem.memory()
             .write_slice(&[0xaa; 8], GuestAddress(0x1000 + 28))
             .unwrap();
-        let r = chain(
-            &mem,
-            &req,
-            ranges(&[(0x100, req.len())]),
-            ranges(&[(0x1000, 28)]),
-        )
-        .unwrap();
-        r.answer(
-            &link,
-            Body::DmaReadReply {
-                status: 0,
-                data: vec![1, 2, 3, 4, 5],
-            },
-        );
+        answer(vec![1, 2, 3, 4, 5]);
         let mut head = [0u8; 32];
         mem.memory()
             .read_slice(&mut head, GuestAddress(0x1000))
