@@ -17,8 +17,8 @@ use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
 use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, encode_request, Capabilities, Command, DmaMap, Header,
-    IrqData, MessageType, Reply, Request, SetIrqs, Version, HEADER_SIZE, IRQ_SET_ACTION_TRIGGER,
+    encode_error_reply, encode_reply, Capabilities, Command, DmaMap, Header, IrqData, MessageType,
+    Reply, Request, SetIrqs, Version, HEADER_SIZE, IRQ_SET_ACTION_TRIGGER,
 };
 use vm_memory::VolatileSlice;
 
@@ -333,13 +333,12 @@ impl Channel {
         for (request, slots) in requests {
             let relay_id = st.next_id;
             st.next_id = st.next_id.wrapping_add(1);
-            let bytes = encode_request(relay_id, &request, false);
-            let Ok(header) = Header::decode(&bytes) else {
-                continue;
-            };
+            let mut payload = Vec::new();
+            request.encode(&mut payload);
+            let header = Header::command(relay_id, request.command() as u16, payload.len());
             let frame = VfioUserFrame {
                 header,
-                payload: bytes[HEADER_SIZE..].to_vec(),
+                payload,
                 slots,
             };
             if let Err(e) = relay
@@ -707,15 +706,18 @@ impl Channel {
                 data: Vec::new(),
             });
         }
-        match client.dma.check_segments(segments, false) {
-            Ok(true) => {
-                let mut data = Vec::new();
-                Some(match client.dma.read_local(segments, &mut data) {
-                    Ok(()) => Body::DmaReadReply { status: 0, data },
-                    Err(e) => dma_read_error(e),
-                })
-            }
-            Ok(false) => {
+        // Read while the spans borrow the table; the client is needed mutably after.
+        let local = match client.dma.local_spans(segments, false) {
+            Ok(Some(spans)) => Ok(Some(client_memory::read_to_vec(&spans))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match local {
+            Ok(Some(read)) => Some(match read {
+                Ok(data) => Body::DmaReadReply { status: 0, data },
+                Err(e) => dma_read_error(e),
+            }),
+            Ok(None) => {
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client.remote.start_read(tag, segments, max, deadline) {
@@ -746,14 +748,9 @@ impl Channel {
             return Some(Err(DmaError::Fault));
         };
         let write = direction == Direction::ToClient;
-        match client.dma.check_segments(segments, write) {
-            Ok(true) => Some(
-                client
-                    .dma
-                    .spans(segments, write)
-                    .and_then(|spans| client_memory::copy(&spans, buffers, direction)),
-            ),
-            Ok(false) => None,
+        match client.dma.local_spans(segments, write) {
+            Ok(Some(spans)) => Some(client_memory::copy(&spans, buffers, direction)),
+            Ok(None) => None,
             Err(e) => Some(Err(e)),
         }
     }
@@ -774,14 +771,18 @@ impl Channel {
         if client.remote.busy(tag) {
             return Some(libc::EBUSY as u32);
         }
-        match client.dma.check_segments(segments, true) {
-            Ok(true) => Some(
-                client
-                    .dma
-                    .write_local(segments, data)
-                    .map_or_else(DmaError::errno, |()| 0),
-            ),
-            Ok(false) => {
+        let local = match client.dma.local_spans(segments, true) {
+            Ok(Some(spans)) => Ok(Some(client_memory::copy(
+                &spans,
+                &[VolatileSlice::from(&mut *data)],
+                Direction::ToClient,
+            ))),
+            Ok(None) => Ok(None),
+            Err(e) => Err(e),
+        };
+        match local {
+            Ok(Some(written)) => Some(written.map_or_else(DmaError::errno, |()| 0)),
+            Ok(None) => {
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client

@@ -166,6 +166,17 @@ pub fn copy(
     Ok(())
 }
 
+/// Reads client memory into a new buffer.
+pub fn read_to_vec(spans: &[ClientSpan<'_>]) -> Result<Vec<u8>, DmaError> {
+    let mut data = vec![0u8; spans.iter().map(ClientSpan::len).sum()];
+    copy(
+        spans,
+        &[VolatileSlice::from(&mut data[..])],
+        Direction::FromClient,
+    )?;
+    Ok(data)
+}
+
 fn copy_one(
     span: &ClientSpan<'_>,
     buf: &VolatileSlice<'_>,

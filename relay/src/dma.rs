@@ -13,9 +13,8 @@ use std::time::Duration;
 use log::{error, warn};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::VhostUserFrontendReqHandler;
-use vm_memory::VolatileSlice;
 
-use crate::client_memory::{self, ClientMapping, ClientSpan, Direction};
+use crate::client_memory::{ClientMapping, ClientSpan};
 use crate::frontend_requests::FrontendRequests;
 
 /// Page size of DMA maps and windows.
@@ -255,58 +254,40 @@ impl DmaTable {
     /// Checks that every segment lies in a committed region with the permission;
     /// returns whether all of them can be served from the client's fds.
     pub fn check_segments(&self, segments: &[(u64, u64)], write: bool) -> Result<bool, DmaError> {
-        let mut local = true;
-        for &(iova, len) in segments {
-            let r = self.find(iova, len, write)?;
-            local &= r.fd.is_some();
-        }
-        Ok(local)
+        self.local_spans(segments, write).map(|s| s.is_some())
     }
 
-    /// The client memory of the segments, in order, for a copy (every segment inside a
-    /// committed region with the permission, and backed by an fd).
-    pub fn spans(
+    /// The client memory of the segments, in order, for a copy, after checking that
+    /// every segment lies in a committed region with the permission (`Fault` if one
+    /// does not). `None` when some segment's region has no fd: only the client can
+    /// reach it.
+    pub fn local_spans(
         &self,
         segments: &[(u64, u64)],
         write: bool,
-    ) -> Result<Vec<ClientSpan<'_>>, DmaError> {
-        segments
-            .iter()
-            .map(|&(iova, len)| {
-                let r = self.find(iova, len, write)?;
-                let at = iova - r.iova;
-                let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
-                if let Some(map) = &r.map {
-                    return map
-                        .slice(at, n)
-                        .map(ClientSpan::Mapped)
-                        .ok_or(DmaError::Fault);
-                }
-                let fd = r.fd.as_ref().ok_or(DmaError::Fault)?;
-                Ok(ClientSpan::File {
+    ) -> Result<Option<Vec<ClientSpan<'_>>>, DmaError> {
+        let mut spans = Some(Vec::with_capacity(segments.len()));
+        for &(iova, len) in segments {
+            let r = self.find(iova, len, write)?;
+            let at = iova - r.iova;
+            let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
+            let span = match (&r.map, &r.fd) {
+                (Some(map), _) => ClientSpan::Mapped(map.slice(at, n).ok_or(DmaError::Fault)?),
+                (None, Some(fd)) => ClientSpan::File {
                     fd: fd.as_fd(),
                     offset: r.fd_offset + at,
                     len: n,
-                })
-            })
-            .collect()
-    }
-
-    /// Reads the segments from the client's memory (all checked local), appending to
-    /// `out`.
-    pub fn read_local(&self, segments: &[(u64, u64)], out: &mut Vec<u8>) -> Result<(), DmaError> {
-        let spans = self.spans(segments, false)?;
-        let start = out.len();
-        out.resize(start + spans.iter().map(ClientSpan::len).sum::<usize>(), 0);
-        let dst = VolatileSlice::from(&mut out[start..]);
-        client_memory::copy(&spans, &[dst], Direction::FromClient)
-    }
-
-    /// Writes `data` across the segments to the client's memory, after checking all of
-    /// them (nothing is written if one fails).
-    pub fn write_local(&self, segments: &[(u64, u64)], data: &mut [u8]) -> Result<(), DmaError> {
-        let spans = self.spans(segments, true)?;
-        client_memory::copy(&spans, &[VolatileSlice::from(data)], Direction::ToClient)
+                },
+                (None, None) => {
+                    spans = None;
+                    continue;
+                }
+            };
+            if let Some(v) = spans.as_mut() {
+                v.push(span);
+            }
+        }
+        Ok(spans)
     }
 }
 
@@ -516,6 +497,8 @@ impl Windows {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::client_memory::{self, Direction};
+    use vm_memory::VolatileSlice;
 
     /// A memfd of `len` bytes standing for client memory.
     pub(crate) fn memfd(len: u64) -> OwnedFd {
@@ -534,6 +517,17 @@ pub(crate) mod tests {
         f.into()
     }
     use std::os::fd::AsRawFd;
+
+    /// Reads the segments through the copy path's spans (every one backed by an fd).
+    fn read_local(t: &DmaTable, segments: &[(u64, u64)]) -> Result<Vec<u8>, DmaError> {
+        client_memory::read_to_vec(&t.local_spans(segments, false)?.ok_or(DmaError::Fault)?)
+    }
+
+    /// Writes across the segments through the copy path's spans.
+    fn write_local(t: &DmaTable, segments: &[(u64, u64)], data: &mut [u8]) -> Result<(), DmaError> {
+        let spans = t.local_spans(segments, true)?.ok_or(DmaError::Fault)?;
+        client_memory::copy(&spans, &[VolatileSlice::from(data)], Direction::ToClient)
+    }
 
     fn region(iova: u64, size: u64, read: bool, write: bool) -> Region {
         Region {
@@ -606,17 +600,15 @@ pub(crate) mod tests {
         ro.fd = Some(fd.try_clone().unwrap());
         ro.fd_offset = 0x2000;
         t.insert(ro);
-        t.write_local(&[(0x10ff0, 32)], &mut [7u8; 32]).unwrap();
-        let mut out = Vec::new();
-        t.read_local(&[(0x10ff0, 32)], &mut out).unwrap();
-        assert_eq!(out, vec![7u8; 32]);
+        write_local(&t, &[(0x10ff0, 32)], &mut [7u8; 32]).unwrap();
+        assert_eq!(read_local(&t, &[(0x10ff0, 32)]).unwrap(), vec![7u8; 32]);
         // Crossing the end of a region, writing a read-only region, an unmapped IOVA.
         assert_eq!(
             t.check_segments(&[(0x11ff0, 32)], false),
             Err(DmaError::Fault)
         );
         assert_eq!(
-            t.write_local(&[(0x20000, 4)], &mut [1; 4]),
+            write_local(&t, &[(0x20000, 4)], &mut [1; 4]),
             Err(DmaError::Fault)
         );
         assert_eq!(
@@ -624,20 +616,12 @@ pub(crate) mod tests {
             Err(DmaError::Fault)
         );
         // A two-segment write whose second segment is bad writes nothing.
-        assert!(t
-            .write_local(&[(0x10000, 4), (0x20000, 4)], &mut [9; 8])
-            .is_err());
-        let mut out = Vec::new();
-        t.read_local(&[(0x10000, 4)], &mut out).unwrap();
-        assert_eq!(out, vec![0; 4]);
+        assert!(write_local(&t, &[(0x10000, 4), (0x20000, 4)], &mut [9; 8]).is_err());
+        assert_eq!(read_local(&t, &[(0x10000, 4)]).unwrap(), vec![0; 4]);
         // A client that shrinks its file gets faults, not a SIGBUS in the relay.
         // SAFETY: ftruncate on our fd.
         assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), 0) }, 0);
-        let mut out = Vec::new();
-        assert_eq!(
-            t.read_local(&[(0x10000, 4)], &mut out),
-            Err(DmaError::Fault)
-        );
+        assert_eq!(read_local(&t, &[(0x10000, 4)]), Err(DmaError::Fault));
         // Uncommitted regions serve nothing.
         let mut pending = region(0x40000, 0x1000, true, true);
         pending.committed = false;

@@ -10,7 +10,7 @@
 
 use log::debug;
 use vfu_proto::tunnel::{
-    decode_dma_request_head, encode_reply_head, Body, DmaSegment, Kind, TunnelError, TunnelHeader,
+    decode_dma_request_head, encode_reply_head, Body, Kind, TunnelError, TunnelHeader,
     MAX_DMA_SEGMENTS, REPLY_HEAD_SIZE, TUNNEL_HEADER_SIZE,
 };
 use vm_memory::{
@@ -188,7 +188,7 @@ impl DirectRequest {
             }
             (Some(Kind::DmaWrite), false) => {
                 let (segments, data_at) = decode_dma_request_head(body).map_err(bad)?;
-                let total = total(&segments);
+                let total: u64 = segments.iter().map(|s| s.len).sum();
                 if (header.len as u64).checked_sub(data_at as u64) != Some(total) {
                     return Err(bad(TunnelError::InvalidField {
                         field: "dma write data length",
@@ -330,10 +330,6 @@ impl DirectRequest {
     }
 }
 
-fn total(segments: &[DmaSegment]) -> u64 {
-    segments.iter().map(|s| s.len).sum()
-}
-
 /// Serves a direct request: straight between the client's memory and the chain where
 /// the client's fds reach every segment, else the message way (client DMA commands,
 /// errors), whose reply then lands in the chain.
@@ -393,7 +389,7 @@ pub fn serve(relay: &Relay, req: DirectRequest) {
 mod tests {
     use super::*;
     use crate::version::RelayLimits;
-    use vfu_proto::tunnel::{encode_dma_write_head, TunnelMessage};
+    use vfu_proto::tunnel::{encode_dma_write_head, DmaSegment, TunnelMessage};
 
     fn memory() -> GuestMemoryAtomic<GuestMemoryMmap> {
         GuestMemoryAtomic::new(

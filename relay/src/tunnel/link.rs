@@ -14,7 +14,7 @@
 //! while holding it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -495,21 +495,13 @@ impl Link {
                     }
                     continue;
                 }
-                let mut data = Vec::new();
-                let read = chain
-                    .clone()
-                    .reader(&*guard)
-                    .map_err(|e| e.to_string())
-                    .and_then(|mut r| {
-                        r.read_to_end(&mut data)
-                            .map(|_| ())
-                            .map_err(|e| e.to_string())
-                    });
+                // Read before the buffer goes back: the driver reuses it at once.
+                let data = readable.read_prefix(&guard, readable.len());
                 let _ = vring.add_used(head, 0);
-                if let Err(e) = read {
-                    warn!("g2h queue {pair}: bad buffer: {e}");
+                let Some(data) = data else {
+                    warn!("g2h queue {pair}: bad buffer: outside guest memory");
                     continue;
-                }
+                };
                 if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(data, max)) {
                     out.push(Incoming::Message(decode(done)));
                 }
