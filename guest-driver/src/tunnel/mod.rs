@@ -216,6 +216,12 @@ impl<T: Transport> Io<T> {
         }
     }
 
+    /// Sets each pair's direct buffer aside.
+    fn enable_direct(&mut self) -> Result<(), PairError> {
+        let mem = self.transport.memory();
+        self.pairs.iter_mut().try_for_each(|p| p.enable_direct(mem))
+    }
+
     /// The pair of `channel`, if its direct buffer is free and the relay takes direct
     /// requests.
     fn direct_pair(&self, channel: u32) -> Option<usize> {
@@ -248,7 +254,10 @@ impl<T: Transport> Io<T> {
         waited?;
         let used = used.unwrap_or(0) as usize;
         let mut head = [0u8; REPLY_HEAD_SIZE];
-        match self.pairs[p].direct_area().slice(reply.0, REPLY_HEAD_SIZE) {
+        match self.pairs[p]
+            .direct_area()
+            .and_then(|a| a.slice(reply.0, REPLY_HEAD_SIZE))
+        {
             Some(s) if used >= REPLY_HEAD_SIZE => s.copy_to(&mut head),
             _ => return Err(libc::EIO as u32),
         };
@@ -294,7 +303,7 @@ impl<T: Transport> DmaPort for Io<T> {
             body: Body::DmaRead { segments },
         }
         .encode();
-        let direct = self.pairs[p].direct_area();
+        let direct = self.pairs[p].direct_area().ok_or(libc::EIO as u32)?;
         direct
             .slice(0, request.len())
             .ok_or(libc::EIO as u32)?
@@ -310,7 +319,7 @@ impl<T: Transport> DmaPort for Io<T> {
             warn!("the relay's direct DMA read reply has {used} bytes, not {reply_len}");
             return Err(libc::EIO as u32);
         }
-        let direct = self.pairs[p].direct_area();
+        let direct = self.pairs[p].direct_area().ok_or(libc::EIO as u32)?;
         direct
             .slice(DIRECT_READ_REPLY + REPLY_HEAD_SIZE, buf.len())
             .ok_or(libc::EIO as u32)?
@@ -335,7 +344,7 @@ impl<T: Transport> DmaPort for Io<T> {
         };
         let tag = self.next_tag();
         let head = encode_dma_write_head(channel, tag, &segments, data.len());
-        let direct = self.pairs[p].direct_area();
+        let direct = self.pairs[p].direct_area().ok_or(libc::EIO as u32)?;
         let at = DIRECT_WRITE_REQUEST;
         direct
             .slice(at, head.len())
@@ -534,7 +543,14 @@ impl<T: Transport> TunnelDriver<T> {
                 self.io.active_pairs = r.queue_pairs.clamp(1, self.io.pairs.len() as u16);
                 self.io.relay_max_msg = r.max_msg_size as usize;
                 self.channels.set_peer_max_msg(r.max_msg_size as usize);
-                self.io.direct = r.features & features::DIRECT_DATA != 0;
+                self.io.direct = r.features & features::DIRECT_DATA != 0
+                    && self
+                        .io
+                        .enable_direct()
+                        .inspect_err(|e| {
+                            warn!("no memory for direct DMA data ({e}); data goes in messages")
+                        })
+                        .is_ok();
                 if r.features & features::WINDOWS != 0 {
                     if let Some((base, len)) = self.io.transport.shared_memory() {
                         let len = len.min(usize::try_from(r.shm_size).unwrap_or(usize::MAX));

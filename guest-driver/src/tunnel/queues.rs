@@ -52,8 +52,9 @@ pub struct QueuePair {
     rx_partial: Vec<u8>,
     rx_expected: usize,
     max_msg: usize,
-    /// Buffer of direct requests and their replies.
-    direct_buf: Allocation,
+    /// Buffer of direct requests and their replies, set aside once the relay agreed to
+    /// `DIRECT_DATA`.
+    direct_buf: Option<Allocation>,
     direct: Direct,
 }
 
@@ -82,9 +83,6 @@ impl QueuePair {
         let tx_free = (0..size)
             .map(|_| mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory))
             .collect::<Result<Vec<_>, _>>()?;
-        let direct_buf = mem
-            .alloc(DIRECT_READ_REPLY + max_msg, 4096)
-            .ok_or(PairError::NoMemory)?;
         let mut p = Self {
             h2g_index: pair * 2,
             g2h_index: pair * 2 + 1,
@@ -97,7 +95,7 @@ impl QueuePair {
             rx_partial: Vec::new(),
             rx_expected: 0,
             max_msg,
-            direct_buf,
+            direct_buf: None,
             direct: Direct::default(),
         };
         for _ in 0..size {
@@ -159,13 +157,27 @@ impl QueuePair {
     /// Whether a direct request may be posted: none holds the buffer, and the `g2h`
     /// stream is between messages (a chain in the middle of a message would break its framing).
     pub fn direct_ready(&self) -> bool {
-        self.direct.in_flight.is_none() && self.tx_pending.is_empty() && self.g2h.num_free() >= 2
+        self.direct_buf.is_some()
+            && self.direct.in_flight.is_none()
+            && self.tx_pending.is_empty()
+            && self.g2h.num_free() >= 2
     }
 
-    /// The direct buffer (write a request into it only when [`QueuePair::direct_ready`];
-    /// read a reply from it only after [`QueuePair::take_direct_answer`]).
-    pub fn direct_area(&self) -> &Allocation {
-        &self.direct_buf
+    /// Sets the direct buffer aside (once the relay agreed to `DIRECT_DATA`): room for
+    /// the largest message and a request before it.
+    pub fn enable_direct(&mut self, mem: &SharedMemory) -> Result<(), PairError> {
+        if self.direct_buf.is_none() {
+            let buf = mem.alloc(DIRECT_READ_REPLY + self.max_msg, 4096);
+            self.direct_buf = Some(buf.ok_or(PairError::NoMemory)?);
+        }
+        Ok(())
+    }
+
+    /// The direct buffer, once enabled (write a request into it only when
+    /// [`QueuePair::direct_ready`]; read a reply from it only after
+    /// [`QueuePair::take_direct_answer`]).
+    pub fn direct_area(&self) -> Option<&Allocation> {
+        self.direct_buf.as_ref()
     }
 
     /// Posts a direct request: `request` bytes of the direct buffer at `request_at`
@@ -178,7 +190,7 @@ impl QueuePair {
         reply_at: usize,
         reply_len: usize,
     ) -> Result<(), PairError> {
-        let gpa = self.direct_buf.gpa;
+        let gpa = self.direct_buf.as_ref().ok_or(PairError::NoMemory)?.gpa;
         let head = self.g2h.add(&[
             Segment {
                 gpa: gpa + request_at as u64,
