@@ -1,17 +1,19 @@
-//! The devices this driver serves, one device server per channel the relay brought up,
-//! and the translation between tunnel messages and the device API.
+//! The channels the relay brought up, each with its device server, run on the engine
+//! thread or, once its calls may wait ([`ChannelServer::may_block`]), on a thread of its
+//! own ([`Worker`]).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
 
 use log::{debug, info, warn};
-use vfu_proto::tunnel::{Body, IrqTrigger, Kind, TunnelMessage, VfioUserFrame};
-use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, Header, MessageType, Request, HEADER_SIZE,
-};
+use vfu_proto::tunnel::{Body, Kind, TunnelMessage};
 
+use super::channel_server::{ChannelServer, Outlet};
 use super::dma::{DmaPort, TunnelDma};
-use crate::device::{DeviceServer, IrqSink, Response};
+use super::io::ThreadPort;
+use super::model_channel::ModelChannel;
+use super::worker::{SharedWindows, Work, Worker};
 use crate::models;
 
 /// A device to serve: the name the relay exports it under and the model behind it.
@@ -29,78 +31,53 @@ impl ServeSpec {
         let (name, model) = arg
             .split_once('=')
             .ok_or_else(|| format!("--serve {arg:?}: expected NAME=MODEL"))?;
-        if name.is_empty() || name.len() > vfu_proto::tunnel::MAX_CHANNEL_NAME {
-            return Err(format!("--serve {arg:?}: name must be 1 to 64 bytes"));
-        }
+        check_name(name).map_err(|e| format!("--serve {arg:?}: {e}"))?;
         models::build(model).map_err(|e| format!("--serve {arg:?}: {e}"))?;
         Ok(Self {
             name: name.to_string(),
             model: model.to_string(),
         })
     }
-}
 
-/// Interrupts of one channel: the relay keeps the client's eventfds; the device raises
-/// vectors with IRQ messages, for the vectors the client assigned.
-struct TunnelIrqs {
-    channel: u32,
-    assigned: HashMap<(u32, u32), ()>,
-    outbox: Arc<Mutex<Vec<TunnelMessage>>>,
-}
-
-impl IrqSink for TunnelIrqs {
-    fn set_eventfds(
-        &mut self,
-        index: u32,
-        start: u32,
-        count: u32,
-        fds: Option<Vec<std::os::fd::OwnedFd>>,
-    ) {
-        // No fds exist inside the device VM; treat as slots.
-        self.assign_slots(index, start, count, fds.is_some());
-    }
-
-    fn assign_slots(&mut self, index: u32, start: u32, count: u32, assigned: bool) {
-        for v in start..start.saturating_add(count) {
-            if assigned {
-                self.assigned.insert((index, v), ());
-            } else {
-                self.assigned.remove(&(index, v));
-            }
-        }
-    }
-
-    fn trigger(&mut self, index: u32, vector: u32) {
-        if self.assigned.contains_key(&(index, vector)) {
-            let msg = TunnelMessage::new(
-                self.channel,
-                Body::Irq(IrqTrigger {
-                    index,
-                    start: vector,
-                    count: 1,
-                }),
-            );
-            self.outbox
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(msg);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.assigned.clear();
+    /// A server for this device.
+    fn build(&self) -> Result<Box<dyn ChannelServer>, String> {
+        let model = models::build(&self.model).map_err(|e| e.to_string())?;
+        Ok(Box::new(ModelChannel::new(&self.name, model)))
     }
 }
+
+/// Checks a channel name as the relay does.
+pub fn check_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > vfu_proto::tunnel::MAX_CHANNEL_NAME {
+        return Err("name must be 1 to 64 bytes".into());
+    }
+    Ok(())
+}
+
+/// Where a channel's server runs.
+enum Runner {
+    /// On the engine thread: its calls never wait.
+    Inline(Box<dyn ChannelServer>),
+    /// On its own thread.
+    Thread(Worker),
+}
+
+struct Channel {
+    name: String,
+    runner: Runner,
+}
+
+/// Starts channel threads: gives each a port onto the engine's I/O half.
+pub type PortFactory<'a> = &'a mut dyn FnMut() -> Box<dyn ThreadPort>;
 
 /// The channels the relay brought up.
 pub struct Channels {
     serve: Vec<ServeSpec>,
     /// Where shared memory region 0 is mapped, once HELLO enabled windows.
-    windows: Option<(*mut u8, usize)>,
+    windows: Option<(NonNull<u8>, usize)>,
     /// Largest message the relay accepts (from its HELLO reply).
     peer_max_msg: usize,
-    servers: HashMap<u32, (String, DeviceServer)>,
-    outbox: Arc<Mutex<Vec<TunnelMessage>>>,
+    channels: HashMap<u32, Channel>,
 }
 
 impl Channels {
@@ -110,58 +87,97 @@ impl Channels {
             serve,
             windows: None,
             peer_max_msg: vfu_proto::tunnel::MIN_MSG_SIZE as usize,
-            servers: HashMap::new(),
-            outbox: Arc::new(Mutex::new(Vec::new())),
+            channels: HashMap::new(),
         }
     }
 
-    /// Handles one message from the relay; returns the messages to send back. `port`
-    /// carries the models' copy-path DMA.
+    /// Handles one message from the relay; returns the messages to send back now.
+    /// `port` carries DMA of servers that run on the engine thread; `spawn` gives a
+    /// channel thread its port.
     pub fn handle(
         &mut self,
         channel: u32,
         tag: u32,
         body: Body,
         port: &mut dyn DmaPort,
+        spawn: PortFactory<'_>,
     ) -> Vec<TunnelMessage> {
-        let status = |kind: Kind, status: u32| TunnelMessage {
-            channel,
-            tag,
-            body: Body::Status {
-                kind: kind as u16,
-                status,
-            },
+        let status = |kind: Kind, status: u32| {
+            vec![TunnelMessage {
+                channel,
+                tag,
+                body: Body::Status {
+                    kind: kind as u16,
+                    status,
+                },
+            }]
         };
-        let mut out = match body {
+        match body {
             Body::ChannelUp { name } => {
-                vec![status(Kind::ChannelUp, self.channel_up(channel, name))]
+                status(Kind::ChannelUp, self.channel_up(channel, name, spawn))
             }
             Body::ChannelDown => {
-                if let Some((name, _)) = self.servers.remove(&channel) {
-                    info!("{name}: channel {channel} down");
+                if let Some(ch) = self.channels.remove(&channel) {
+                    info!("{}: channel {channel} down", ch.name);
                 }
-                vec![status(Kind::ChannelDown, 0)]
+                status(Kind::ChannelDown, 0)
             }
-            Body::SessionStart => {
-                let errno = if self.servers.contains_key(&channel) {
-                    0
-                } else {
-                    libc::ENOENT as u32
-                };
-                vec![status(Kind::SessionStart, errno)]
-            }
-            Body::SessionEnd => {
-                let errno = match self.servers.get_mut(&channel) {
-                    Some((name, server)) => {
-                        debug!("{name}: client disconnected");
-                        server.client_disconnected();
-                        0
+            Body::SessionStart => match self.channels.get_mut(&channel) {
+                Some(Channel {
+                    runner: Runner::Thread(w),
+                    ..
+                }) => {
+                    w.push(Work::SessionStart(tag));
+                    Vec::new()
+                }
+                Some(_) => status(Kind::SessionStart, 0),
+                None => status(Kind::SessionStart, libc::ENOENT as u32),
+            },
+            Body::SessionEnd => match self.channels.get_mut(&channel) {
+                Some(Channel {
+                    runner: Runner::Thread(w),
+                    ..
+                }) => {
+                    w.push(Work::SessionEnd(tag));
+                    Vec::new()
+                }
+                Some(Channel {
+                    runner: Runner::Inline(server),
+                    ..
+                }) => {
+                    server.client_disconnected();
+                    status(Kind::SessionEnd, 0)
+                }
+                None => status(Kind::SessionEnd, libc::ENOENT as u32),
+            },
+            Body::VfioUser(frame) => {
+                let Some(ch) = self.channels.get_mut(&channel) else {
+                    warn!("vfio-user message for channel {channel}, which is not up");
+                    let header = frame.header;
+                    if header.msg_type == vfu_proto::vfio_user::MessageType::Command
+                        && !header.no_reply
+                    {
+                        let mut out = Outlet::new(channel, self.peer_max_msg);
+                        let bytes =
+                            vfu_proto::vfio_user::encode_error_reply(&header, libc::ENODEV as u32);
+                        let _ = out.vfio_user(&bytes);
+                        return out.take();
                     }
-                    None => libc::ENOENT as u32,
+                    return Vec::new();
                 };
-                vec![status(Kind::SessionEnd, errno)]
+                match &mut ch.runner {
+                    Runner::Thread(w) => {
+                        w.push(Work::Frame(frame));
+                        Vec::new()
+                    }
+                    Runner::Inline(server) => {
+                        let mut out = Outlet::new(channel, self.peer_max_msg);
+                        server.vfio_user(frame, &mut TunnelDma { port, channel }, &mut out);
+                        self.move_if_blocking(channel, spawn);
+                        out.take()
+                    }
+                }
             }
-            Body::VfioUser(frame) => self.vfio_user(channel, frame, port),
             Body::Error { errno, text } => {
                 warn!("relay reports error {errno} on channel {channel}: {text}");
                 Vec::new()
@@ -183,48 +199,96 @@ impl Channels {
                     }]
                 }
             }
+        }
+    }
+
+    /// Moves an engine-thread channel whose server may now wait onto its own thread.
+    /// Called between two messages, so the channel's order holds.
+    fn move_if_blocking(&mut self, channel: u32, spawn: PortFactory<'_>) {
+        let blocking = matches!(
+            self.channels.get(&channel),
+            Some(Channel { runner: Runner::Inline(server), .. }) if server.may_block()
+        );
+        if !blocking {
+            return;
+        }
+        let Some(Channel {
+            name,
+            runner: Runner::Inline(server),
+        }) = self.channels.remove(&channel)
+        else {
+            return;
         };
-        out.append(&mut self.outbox.lock().unwrap_or_else(|p| p.into_inner()));
-        out
+        let runner = match Worker::spawn(&name, channel, server, spawn(), self.peer_max_msg) {
+            Ok(worker) => Runner::Thread(worker),
+            Err((server, e)) => {
+                warn!("{name}: no thread for channel {channel} ({e}); served inline");
+                Runner::Inline(server)
+            }
+        };
+        self.channels.insert(channel, Channel { name, runner });
     }
 
     /// DMA windows are mapped at `base` (`len` bytes): DMA maps that come with a window
     /// slot are reached there, by every device server now and later.
-    pub fn set_windows(&mut self, base: *mut u8, len: usize) {
+    ///
+    /// # Safety
+    /// The memory stays mapped for as long as the engine lives.
+    pub unsafe fn set_windows(&mut self, base: NonNull<u8>, len: usize) {
         self.windows = Some((base, len));
-        for (_, server) in self.servers.values_mut() {
-            // SAFETY: the transport keeps the shared memory region mapped for as long as
-            // the engine (and so every server) lives.
-            unsafe { server.set_windows(base, len) };
+        for ch in self.channels.values_mut() {
+            match &mut ch.runner {
+                // SAFETY: the caller keeps the memory mapped while the engine lives.
+                Runner::Inline(server) => unsafe { server.set_windows(base, len) },
+                Runner::Thread(w) => w.push(Work::Windows(SharedWindows { base, len })),
+            }
         }
     }
 
     /// The relay accepts messages up to `max` bytes.
     pub fn set_peer_max_msg(&mut self, max: usize) {
         self.peer_max_msg = max;
+        for ch in self.channels.values() {
+            if let Runner::Thread(w) = &ch.runner {
+                w.push(Work::PeerMaxMsg(max));
+            }
+        }
     }
 
-    /// The event fds of the served models (channel, fd), to poll.
-    pub fn event_fds(&self) -> Vec<(u32, std::os::fd::RawFd)> {
-        use std::os::fd::AsRawFd;
-        self.servers
+    /// The event fds of the servers on the engine thread (channel, fd), to poll.
+    pub fn event_fds(&self) -> Vec<(u32, RawFd)> {
+        self.channels
             .iter()
-            .filter_map(|(&ch, (_, server))| server.event_fd().map(|fd| (ch, fd.as_raw_fd())))
+            .filter_map(|(&id, ch)| match &ch.runner {
+                Runner::Inline(server) => server.event_fd().map(|fd| (id, fd.as_raw_fd())),
+                Runner::Thread(_) => None,
+            })
             .collect()
     }
 
-    /// Lets the model of `channel` do work it announced on its event fd; returns the
-    /// messages (interrupts) that resulted.
-    pub fn service(&mut self, channel: u32, port: &mut dyn DmaPort) -> Vec<TunnelMessage> {
-        if let Some((_, server)) = self.servers.get_mut(&channel) {
-            server.service(&mut TunnelDma { port, channel });
+    /// Lets the server of `channel` do work it announced on its event fd; returns the
+    /// messages that resulted.
+    pub fn service(
+        &mut self,
+        channel: u32,
+        port: &mut dyn DmaPort,
+        spawn: PortFactory<'_>,
+    ) -> Vec<TunnelMessage> {
+        let mut out = Outlet::new(channel, self.peer_max_msg);
+        if let Some(Channel {
+            runner: Runner::Inline(server),
+            ..
+        }) = self.channels.get_mut(&channel)
+        {
+            server.service(&mut TunnelDma { port, channel }, &mut out);
+            self.move_if_blocking(channel, spawn);
         }
-        std::mem::take(&mut *self.outbox.lock().unwrap_or_else(|p| p.into_inner()))
+        out.take()
     }
 
-    fn channel_up(&mut self, channel: u32, name: String) -> u32 {
-        if let Some((existing, _)) = self.servers.get(&channel) {
-            if *existing == name {
+    fn channel_up(&mut self, channel: u32, name: String, spawn: PortFactory<'_>) -> u32 {
+        if let Some(existing) = self.channels.get(&channel) {
+            if existing.name == name {
                 // The relay came back: the device keeps its state.
                 return 0;
             }
@@ -233,93 +297,26 @@ impl Channels {
             info!("channel {channel} ({name}): not served here");
             return libc::ENODEV as u32;
         };
-        let model = match models::build(&spec.model) {
-            Ok(m) => m,
+        let mut server = match spec.build() {
+            Ok(s) => s,
             Err(e) => {
                 warn!("{name}: {e}");
                 return libc::ENODEV as u32;
             }
         };
-        let irqs = TunnelIrqs {
-            channel,
-            assigned: HashMap::new(),
-            outbox: self.outbox.clone(),
-        };
-        let mut server = DeviceServer::new(model, Box::new(irqs));
         if let Some((base, len)) = self.windows {
             // SAFETY: as in `set_windows`.
             unsafe { server.set_windows(base, len) };
         }
         info!("{name}: channel {channel} up, model {}", spec.model);
-        self.servers.insert(channel, (name, server));
+        self.channels.insert(
+            channel,
+            Channel {
+                name,
+                runner: Runner::Inline(server),
+            },
+        );
+        self.move_if_blocking(channel, spawn);
         0
     }
-
-    fn vfio_user(
-        &mut self,
-        channel: u32,
-        frame: VfioUserFrame,
-        port: &mut dyn DmaPort,
-    ) -> Vec<TunnelMessage> {
-        let header = frame.header;
-        let Some((name, server)) = self.servers.get_mut(&channel) else {
-            warn!("vfio-user message for channel {channel}, which is not up");
-            if header.msg_type == MessageType::Command && !header.no_reply {
-                return reply_frame(channel, encode_error_reply(&header, libc::ENODEV as u32));
-            }
-            return Vec::new();
-        };
-        if header.msg_type != MessageType::Command {
-            debug!("{name}: reply from the relay ignored (no requests toward clients yet)");
-            return Vec::new();
-        }
-        let request = match Request::decode(header.command, &frame.payload, frame.slots.len()) {
-            Ok(r) => r,
-            Err(e) => {
-                debug!("{name}: bad request: {e}");
-                if header.no_reply {
-                    return Vec::new();
-                }
-                return reply_frame(channel, encode_error_reply(&header, e.errno()));
-            }
-        };
-        let mut dma = TunnelDma { port, channel };
-        match server.handle_tunnel(&header, request, &frame.slots, &mut dma) {
-            Response::Reply { reply, fds } => {
-                if !fds.is_empty() {
-                    warn!("{name}: a reply with fds cannot cross the tunnel; EIO");
-                    return reply_frame(channel, encode_error_reply(&header, libc::EIO as u32));
-                }
-                let bytes = encode_reply(header.msg_id, &reply);
-                if bytes.len() + TUNNEL_OVERHEAD > self.peer_max_msg {
-                    warn!(
-                        "{name}: reply of {} bytes exceeds what the relay accepts",
-                        bytes.len()
-                    );
-                    return reply_frame(channel, encode_error_reply(&header, libc::E2BIG as u32));
-                }
-                reply_frame(channel, bytes)
-            }
-            Response::Error(errno) => reply_frame(channel, encode_error_reply(&header, errno)),
-            Response::NoReply => Vec::new(),
-        }
-    }
-}
-
-/// Tunnel header bytes around a vfio-user message.
-const TUNNEL_OVERHEAD: usize = vfu_proto::tunnel::TUNNEL_HEADER_SIZE;
-
-/// A vfio-user message (header and payload) as a VFIO_USER tunnel message.
-fn reply_frame(channel: u32, bytes: Vec<u8>) -> Vec<TunnelMessage> {
-    let Ok(header) = Header::decode(&bytes) else {
-        return Vec::new();
-    };
-    vec![TunnelMessage::new(
-        channel,
-        Body::VfioUser(VfioUserFrame {
-            header,
-            payload: bytes[HEADER_SIZE..].to_vec(),
-            slots: Vec::new(),
-        }),
-    )]
 }
