@@ -122,6 +122,25 @@ impl Client {
         self.dma_memory = Some((base, memory));
     }
 
+    /// Whether the server has sent something this client has not read yet (a
+    /// server-to-client command, or a reply): waits up to `timeout` for it, reading
+    /// nothing.
+    pub fn wait_readable(&self, timeout: Duration) -> Result<bool, ClientError> {
+        use std::os::fd::AsRawFd;
+        let mut pfd = libc::pollfd {
+            fd: self.sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: polls one valid pollfd that lives across the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+    }
+
     /// Answers a server-to-client command (DMA_READ / DMA_WRITE).
     fn answer_server(&mut self, msg: &RawMessage) -> Result<(), ClientError> {
         let h = msg.header;

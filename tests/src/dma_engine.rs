@@ -336,3 +336,27 @@ pub fn run(c: &mut Client, src: u64, dst: u64, len: u32) -> u32 {
     reg_write(c, 0x24, 1, 4);
     reg_read(c, 0x28)
 }
+
+/// CRC32C (Castagnoli), bit by bit: independent of the model's table.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82f6_3b78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
+
+/// The completion record: status, CRC, length, sequence number.
+pub fn completion(m: &Memory) -> [u32; 4] {
+    let b = m.read(COMPLETION, 16);
+    std::array::from_fn(|i| {
+        u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
+    })
+}

@@ -21,29 +21,6 @@ use vfu_proto::vfio_user::{DmaMap, DmaUnmap, Request};
 use vfu_tests::dma_engine::*;
 use vfu_tests::Proc;
 
-/// CRC32C (Castagnoli), bit by bit: independent of the model's table.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82f6_3b78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
-
-fn completion(m: &Memory) -> [u32; 4] {
-    let b = m.read(COMPLETION, 16);
-    std::array::from_fn(|i| {
-        u32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
-    })
-}
-
 fn guest_maps_client_memory(guest: &Proc) -> bool {
     std::fs::read_to_string(format!("/proc/{}/maps", guest.pid()))
         .map(|m| m.contains("memfd:vfu-dma-client"))
