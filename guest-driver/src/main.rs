@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! vfu-guest --loopback /run/vfu-relay/frontend.sock --serve gpio0=gpio
+//! vfu-guest --pci 0000:00:04.0 --serve gpio0=gpio          # inside a device VM
 //! vfu-guest --listen /tmp/gpio.sock --model gpio
 //! vfu-guest --list-models
 //! ```
@@ -16,6 +17,8 @@ use clap::{ArgGroup, Parser};
 use log::{error, info};
 
 use vfu_guest::transport::loopback::Loopback;
+use vfu_guest::transport::pci::{PciOptions, PciTransport};
+use vfu_guest::transport::Transport;
 use vfu_guest::tunnel::{DriverConfig, ServeSpec, TunnelDriver};
 use vfu_guest::{direct, models};
 
@@ -24,12 +27,17 @@ use vfu_guest::{direct, models};
 /// host socket.
 #[derive(Debug, Parser)]
 #[command(version, about)]
-#[command(group(ArgGroup::new("mode").required(true).args(["loopback", "listen", "list_models"])))]
+#[command(group(ArgGroup::new("mode").required(true).args(["loopback", "pci", "listen", "list_models"])))]
 struct Args {
     /// Loopback VMM: connect to the relay's frontend socket as the vhost-user frontend.
     #[arg(long, value_name = "PATH", requires = "serve")]
     loopback: Option<PathBuf>,
-    /// With --loopback: serve device NAME (as exported by the relay) with model MODEL.
+    /// Inside a device VM: drive the tunnel device at this PCI address (e.g.
+    /// 0000:00:04.0) through uio_pci_generic, binding it if needed; DMA memory comes from
+    /// hugepages (--memory-mib of them must be free).
+    #[arg(long, value_name = "BDF", requires = "serve")]
+    pci: Option<String>,
+    /// With --loopback or --pci: serve device NAME (as exported by the relay) with model MODEL.
     #[arg(long = "serve", value_name = "NAME=MODEL", value_parser = ServeSpec::parse)]
     serve: Vec<ServeSpec>,
     /// Direct mode: serve --model as a plain vfio-user server on this socket (no relay).
@@ -41,7 +49,8 @@ struct Args {
     /// List the device models and exit.
     #[arg(long)]
     list_models: bool,
-    /// With --loopback: MiB of guest memory.
+    /// With --loopback: MiB of guest memory; with --pci: MiB of hugepages for rings and
+    /// buffers.
     #[arg(long, value_name = "MIB", default_value_t = 64)]
     memory_mib: usize,
     /// With --loopback: seconds to wait for the relay to appear.
@@ -100,6 +109,20 @@ fn run(args: Args) -> Result<(), String> {
         info!("serving model {name} on {}", path.display());
         return direct::serve(&path, model, stop).map_err(|e| e.to_string());
     }
+    let config = DriverConfig {
+        serve: args.serve,
+        queue_pairs: args.queue_pairs,
+        queue_size: 256,
+        direct_data: !args.no_direct_data,
+    };
+    if let Some(bdf) = args.pci {
+        let options = PciOptions {
+            memory: args.memory_mib << 20,
+            ..PciOptions::default()
+        };
+        let transport = PciTransport::open(&bdf, &options).map_err(|e| e.to_string())?;
+        return drive(transport, config, stop);
+    }
     let path = args.loopback.unwrap_or_default();
     let transport = Loopback::connect(
         &path,
@@ -108,12 +131,14 @@ fn run(args: Args) -> Result<(), String> {
         !args.no_shmem,
     )
     .map_err(|e| e.to_string())?;
-    let config = DriverConfig {
-        serve: args.serve,
-        queue_pairs: args.queue_pairs,
-        queue_size: 256,
-        direct_data: !args.no_direct_data,
-    };
+    drive(transport, config, stop)
+}
+
+fn drive<T: Transport + 'static>(
+    transport: T,
+    config: DriverConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<(), String> {
     let mut driver = TunnelDriver::new(transport, config).map_err(|e| e.to_string())?;
     driver.run(stop).map_err(|e| e.to_string())
 }

@@ -174,7 +174,9 @@ fn a_stuck_device_does_not_stall_the_others() {
         de::enable(c);
         let mem = Memory::File(mem);
         for round in 0..20u32 {
-            let data: Vec<u8> = (0..64 << 10).map(|i: u32| (i ^ (round * 31)) as u8).collect();
+            let data: Vec<u8> = (0..64 << 10)
+                .map(|i: u32| (i ^ (round * 31)) as u8)
+                .collect();
             mem.write(SRC, &data);
             let status = de::run(c, SRC, DST, data.len() as u32);
             assert_eq!(status & 0xff, 1, "busy: round {round} done");

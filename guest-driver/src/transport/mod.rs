@@ -4,6 +4,7 @@
 //! way over every transport.
 
 pub mod loopback;
+pub mod pci;
 pub mod shm;
 
 use std::os::fd::RawFd;

@@ -1,0 +1,406 @@
+//! The tunnel device as a modern virtio-pci function inside a real device VM, driven
+//! from userspace through `uio_pci_generic` (no IOMMU): registers through the mmapped
+//! BARs the virtio capabilities point to, DMA memory from hugepages with physical
+//! addresses, and INTx through the UIO device (virtio 1.2, section 4.1).
+
+mod caps;
+mod hugepages;
+mod sysfs;
+
+pub use caps::{BarRange, CapsError, VirtioCaps};
+pub use hugepages::{HugeMemory, HugeMemoryError};
+pub use sysfs::{parse_bdf, Mmio, PciDevice, PciError, UIO_DRIVER};
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use log::{info, warn};
+
+use super::{Transport, TransportError};
+use crate::virtqueue::SharedMemory;
+
+/// Offsets in the common configuration structure.
+mod common {
+    pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
+    pub const DEVICE_FEATURE: u64 = 0x04;
+    pub const DRIVER_FEATURE_SELECT: u64 = 0x08;
+    pub const DRIVER_FEATURE: u64 = 0x0c;
+    pub const CONFIG_MSIX_VECTOR: u64 = 0x10;
+    pub const NUM_QUEUES: u64 = 0x12;
+    pub const DEVICE_STATUS: u64 = 0x14;
+    pub const QUEUE_SELECT: u64 = 0x16;
+    pub const QUEUE_SIZE: u64 = 0x18;
+    pub const QUEUE_MSIX_VECTOR: u64 = 0x1a;
+    pub const QUEUE_ENABLE: u64 = 0x1c;
+    pub const QUEUE_NOTIFY_OFF: u64 = 0x1e;
+    pub const QUEUE_DESC: u64 = 0x20;
+    pub const QUEUE_DRIVER: u64 = 0x28;
+    pub const QUEUE_DEVICE: u64 = 0x30;
+    /// Length of the structure.
+    pub const LEN: u64 = 0x38;
+}
+
+/// Device status bits.
+const ACKNOWLEDGE: u8 = 1;
+const DRIVER: u8 = 2;
+const DRIVER_OK: u8 = 4;
+const FEATURES_OK: u8 = 8;
+const FAILED: u8 = 128;
+
+/// "No MSI-X vector": the device interrupts through INTx and the ISR.
+const NO_VECTOR: u16 = 0xffff;
+
+/// PCI command register bits.
+const CMD_MEMORY: u16 = 1 << 1;
+const CMD_BUS_MASTER: u16 = 1 << 2;
+const CMD_INTX_DISABLE: u16 = 1 << 10;
+
+/// The virtio vendor ID.
+pub const VIRTIO_VENDOR: u16 = 0x1af4;
+
+/// A structure in a mapped BAR.
+#[derive(Debug, Clone)]
+struct Regs {
+    bar: Arc<Mmio>,
+    base: u64,
+}
+
+impl Regs {
+    fn read8(&self, off: u64) -> u8 {
+        self.bar.read8(self.base + off)
+    }
+    fn read16(&self, off: u64) -> u16 {
+        self.bar.read16(self.base + off)
+    }
+    fn read32(&self, off: u64) -> u32 {
+        self.bar.read32(self.base + off)
+    }
+    fn write8(&self, off: u64, v: u8) {
+        self.bar.write8(self.base + off, v)
+    }
+    fn write16(&self, off: u64, v: u16) {
+        self.bar.write16(self.base + off, v)
+    }
+    fn write32(&self, off: u64, v: u32) {
+        self.bar.write32(self.base + off, v)
+    }
+    fn write64(&self, off: u64, v: u64) {
+        // 64-bit fields are written as two 32-bit halves, low first (section 4.1.3.1).
+        self.write32(off, v as u32);
+        self.write32(off + 4, (v >> 32) as u32);
+    }
+}
+
+fn setup(step: &'static str) -> impl FnOnce(String) -> TransportError {
+    move |reason| TransportError::Setup { step, reason }
+}
+
+/// Where to find things on the system (a test may point these elsewhere).
+#[derive(Debug, Clone)]
+pub struct PciOptions {
+    /// The sysfs mount (`/sys`).
+    pub sysfs: std::path::PathBuf,
+    /// Device nodes (`/dev`).
+    pub dev: std::path::PathBuf,
+    /// Bytes of hugepage memory for rings and buffers.
+    pub memory: usize,
+}
+
+impl Default for PciOptions {
+    fn default() -> Self {
+        Self {
+            sysfs: "/sys".into(),
+            dev: "/dev".into(),
+            memory: 64 << 20,
+        }
+    }
+}
+
+/// The virtio-pci transport.
+pub struct PciTransport {
+    // `memory` before `huge`: allocations must go before the mapping does.
+    memory: SharedMemory,
+    _huge: HugeMemory,
+    device: PciDevice,
+    common: Regs,
+    notify: Regs,
+    notify_multiplier: u32,
+    isr: Regs,
+    shm: Option<(*mut u8, usize)>,
+    uio: File,
+    /// One fd per queue onto the UIO device (epoll takes each fd once).
+    irq_fds: Vec<OwnedFd>,
+    /// Notification address of each queue set up.
+    notify_at: Vec<Option<u64>>,
+    device_features: u64,
+    queues: u16,
+    max_queue_size: u16,
+}
+
+// SAFETY: `shm` points into a BAR mapping owned (through `Regs`' Arc<Mmio>) by this
+// value; everything else is Send.
+unsafe impl Send for PciTransport {}
+
+impl PciTransport {
+    /// Opens the virtio-pci function at `bdf`, binds it to uio_pci_generic if it is not
+    /// (or says exactly how to), resets it and reads its features.
+    pub fn open(bdf: &str, options: &PciOptions) -> Result<Self, TransportError> {
+        let connect = |e: String| TransportError::Connect {
+            what: format!("PCI function {bdf}"),
+            source: std::io::Error::other(e),
+        };
+        let device = PciDevice::open(&options.sysfs, bdf).map_err(|e| connect(e.to_string()))?;
+        let (vendor, id) = device.id().map_err(|e| connect(e.to_string()))?;
+        if vendor != VIRTIO_VENDOR || id < 0x1040 {
+            return Err(connect(format!(
+                "{vendor:04x}:{id:04x} is not a modern virtio device (1af4:1040 and up)"
+            )));
+        }
+        device.bind_uio().map_err(|e| connect(e.to_string()))?;
+        let config = device.config().map_err(|e| connect(e.to_string()))?;
+        let caps = VirtioCaps::parse(&config).map_err(|e| {
+            connect(format!(
+                "{e} (the capabilities need 256 bytes of config space: run as root)"
+            ))
+        })?;
+        // Memory decoding and bus mastering on (uio_pci_generic leaves them to us);
+        // INTx allowed.
+        let cmd = u16::from_le_bytes([config[4], config[5]]);
+        let cmd = (cmd | CMD_MEMORY | CMD_BUS_MASTER) & !CMD_INTX_DISABLE;
+        device
+            .write_config(4, &cmd.to_le_bytes())
+            .map_err(|e| connect(e.to_string()))?;
+
+        let mut bars: [Option<Arc<Mmio>>; 6] = Default::default();
+        let mut regs = |r: BarRange, min_len: u64| -> Result<Regs, TransportError> {
+            let slot = &mut bars[usize::from(r.bar)];
+            if slot.is_none() {
+                *slot = Some(Arc::new(
+                    device.map_bar(r.bar).map_err(|e| connect(e.to_string()))?,
+                ));
+            }
+            let bar = slot.clone().expect("just mapped");
+            let end = r.offset.checked_add(r.len.max(min_len));
+            if r.len < min_len || end.is_none_or(|e| e > bar.len() as u64) {
+                return Err(connect(format!(
+                    "a virtio structure ({r:?}) does not fit BAR {} of {} bytes",
+                    r.bar,
+                    bar.len()
+                )));
+            }
+            Ok(Regs {
+                bar,
+                base: r.offset,
+            })
+        };
+        let common_regs = regs(caps.common, common::LEN)?;
+        let notify = regs(caps.notify, 2)?;
+        let isr = regs(caps.isr, 1)?;
+        let shm = match caps.shared_memory.iter().find(|s| s.id == 0) {
+            Some(s) => {
+                let r = regs(s.range, 1)?;
+                let len = usize::try_from(s.range.len).unwrap_or(0);
+                let ptr = r.bar.as_ptr().wrapping_add(r.base as usize);
+                Some((ptr, len))
+            }
+            None => None,
+        };
+
+        // Reset, then ACKNOWLEDGE and DRIVER.
+        common_regs.write8(common::DEVICE_STATUS, 0);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while common_regs.read8(common::DEVICE_STATUS) != 0 {
+            if Instant::now() > deadline {
+                return Err(connect("the device did not finish its reset in 1 s".into()));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        common_regs.write8(common::DEVICE_STATUS, ACKNOWLEDGE | DRIVER);
+        common_regs.write16(common::CONFIG_MSIX_VECTOR, NO_VECTOR);
+        let mut device_features = 0u64;
+        for half in 0..2u32 {
+            common_regs.write32(common::DEVICE_FEATURE_SELECT, half);
+            device_features |= u64::from(common_regs.read32(common::DEVICE_FEATURE)) << (32 * half);
+        }
+        let queues = common_regs.read16(common::NUM_QUEUES);
+        common_regs.write16(common::QUEUE_SELECT, 0);
+        let max_queue_size = common_regs.read16(common::QUEUE_SIZE);
+
+        let uio_node = device
+            .uio_node(&options.dev)
+            .map_err(|e| connect(e.to_string()))?;
+        let uio = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(&uio_node)
+            .map_err(|e| connect(format!("{}: {e}", uio_node.display())))?;
+        let huge = HugeMemory::allocate(options.memory)
+            .map_err(|e| TransportError::Memory(std::io::Error::other(e.to_string())))?;
+        // SAFETY: `memory` is dropped before `_huge` (field order).
+        let memory = unsafe { huge.shared() };
+        info!(
+            "{}: virtio device {vendor:04x}:{id:04x} on {UIO_DRIVER} ({}), {queues} queues of up to \
+             {max_queue_size}, features {device_features:#x}, {} MiB of hugepages in {} run(s){}",
+            device.bdf(),
+            uio_node.display(),
+            huge.len() >> 20,
+            huge.runs(),
+            if shm.is_some() { ", shared memory region 0" } else { "" }
+        );
+        Ok(Self {
+            memory,
+            _huge: huge,
+            device,
+            common: common_regs,
+            notify,
+            notify_multiplier: caps.notify_multiplier,
+            isr,
+            shm,
+            uio,
+            irq_fds: Vec::new(),
+            notify_at: vec![None; usize::from(queues)],
+            device_features,
+            queues,
+            max_queue_size,
+        })
+    }
+
+    fn status(&self) -> u8 {
+        self.common.read8(common::DEVICE_STATUS)
+    }
+
+    fn set_status(&self, bits: u8) {
+        self.common
+            .write8(common::DEVICE_STATUS, self.status() | bits);
+    }
+
+    fn fail(&self, step: &'static str, reason: String) -> TransportError {
+        self.set_status(FAILED);
+        setup(step)(reason)
+    }
+}
+
+impl Drop for PciTransport {
+    fn drop(&mut self) {
+        // Reset: the device stops using our memory before it is unmapped.
+        self.common.write8(common::DEVICE_STATUS, 0);
+        let deadline = Instant::now() + Duration::from_millis(500);
+        while self.status() != 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        info!("{}: device reset", self.device.bdf());
+    }
+}
+
+impl Transport for PciTransport {
+    fn memory(&self) -> &SharedMemory {
+        &self.memory
+    }
+
+    fn max_queues(&self) -> u16 {
+        self.queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn negotiate(&mut self, wanted: u64) -> Result<u64, TransportError> {
+        let features = self.device_features & wanted;
+        for half in 0..2u32 {
+            self.common.write32(common::DRIVER_FEATURE_SELECT, half);
+            self.common
+                .write32(common::DRIVER_FEATURE, (features >> (32 * half)) as u32);
+        }
+        self.set_status(FEATURES_OK);
+        if self.status() & FEATURES_OK == 0 {
+            return Err(self.fail(
+                "FEATURES_OK",
+                format!("the device refused features {features:#x}"),
+            ));
+        }
+        Ok(features)
+    }
+
+    fn setup_queue(
+        &mut self,
+        index: u16,
+        size: u16,
+        (desc, avail, used): (u64, u64, u64),
+    ) -> Result<(), TransportError> {
+        if index >= self.queues {
+            return Err(self.fail("queue setup", format!("queue {index} of {}", self.queues)));
+        }
+        self.common.write16(common::QUEUE_SELECT, index);
+        let max = self.common.read16(common::QUEUE_SIZE);
+        if max == 0 || size > max {
+            return Err(self.fail(
+                "queue setup",
+                format!("queue {index}: size {size}, device allows {max}"),
+            ));
+        }
+        self.common.write16(common::QUEUE_SIZE, size);
+        self.common.write16(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
+        self.common.write64(common::QUEUE_DESC, desc);
+        self.common.write64(common::QUEUE_DRIVER, avail);
+        self.common.write64(common::QUEUE_DEVICE, used);
+        let off = u64::from(self.common.read16(common::QUEUE_NOTIFY_OFF));
+        let at = off * u64::from(self.notify_multiplier);
+        if at + 2 > self.notify.bar.len() as u64 - self.notify.base {
+            return Err(self.fail(
+                "queue setup",
+                format!("queue {index}: notify offset {at:#x} outside the BAR"),
+            ));
+        }
+        self.notify_at[usize::from(index)] = Some(at);
+        self.common.write16(common::QUEUE_ENABLE, 1);
+        while self.irq_fds.len() <= usize::from(index) {
+            let fd = self
+                .uio
+                .try_clone()
+                .map_err(|e| self.fail("queue setup", e.to_string()))?;
+            self.irq_fds.push(fd.into());
+        }
+        Ok(())
+    }
+
+    fn start(&mut self) -> Result<(), TransportError> {
+        self.set_status(DRIVER_OK);
+        // INTx on: uio_pci_generic enables it again on each write of 1.
+        let _ = std::io::Write::write(&mut &self.uio, &1u32.to_ne_bytes());
+        if self.status() & FAILED != 0 {
+            return Err(setup("DRIVER_OK")("the device failed".into()));
+        }
+        Ok(())
+    }
+
+    fn notify(&self, index: u16) {
+        match self.notify_at.get(usize::from(index)).copied().flatten() {
+            Some(at) => self.notify.write16(at, index),
+            None => warn!("notify of queue {index}, which is not set up"),
+        }
+    }
+
+    fn interrupt_fd(&self, index: u16) -> RawFd {
+        self.irq_fds
+            .get(usize::from(index))
+            .map_or(self.uio.as_raw_fd(), |f| f.as_raw_fd())
+    }
+
+    fn ack_interrupt(&self, _index: u16) {
+        let mut count = [0u8; 4];
+        let _ = std::io::Read::read(&mut &self.uio, &mut count);
+        // Reading the ISR status acknowledges the device's interrupt and lowers INTx;
+        // then INTx is unmasked again (uio_pci_generic masks it in its handler).
+        let _ = self.isr.read8(0);
+        let _ = std::io::Write::write(&mut &self.uio, &1u32.to_ne_bytes());
+    }
+
+    fn shared_memory(&self) -> Option<(*mut u8, usize)> {
+        self.shm
+    }
+}
