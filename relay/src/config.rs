@@ -108,6 +108,7 @@ impl Config {
     ///
     /// ```toml
     /// frontend_socket = "/run/vfu-relay/frontend.sock"
+    /// control_socket = "/run/vfu-relay/control.sock"  # optional
     /// request_timeout_ms = 3000   # optional
     /// [[device]]
     /// name = "gpio0"

@@ -344,6 +344,7 @@ mod tests {
             },
             CommandError::UnknownDevice { name: "x".into() }.into(),
             CommandError::TooManyDevices { max: 256 }.into(),
+            CommandError::IdsExhausted.into(),
             CommandError::Socket {
                 socket: "/x".into(),
                 reason: "denied".into(),
