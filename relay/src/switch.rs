@@ -319,22 +319,30 @@ impl Switch {
             control: ControlServer::new(control),
             reserve: None,
         };
-        state
-            .control
-            .register(&relay.poll, token(KIND_CONTROL_LISTENER, 0))?;
         info!("control socket {}", control_path.display());
-        for ch in relay.channels() {
-            let listener = sockets::bind(&ch.socket).map_err(|source| Error::Socket {
-                path: ch.socket.display().to_string(),
-                source,
-            })?;
-            state.watch_device(ch, listener)?;
+        let mut setup = || -> Result<()> {
+            state
+                .control
+                .register(&relay.poll, token(KIND_CONTROL_LISTENER, 0))?;
+            for ch in relay.channels() {
+                let listener = sockets::bind(&ch.socket).map_err(|source| Error::Socket {
+                    path: ch.socket.display().to_string(),
+                    source,
+                })?;
+                state.watch_device(ch, listener)?;
+            }
+            relay.poll.ctl(
+                ControlOperation::Add,
+                relay.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+            )?;
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            // The sockets created so far are ours: they go.
+            state.remove_sockets();
+            return Err(e);
         }
-        relay.poll.ctl(
-            ControlOperation::Add,
-            relay.wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-        )?;
         let thread = std::thread::Builder::new()
             .name("vfu-switch".into())
             .spawn(move || state.run())?;
@@ -466,10 +474,15 @@ impl SwitchThread {
         for id in ids {
             self.drop_client(id, "relay stopping");
         }
+        self.remove_sockets();
+    }
+
+    /// Removes the device and control socket files.
+    fn remove_sockets(&self) {
         for dev in self.devices.values() {
             let _ = std::fs::remove_file(&dev.ch.socket);
         }
-        let _ = std::fs::remove_file(relay.config.control_socket());
+        let _ = std::fs::remove_file(self.relay.config.control_socket());
     }
 
     /// Milliseconds until the earliest deadline: a request's, or a removed channel's
