@@ -310,6 +310,7 @@ fn add_and_remove_devices_while_another_streams() {
     );
     ctl_ok(&control, &["remove", "d"]);
     round_trip(&mut cb, 0x11).unwrap();
+    streamer.wait_progress(50);
 
     let rounds = streamer.finish();
     assert!(
