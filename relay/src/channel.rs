@@ -23,6 +23,7 @@ use vfu_proto::vfio_user::{
 use vm_memory::VolatileSlice;
 
 use crate::client_memory::{self, ClientMapping, Direction};
+use crate::control::{DeviceInfo, Served};
 use crate::dma::{DmaError, DmaTable, Region, WindowMap};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
@@ -125,6 +126,10 @@ pub struct ChannelState {
     /// Regions of clients that went away, by the tag of their SESSION_END: their
     /// windows stay until the device VM acknowledges it.
     retired: Vec<(u32, Vec<Region>)>,
+    /// Client requests forwarded to the device VM (for `list`).
+    requests: u64,
+    /// Client connections accepted (for `list`).
+    connections: u64,
 }
 
 /// One exported device.
@@ -256,6 +261,8 @@ impl Channel {
                 client: None,
                 next_id: 0,
                 retired: Vec::new(),
+                requests: 0,
+                connections: 0,
             }),
         }
     }
@@ -270,6 +277,7 @@ impl Channel {
     pub fn on_client_connected(&self, relay: &Relay, sock: Arc<UnixStream>) {
         let mut st = self.lock();
         st.client = Some(Client::new(sock));
+        st.connections += 1;
         let served = st.guest == GuestState::Served;
         drop(st);
         info!("{}: client connected", self.name);
@@ -381,6 +389,65 @@ impl Channel {
             for (tag, body) in client.remote.fail_all(libc::ENODEV as u32) {
                 send_tunnel_reply(relay, self.id, tag, body);
             }
+        }
+    }
+
+    /// The device is removed from the relay: requests in flight are answered with
+    /// ENODEV and the client is disconnected (it reads those answers, then EOF), its
+    /// session ends as for any client that goes, and the device VM is told the channel
+    /// is withdrawn (CHANNEL_DOWN). Returns whether it was: then the windows of the
+    /// last client stay until the device VM acknowledges
+    /// ([`Channel::on_channel_down_ack`]).
+    pub fn withdraw(&self, relay: &Relay) -> bool {
+        let mut st = self.lock();
+        if let Some(client) = st.client.as_mut() {
+            // The regions of requests in flight stay in the DMA table: they go with
+            // the session, once the device VM has let go of them.
+            while let Some(p) = client.pending.pop_front() {
+                if !p.silent {
+                    let _ = client.send(encode_error_reply(&p.header, libc::ENODEV as u32), vec![]);
+                }
+            }
+            let _ = client.sock.shutdown(std::net::Shutdown::Both);
+        }
+        drop(st);
+        self.on_client_disconnected(relay);
+        let mut st = self.lock();
+        if relay.link.is_up() {
+            relay.send_control(self.id, Body::ChannelDown);
+            return true;
+        }
+        for (_, regions) in std::mem::take(&mut st.retired) {
+            release(relay, regions);
+        }
+        false
+    }
+
+    /// The device VM acknowledged the CHANNEL_DOWN of this (removed) channel, or the
+    /// relay stopped waiting for it: whatever it still had of the channel goes.
+    pub fn on_channel_down_ack(&self, relay: &Relay) {
+        let mut st = self.lock();
+        for (_, regions) in std::mem::take(&mut st.retired) {
+            release(relay, regions);
+        }
+    }
+
+    /// The channel as `vfu-relay ctl list` shows it.
+    pub fn info(&self) -> DeviceInfo {
+        let st = self.lock();
+        DeviceInfo {
+            name: self.name.clone(),
+            socket: self.socket.display().to_string(),
+            channel: self.id,
+            client: st.client.is_some(),
+            device_vm: match st.guest {
+                GuestState::Served => Served::Served,
+                GuestState::NotServed => Served::NotServed,
+                GuestState::Unknown => Served::Unknown,
+            },
+            in_flight: st.client.as_ref().map_or(0, |c| c.pending.len()),
+            requests: st.requests,
+            connections: st.connections,
         }
     }
 
@@ -506,6 +573,7 @@ impl Channel {
         };
         let relay_id = st.next_id;
         st.next_id = st.next_id.wrapping_add(1);
+        st.requests += 1;
         let mut forwarded = header;
         forwarded.msg_id = relay_id;
         // DMA maps and unmaps change the relay's own state when the reply comes: the
@@ -1034,11 +1102,13 @@ mod pipelined_dma_tests {
     fn relay() -> Relay {
         let relay = Relay::new(Config {
             frontend_socket: "/tmp/review-f.sock".into(),
+            control_socket: None,
             devices: vec![DeviceConfig::parse("dev0=/tmp/review-d.sock").unwrap()],
             request_timeout_ms: 3000,
             queue_pairs: 1,
             shm_size_mib: 0,
             unsealed_windows: false,
+            file: None,
         })
         .unwrap();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
@@ -1055,7 +1125,7 @@ mod pipelined_dma_tests {
     }
 
     fn connect(relay: &Relay) -> UnixStream {
-        let ch = &relay.channels[0];
+        let ch = &relay.channel(1).unwrap();
         let (ours, peer) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         peer.set_nonblocking(true).unwrap();
@@ -1107,7 +1177,7 @@ mod pipelined_dma_tests {
     fn refused_map_leaves_the_pipelined_remap() {
         let relay = relay();
         let _peer = connect(&relay);
-        let ch = &relay.channels[0];
+        let ch = &relay.channel(1).unwrap();
         let unmap = Request::DmaUnmap(DmaUnmap::region(X, SZ));
         assert_eq!(
             ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()])),
@@ -1145,7 +1215,7 @@ mod pipelined_dma_tests {
     fn timed_out_map_leaves_the_pipelined_remap() {
         let relay = relay();
         let _peer = connect(&relay);
-        let ch = &relay.channels[0];
+        let ch = &relay.channel(1).unwrap();
         let unmap = Request::DmaUnmap(DmaUnmap::region(X, SZ));
         ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
         ch.on_client_message(&relay, raw(2, &unmap, true, vec![]));
@@ -1167,7 +1237,7 @@ mod pipelined_dma_tests {
     fn cut_off_posted_unmap_is_silent_and_released() {
         let relay = relay();
         let mut peer = connect(&relay);
-        let ch = &relay.channels[0];
+        let ch = &relay.channel(1).unwrap();
         ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
         ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
         let mut buf = [0u8; 64];
@@ -1183,5 +1253,35 @@ mod pipelined_dma_tests {
             unsolicited.is_none() && !still_served,
             "reply {unsolicited:?} to a posted unmap, or region still served: {still_served}"
         );
+    }
+
+    /// Removing the device while its client has a request in flight: the request is
+    /// answered with ENODEV, then the connection closes; the region of the map in
+    /// flight is kept (the device VM may be using its window) until the device VM
+    /// acknowledges the channel's withdrawal.
+    #[test]
+    fn withdraw_answers_requests_in_flight_and_closes() {
+        let relay = relay();
+        let mut peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        ch.on_client_message(&relay, raw(5, &map_req(), false, vec![memfd()]));
+        assert!(ch.withdraw(&relay), "CHANNEL_DOWN is sent: the link is up");
+        peer.set_nonblocking(false).unwrap();
+        let mut bytes = Vec::new();
+        peer.read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes.len(), HEADER_SIZE, "one reply, then EOF");
+        let h = Header::decode(&bytes).unwrap();
+        assert_eq!((h.msg_id, h.error), (5, Some(libc::ENODEV as u32)));
+        let kept = |ch: &Channel| {
+            ch.lock()
+                .retired
+                .iter()
+                .map(|(_, r)| r.len())
+                .sum::<usize>()
+        };
+        assert!(ch.lock().client.is_none());
+        assert_eq!(kept(ch), 1, "the region waits for the device VM");
+        ch.on_channel_down_ack(&relay);
+        assert_eq!(kept(ch), 0);
     }
 }

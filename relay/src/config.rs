@@ -11,6 +11,12 @@ use crate::Error;
 /// Longest device name (the tunnel's channel name limit).
 pub const MAX_NAME: usize = vfu_proto::tunnel::MAX_CHANNEL_NAME;
 
+/// Most devices one relay exports at a time, from the configuration and added at run
+/// time together. Each costs a listening socket, a client connection with its DMA and
+/// interrupt fds, and up to 8 MiB of messages queued toward the device VM plus 16 MiB
+/// of replies queued toward its client under load.
+pub const MAX_DEVICES: usize = 256;
+
 /// One exported device: the name the device VM serves it under, and the socket where
 /// vfio-user clients connect.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -33,6 +39,21 @@ impl DeviceConfig {
             socket: PathBuf::from(socket),
         })
     }
+
+    /// Checks the device on its own: a name of 1 to [`MAX_NAME`] bytes without NUL or
+    /// '=', a socket path that is not empty. Says what is wrong otherwise.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > MAX_NAME || self.name.contains(['\0', '=']) {
+            return Err(format!(
+                "device name {:?}: must be 1 to {MAX_NAME} bytes without NUL or '='",
+                self.name
+            ));
+        }
+        if self.socket.as_os_str().is_empty() {
+            return Err(format!("device {:?}: empty socket path", self.name));
+        }
+        Ok(())
+    }
 }
 
 /// The relay's configuration, valid by construction (see [`Config::validate`]).
@@ -41,6 +62,10 @@ impl DeviceConfig {
 pub struct Config {
     /// Where the device VM's VMM (the vhost-user frontend) connects.
     pub frontend_socket: PathBuf,
+    /// The control socket (`vfu-relay ctl`); by default the frontend socket's path
+    /// with `.ctl` appended (see [`Config::control_socket`]).
+    #[serde(default)]
+    pub control_socket: Option<PathBuf>,
     /// Exported devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -61,6 +86,9 @@ pub struct Config {
     /// that memory goes through the copy path.
     #[serde(default)]
     pub unsealed_windows: bool,
+    /// The file this configuration was read from, if any: SIGHUP reads it again.
+    #[serde(skip)]
+    pub file: Option<PathBuf>,
 }
 
 fn default_timeout_ms() -> u64 {
@@ -80,6 +108,7 @@ impl Config {
     ///
     /// ```toml
     /// frontend_socket = "/run/vfu-relay/frontend.sock"
+    /// control_socket = "/run/vfu-relay/control.sock"  # optional
     /// request_timeout_ms = 3000   # optional
     /// [[device]]
     /// name = "gpio0"
@@ -88,41 +117,41 @@ impl Config {
     pub fn from_file(path: &Path) -> Result<Self, Error> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+        config.file = Some(path.to_path_buf());
         config.validate()
     }
 
     /// Checks names (non-empty, at most 64 bytes, no NUL, no '=' , unique), sockets
-    /// (non-empty, distinct, not the frontend socket) and the numbers.
+    /// (non-empty, distinct, not the frontend or control socket), the number of devices
+    /// (none is fine: they can be added at run time) and the numbers.
     pub fn validate(self) -> Result<Self, Error> {
         if self.frontend_socket.as_os_str().is_empty() {
             return Err(Error::Config("frontend socket path is empty".into()));
         }
-        if self.devices.is_empty() {
-            return Err(Error::Config(
-                "no device configured: give at least one --device NAME=SOCKET".into(),
-            ));
+        let control = self.control_socket();
+        if control.as_os_str().is_empty() || control == self.frontend_socket {
+            return Err(Error::Config(format!(
+                "control socket {:?}: must be a path of its own",
+                control.display()
+            )));
+        }
+        if self.devices.len() > MAX_DEVICES {
+            return Err(Error::Config(format!(
+                "{} devices configured: at most {MAX_DEVICES}",
+                self.devices.len()
+            )));
         }
         let mut names = HashSet::new();
         let mut sockets = HashSet::new();
         sockets.insert(self.frontend_socket.clone());
+        sockets.insert(control);
         for d in &self.devices {
-            if d.name.is_empty() || d.name.len() > MAX_NAME || d.name.contains(['\0', '=']) {
-                return Err(Error::Config(format!(
-                    "device name {:?}: must be 1 to {MAX_NAME} bytes without NUL or '='",
-                    d.name
-                )));
-            }
+            d.check().map_err(Error::Config)?;
             if !names.insert(d.name.clone()) {
                 return Err(Error::Config(format!(
                     "device name {:?} used twice",
-                    d.name
-                )));
-            }
-            if d.socket.as_os_str().is_empty() {
-                return Err(Error::Config(format!(
-                    "device {:?}: empty socket path",
                     d.name
                 )));
             }
@@ -158,6 +187,21 @@ impl Config {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+
+    /// Where the control socket is: as configured, else next to the frontend socket
+    /// (its path with `.ctl` appended).
+    pub fn control_socket(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| default_control_socket(&self.frontend_socket))
+    }
+}
+
+/// The control socket of a relay whose frontend socket is `frontend`: `frontend.ctl`.
+pub fn default_control_socket(frontend: &Path) -> PathBuf {
+    let mut path = frontend.as_os_str().to_os_string();
+    path.push(".ctl");
+    PathBuf::from(path)
 }
 
 #[cfg(test)]
@@ -167,11 +211,13 @@ mod tests {
     fn base() -> Config {
         Config {
             frontend_socket: "/tmp/f.sock".into(),
+            control_socket: None,
             devices: vec![DeviceConfig::parse("gpio0=/tmp/g.sock").unwrap()],
             request_timeout_ms: 3000,
             queue_pairs: 1,
             shm_size_mib: default_shm_size_mib(),
             unsealed_windows: false,
+            file: None,
         }
     }
 
@@ -185,8 +231,9 @@ mod tests {
         assert!(e.to_string().contains("NAME=SOCKET"));
     }
 
-    /// Duplicate names or sockets, empty names, the frontend socket reused, no devices
-    /// and out-of-range numbers are rejected.
+    /// Duplicate names or sockets, empty names, the frontend or control socket reused,
+    /// more than MAX_DEVICES devices and out-of-range numbers are rejected; no device
+    /// at all is fine (devices can be added at run time).
     #[test]
     fn validation() {
         assert!(base().validate().is_ok());
@@ -208,11 +255,34 @@ mod tests {
         c.devices[0].name = "x".repeat(65);
         assert!(c.validate().is_err());
         let mut c = base();
+        c.devices[0].name = "a=b".into();
+        assert!(c.validate().is_err());
+        let mut c = base();
         c.devices.clear();
+        assert!(c.validate().is_ok());
+        let mut c = base();
+        c.devices = (0..=MAX_DEVICES)
+            .map(|i| DeviceConfig::parse(&format!("d{i}=/tmp/d{i}.sock")).unwrap())
+            .collect();
+        assert!(c.validate().unwrap_err().to_string().contains("at most"));
+        let mut c = base();
+        c.devices[0].socket = "/tmp/f.sock.ctl".into();
+        assert!(c.validate().is_err(), "the default control socket is taken");
+        let mut c = base();
+        c.control_socket = Some("/tmp/f.sock".into());
         assert!(c.validate().is_err());
         let mut c = base();
         c.request_timeout_ms = 0;
         assert!(c.validate().is_err());
+    }
+
+    /// The control socket defaults to the frontend socket's path plus `.ctl`.
+    #[test]
+    fn control_socket_default() {
+        assert_eq!(base().control_socket(), PathBuf::from("/tmp/f.sock.ctl"));
+        let mut c = base();
+        c.control_socket = Some("/run/x".into());
+        assert_eq!(c.control_socket(), PathBuf::from("/run/x"));
     }
 
     /// The TOML form gives the same configuration; unknown keys are errors.
@@ -226,13 +296,19 @@ mod tests {
             "frontend_socket = \"/tmp/f.sock\"\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
         )
         .unwrap();
-        assert_eq!(Config::from_file(&p).unwrap(), base());
+        let expected = Config {
+            file: Some(p.clone()),
+            ..base()
+        };
+        assert_eq!(Config::from_file(&p).unwrap(), expected);
         std::fs::write(
             &p,
-            "frontend_socket = \"/tmp/f.sock\"\nunsealed_windows = true\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
+            "frontend_socket = \"/tmp/f.sock\"\ncontrol_socket = \"/tmp/c\"\nunsealed_windows = true\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
         )
         .unwrap();
-        assert!(Config::from_file(&p).unwrap().unsealed_windows);
+        let c = Config::from_file(&p).unwrap();
+        assert!(c.unsealed_windows);
+        assert_eq!(c.control_socket(), PathBuf::from("/tmp/c"));
         std::fs::write(&p, "frontend_socket = \"/tmp/f.sock\"\nbogus = 1\n").unwrap();
         assert!(Config::from_file(&p).is_err());
         assert!(Config::from_file(&dir.join("missing.toml")).is_err());

@@ -4,8 +4,12 @@
 //! - [`config`]: what to export, from the command line or a TOML file.
 //! - [`channel`]: one exported device: its client connection, requests in flight,
 //!   interrupt eventfds.
-//! - [`switch`]: the thread that owns the device sockets and client connections and
-//!   forwards client requests into the tunnel.
+//! - [`table`]: the exported devices by channel id, added and removed at run time.
+//! - [`switch`]: the thread that owns the device sockets, client connections and the
+//!   control socket, and forwards client requests into the tunnel.
+//! - [`control`]: the control socket's protocol (`vfu-relay ctl add|remove|list`) and
+//!   the SIGHUP reload.
+//! - [`sockets`]: listening sockets that replace stale ones, never live ones.
 //! - [`tunnel`]: the vhost-user backend of the tunnel device, the queue-level link and
 //!   the tunnel protocol (HELLO, channels, sessions, replies, interrupts).
 //! - [`version`]: the honest VERSION negotiation between client and device model.
@@ -13,10 +17,13 @@
 pub mod channel;
 pub mod client_memory;
 pub mod config;
+pub mod control;
 pub mod dma;
 pub mod frontend_requests;
 pub mod remote_dma;
+pub mod sockets;
 pub mod switch;
+pub mod table;
 pub mod tunnel;
 pub mod version;
 
@@ -55,11 +62,12 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// Runs the relay until it fails or a termination signal arrives.
 pub fn run(config: Config) -> Result<()> {
     let relay = Arc::new(switch::Relay::new(config)?);
-    handle_termination(relay.clone())?;
+    handle_signals(relay.clone())?;
     let switch = switch::Switch::start(relay.clone())?;
     info!(
-        "vfu-relay: {} device(s); waiting for the device VM on {}",
-        relay.channels.len(),
+        "vfu-relay: {} device(s) (add more with `vfu-relay ctl --control-socket {} add NAME=SOCKET`); waiting for the device VM on {}",
+        relay.channels().len(),
+        relay.config.control_socket().display(),
         relay.config.frontend_socket.display()
     );
     let result = tunnel::serve_frontends(relay.clone());
@@ -70,29 +78,44 @@ pub fn run(config: Config) -> Result<()> {
     result
 }
 
-/// SIGINT and SIGTERM remove the relay's sockets and end the process. The signals are
-/// blocked in every thread (they inherit the mask) and taken by one thread with sigwait.
-fn handle_termination(relay: Arc<switch::Relay>) -> Result<()> {
+/// SIGINT and SIGTERM remove the relay's sockets and end the process; SIGHUP reads the
+/// configuration file again and applies its devices (when the relay was started with
+/// `--config`). The signals are blocked in every thread (they inherit the mask) and
+/// taken by one thread with sigwait.
+fn handle_signals(relay: Arc<switch::Relay>) -> Result<()> {
     // SAFETY: plain libc signal-set manipulation on a local sigset_t.
     let set = unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
         libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
     };
     std::thread::Builder::new()
         .name("vfu-signals".into())
-        .spawn(move || {
+        .spawn(move || loop {
             let mut sig = 0;
             // SAFETY: sigwait on a valid set, writing into a local.
-            unsafe { libc::sigwait(&set, &mut sig) };
+            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
+                continue;
+            }
+            if sig == libc::SIGHUP {
+                match &relay.config.file {
+                    Some(file) => control::reload::reload(&relay.config, file),
+                    None => {
+                        info!("SIGHUP: the relay was not started with --config; nothing to read")
+                    }
+                }
+                continue;
+            }
             info!("signal {sig}: removing sockets and exiting");
-            for ch in &relay.channels {
+            for ch in relay.channels() {
                 let _ = std::fs::remove_file(&ch.socket);
             }
             let _ = std::fs::remove_file(&relay.config.frontend_socket);
+            let _ = std::fs::remove_file(relay.config.control_socket());
             std::process::exit(0);
         })?;
     Ok(())

@@ -1,14 +1,15 @@
-//! The switch: the thread that owns the device sockets and the client connections. It
-//! accepts clients, reads their requests (non-blocking, so a slow or hostile client
-//! cannot stall the others), forwards them into the tunnel, flushes replies that did not
-//! fit a socket, and answers requests that outlive the timeout.
+//! The switch: the thread that owns the device sockets, the client connections and
+//! the control socket. It accepts clients, reads their requests (non-blocking, so a
+//! slow or hostile client cannot stall the others), forwards them into the tunnel,
+//! flushes replies that did not fit a socket, answers requests that outlive the
+//! timeout, and adds and removes devices on request of the control socket.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -20,7 +21,12 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::channel::{Channel, Client, SendOutcome};
+use crate::config::DeviceConfig;
+use crate::control::server::ControlServer;
+use crate::control::{CommandError, Reply, Request};
 use crate::dma::Windows;
+use crate::sockets;
+use crate::table::ChannelTable;
 use crate::tunnel::Link;
 use crate::version::RelayLimits;
 use crate::{Config, Error, Result};
@@ -28,18 +34,25 @@ use crate::{Config, Error, Result};
 const WAKE_TOKEN: u64 = u64::MAX;
 const KIND_LISTENER: u64 = 0;
 const KIND_CLIENT: u64 = 1;
+const KIND_CONTROL_LISTENER: u64 = 2;
+const KIND_CONTROL: u64 = 3;
 
-fn token(kind: u64, index: usize) -> u64 {
-    (index as u64) << 1 | kind
+/// The epoll token of an fd of `kind`: device sockets and clients by channel id,
+/// control connections by their number.
+fn token(kind: u64, n: u64) -> u64 {
+    n << 2 | kind
 }
 
 /// State shared by the switch, the tunnel threads and the frontend loop.
+///
+/// Locks: the channel table's is taken outside a channel's, never inside one; the
+/// accessors that return channels release it before they return.
 #[derive(Debug)]
 pub struct Relay {
-    /// The configuration.
+    /// The configuration (its devices are those the relay started with).
     pub config: Config,
-    /// Channels; channel id `n` is `channels[n - 1]`.
-    pub channels: Vec<Arc<Channel>>,
+    /// The channels, by id.
+    table: RwLock<ChannelTable>,
     /// The tunnel toward the device VM.
     pub link: Link,
     /// What the relay can carry.
@@ -53,14 +66,16 @@ pub struct Relay {
 }
 
 impl Relay {
-    /// Builds the shared state for `config`.
+    /// Builds the shared state for `config`, its devices on channels 1, 2, ...
     pub fn new(config: Config) -> Result<Self> {
-        let channels = config
-            .devices
-            .iter()
-            .enumerate()
-            .map(|(i, d)| Arc::new(Channel::new(i as u32 + 1, d.name.clone(), d.socket.clone())))
-            .collect();
+        let mut table = ChannelTable::default();
+        let control = config.control_socket();
+        let reserved = [config.frontend_socket.as_path(), control.as_path()];
+        for d in &config.devices {
+            table
+                .insert(d.clone(), &reserved)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
         let limits = RelayLimits::DEFAULT;
         let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let config_shm_bytes = config.shm_size_mib << 20;
@@ -68,7 +83,7 @@ impl Relay {
         Ok(Self {
             link: Link::new(config.queue_pairs, limits, Some(wake.try_clone()?)),
             config,
-            channels,
+            table: RwLock::new(table),
             limits,
             poll: Epoll::new()?,
             wake,
@@ -77,10 +92,121 @@ impl Relay {
         })
     }
 
-    /// The channel with tunnel id `id`.
-    pub fn channel(&self, id: u32) -> Option<&Arc<Channel>> {
-        id.checked_sub(1)
-            .and_then(|i| self.channels.get(i as usize))
+    /// The channel with tunnel id `id`: exported, or removed but not yet withdrawn
+    /// from the device VM.
+    pub fn channel(&self, id: u32) -> Option<Arc<Channel>> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// The exported channels, by id.
+    pub fn channels(&self) -> Vec<Arc<Channel>> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .active()
+            .cloned()
+            .collect()
+    }
+
+    /// The channel table, locked, for the tunnel's HELLO and disconnect handling: a
+    /// device added meanwhile is brought up once, by one or the other. Nothing that
+    /// takes the table again may be called while it is held.
+    pub(crate) fn table(&self) -> RwLockWriteGuard<'_, ChannelTable> {
+        self.table.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Paths no device may take: the frontend and control sockets.
+    fn reserved_paths(&self) -> [PathBuf; 2] {
+        [
+            self.config.frontend_socket.clone(),
+            self.config.control_socket(),
+        ]
+    }
+
+    /// Whether `device` can be added now.
+    pub fn check_add(&self, device: &DeviceConfig) -> std::result::Result<(), CommandError> {
+        let [a, b] = self.reserved_paths();
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .check_add(device, &[&a, &b])
+    }
+
+    /// Adds a channel for `device` (its socket is the caller's) and, if a device VM is
+    /// connected, brings it up there. The other channels are not touched.
+    pub fn add_channel(
+        &self,
+        device: DeviceConfig,
+    ) -> std::result::Result<Arc<Channel>, CommandError> {
+        let [a, b] = self.reserved_paths();
+        let mut table = self.table();
+        let ch = table.insert(device, &[&a, &b])?;
+        if self.link.is_up() {
+            self.send_control(
+                ch.id,
+                Body::ChannelUp {
+                    name: ch.name.clone(),
+                },
+            );
+        }
+        Ok(ch)
+    }
+
+    /// Removes channel `id` (its socket is the caller's): its client is disconnected
+    /// and the device VM told. The other channels are not touched.
+    pub fn remove_channel(&self, id: u32) -> Option<Arc<Channel>> {
+        let mut table = self.table();
+        let ch = table.remove(id)?;
+        if ch.withdraw(self) {
+            table.retire(ch.clone(), Instant::now() + self.config.request_timeout());
+        }
+        Some(ch)
+    }
+
+    /// The device VM acknowledged the CHANNEL_DOWN of channel `id`.
+    pub fn on_channel_down_ack(&self, id: u32) {
+        let ch = self.table().forget_retiring(id);
+        if let Some(ch) = ch {
+            debug!("{}: channel {id} withdrawn from the device VM", ch.name);
+            ch.on_channel_down_ack(self);
+            self.link.forget_channel(id);
+        }
+    }
+
+    /// When the relay stops waiting for the earliest CHANNEL_DOWN acknowledgement.
+    fn next_retiring_deadline(&self) -> Option<Instant> {
+        self.table
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .next_deadline()
+    }
+
+    /// Stops waiting for CHANNEL_DOWN acknowledgements whose deadline passed.
+    fn expire_retiring(&self, now: Instant) {
+        if self.next_retiring_deadline().is_none_or(|d| d > now) {
+            return;
+        }
+        let expired = self.table().take_expired(now);
+        for ch in expired {
+            warn!(
+                "{}: the device VM did not acknowledge the removal of channel {} in time; its windows go now",
+                ch.name, ch.id
+            );
+            ch.on_channel_down_ack(self);
+            self.link.forget_channel(ch.id);
+        }
+    }
+
+    /// What `list` answers.
+    pub fn list(&self) -> Reply {
+        Reply::Devices {
+            device_vm: self.link.is_up(),
+            devices: self.channels().iter().map(|ch| ch.info()).collect(),
+        }
     }
 
     /// Sends a control request to the device VM; a link that is down is logged only
@@ -134,9 +260,10 @@ impl Relay {
         if client.has_backlog() {
             set |= EventSet::OUT;
         }
-        let ev = EpollEvent::new(set, token(KIND_CLIENT, channel.id as usize - 1));
+        let ev = EpollEvent::new(set, token(KIND_CLIENT, u64::from(channel.id)));
         if let Err(e) = self.poll.ctl(ControlOperation::Modify, client.raw_fd(), ev) {
-            warn!("{}: cannot update epoll interest: {e}", channel.name);
+            // The switch took the client off epoll already (it is being dropped).
+            debug!("{}: cannot update epoll interest: {e}", channel.name);
         }
     }
 
@@ -164,6 +291,13 @@ struct ClientReader {
     reader: MessageReader,
 }
 
+/// An exported device as the switch sees it: its socket and its client.
+struct Device {
+    ch: Arc<Channel>,
+    listener: UnixListener,
+    client: Option<ClientReader>,
+}
+
 /// Handle of the running switch thread.
 pub struct Switch {
     relay: Arc<Relay>,
@@ -171,203 +305,371 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// Creates every device socket and starts the switch thread.
+    /// Creates the control socket and every device socket, and starts the switch
+    /// thread.
     pub fn start(relay: Arc<Relay>) -> Result<Self> {
-        let mut listeners = Vec::new();
-        for (i, ch) in relay.channels.iter().enumerate() {
-            let l = bind(&ch.socket)?;
-            l.set_nonblocking(true)?;
+        let control_path = relay.config.control_socket();
+        let control = sockets::bind_private(&control_path).map_err(|source| Error::Socket {
+            path: control_path.display().to_string(),
+            source,
+        })?;
+        let mut state = SwitchThread {
+            relay: relay.clone(),
+            devices: HashMap::new(),
+            control: ControlServer::new(control),
+            reserve: None,
+        };
+        info!("control socket {}", control_path.display());
+        let mut setup = || -> Result<()> {
+            state
+                .control
+                .register(&relay.poll, token(KIND_CONTROL_LISTENER, 0))?;
+            for ch in relay.channels() {
+                let listener = sockets::bind(&ch.socket).map_err(|source| Error::Socket {
+                    path: ch.socket.display().to_string(),
+                    source,
+                })?;
+                state.watch_device(ch, listener)?;
+            }
             relay.poll.ctl(
                 ControlOperation::Add,
-                l.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token(KIND_LISTENER, i)),
+                relay.wake.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
             )?;
-            info!("{}: vfio-user socket {}", ch.name, ch.socket.display());
-            listeners.push(l);
+            Ok(())
+        };
+        if let Err(e) = setup() {
+            // The sockets created so far are ours: they go.
+            state.remove_sockets();
+            return Err(e);
         }
-        relay.poll.ctl(
-            ControlOperation::Add,
-            relay.wake.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-        )?;
-        let r = relay.clone();
         let thread = std::thread::Builder::new()
             .name("vfu-switch".into())
-            .spawn(move || run(r, listeners))?;
+            .spawn(move || state.run())?;
         Ok(Self {
             relay,
             thread: Some(thread),
         })
     }
 
-    /// Stops the switch thread and removes the device sockets.
+    /// Stops the switch thread, which removes the device and control sockets.
     pub fn stop(mut self) {
         self.relay.stopping.store(true, Ordering::Release);
         let _ = self.relay.wake.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-        for ch in &self.relay.channels {
-            let _ = std::fs::remove_file(&ch.socket);
-        }
     }
 }
 
-/// Binds a device socket, replacing a stale socket file but never a live one.
-fn bind(path: &Path) -> Result<UnixListener> {
-    let socket_err = |source| Error::Socket {
-        path: path.display().to_string(),
-        source,
-    };
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(socket_err(std::io::Error::new(
-                std::io::ErrorKind::AddrInUse,
-                "another process is listening on it",
-            )));
-        }
-        std::fs::remove_file(path).map_err(socket_err)?;
-    }
-    UnixListener::bind(path).map_err(socket_err)
+/// What the switch thread owns.
+struct SwitchThread {
+    relay: Arc<Relay>,
+    /// The exported devices, by channel id.
+    devices: HashMap<u32, Device>,
+    control: ControlServer,
+    /// A descriptor kept in reserve: when the process runs out of fds, it is given up
+    /// to accept the waiting connection and close it at once, instead of leaving it in
+    /// the backlog, where it would wake the switch forever.
+    reserve: Option<std::fs::File>,
 }
 
-fn run(relay: Arc<Relay>, listeners: Vec<UnixListener>) {
-    let mut clients: HashMap<usize, ClientReader> = HashMap::new();
-    // A descriptor kept in reserve: when the process runs out of fds, it is given up to
-    // accept the waiting connection and close it at once, instead of leaving it in the
-    // backlog, where it would wake the switch forever.
-    let mut reserve = std::fs::File::open("/dev/null").ok();
-    let mut events = vec![EpollEvent::default(); 64];
-    while !relay.is_stopping() {
-        relay.link.signal_pending();
-        let timeout = next_timeout(&relay);
-        let n = match relay.poll.wait(timeout, &mut events) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                error!("switch: epoll failed: {e}");
-                return;
-            }
-        };
-        for ev in &events[..n] {
-            let data = ev.data();
-            if data == WAKE_TOKEN {
-                let _ = relay.wake.read();
-                continue;
-            }
-            let index = (data >> 1) as usize;
-            match data & 1 {
-                KIND_LISTENER => {
-                    accept(&relay, &listeners[index], index, &mut clients, &mut reserve)
+impl SwitchThread {
+    /// Watches a device's socket and keeps it.
+    fn watch_device(&mut self, ch: Arc<Channel>, listener: UnixListener) -> std::io::Result<()> {
+        self.relay.poll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token(KIND_LISTENER, u64::from(ch.id))),
+        )?;
+        info!(
+            "{}: vfio-user socket {} (channel {})",
+            ch.name,
+            ch.socket.display(),
+            ch.id
+        );
+        self.devices.insert(
+            ch.id,
+            Device {
+                ch,
+                listener,
+                client: None,
+            },
+        );
+        Ok(())
+    }
+
+    fn run(mut self) {
+        let relay = self.relay.clone();
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        let mut events = vec![EpollEvent::default(); 64];
+        while !relay.is_stopping() {
+            relay.link.signal_pending();
+            let timeout = self.next_timeout();
+            let n = match relay.poll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    error!("switch: epoll failed: {e}");
+                    break;
                 }
-                _ => {
-                    let set = ev.event_set();
-                    if set.contains(EventSet::OUT) {
-                        flush_client(&relay, index);
+            };
+            for ev in &events[..n] {
+                let data = ev.data();
+                if data == WAKE_TOKEN {
+                    let _ = relay.wake.read();
+                    continue;
+                }
+                let n = data >> 2;
+                // Events of a device removed earlier in this batch find no device: ids
+                // are never reused, so they cannot reach a newer one.
+                let id = n as u32;
+                match data & 3 {
+                    KIND_LISTENER => self.accept(id),
+                    KIND_CLIENT => {
+                        let set = ev.event_set();
+                        if set.contains(EventSet::OUT) {
+                            self.flush_client(id);
+                        }
+                        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+                            && !self.read_client(id)
+                        {
+                            self.drop_client(id, "closed or failed");
+                        }
                     }
-                    if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
-                        && !read_client(&relay, index, &mut clients)
-                    {
-                        drop_client(&relay, index, &mut clients, "closed or failed");
+                    KIND_CONTROL_LISTENER => {
+                        self.control.accept(&relay.poll, |c| token(KIND_CONTROL, c))
+                    }
+                    _ => {
+                        let Self {
+                            control, devices, ..
+                        } = &mut self;
+                        control.ready(
+                            n,
+                            &relay.poll,
+                            |c| token(KIND_CONTROL, c),
+                            |request| execute(&relay, devices, request),
+                        );
                     }
                 }
             }
+            if relay.link.take_room_made() {
+                self.resume_paused();
+            }
+            let now = Instant::now();
+            let mut broken = Vec::new();
+            for (&id, dev) in &self.devices {
+                let outcome = dev.ch.expire(&relay, now);
+                relay.after_send(&dev.ch, outcome);
+                if dev.ch.lock().client.as_ref().is_some_and(|c| c.is_broken()) {
+                    broken.push(id);
+                }
+            }
+            for id in broken {
+                self.drop_client(id, "write failed");
+            }
+            relay.expire_retiring(now);
         }
-        if relay.link.take_room_made() {
-            resume_paused(&relay);
+        let ids: Vec<u32> = self.devices.keys().copied().collect();
+        for id in ids {
+            self.drop_client(id, "relay stopping");
         }
+        self.remove_sockets();
+    }
+
+    /// Removes the device and control socket files.
+    fn remove_sockets(&self) {
+        for dev in self.devices.values() {
+            let _ = std::fs::remove_file(&dev.ch.socket);
+        }
+        let _ = std::fs::remove_file(self.relay.config.control_socket());
+    }
+
+    /// Milliseconds until the earliest deadline: a request's, or a removed channel's
+    /// (-1: none).
+    fn next_timeout(&self) -> i32 {
         let now = Instant::now();
-        for (i, ch) in relay.channels.iter().enumerate() {
-            let outcome = ch.expire(&relay, now);
-            relay.after_send(ch, outcome);
-            let broken = ch.lock().client.as_ref().is_some_and(|c| c.is_broken());
-            if broken {
-                drop_client(&relay, i, &mut clients, "write failed");
+        let retiring = self.relay.next_retiring_deadline();
+        self.devices
+            .values()
+            .filter_map(|d| d.ch.lock().client.as_ref().and_then(|c| c.next_deadline()))
+            .chain(retiring)
+            .min()
+            .map_or(-1, |d| {
+                let ms = d.saturating_duration_since(now).as_millis();
+                (ms.min(i32::MAX as u128) as i32) + 1
+            })
+    }
+
+    fn accept(&mut self, id: u32) {
+        loop {
+            let Some(dev) = self.devices.get(&id) else {
+                return;
+            };
+            let ch = dev.ch.clone();
+            let sock = match dev.listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                    warn!("out of file descriptors: refusing a client on {}", ch.name);
+                    self.reserve = None;
+                    drop(dev.listener.accept());
+                    self.reserve = std::fs::File::open("/dev/null").ok();
+                    return;
+                }
+                Err(e) => {
+                    warn!("accept: {e}");
+                    return;
+                }
+            };
+            // The current client may have gone already with its EOF not yet read (a
+            // quick reconnect): take what it sent first.
+            let has_client = dev.client.is_some();
+            if has_client && !self.read_client(id) {
+                self.drop_client(id, "gone before the next client came");
             }
-        }
-    }
-    for i in clients.keys().copied().collect::<Vec<_>>() {
-        drop_client(&relay, i, &mut clients, "relay stopping");
-    }
-}
-
-/// Milliseconds until the earliest request deadline (-1: none).
-fn next_timeout(relay: &Relay) -> i32 {
-    let now = Instant::now();
-    relay
-        .channels
-        .iter()
-        .filter_map(|ch| ch.lock().client.as_ref().and_then(|c| c.next_deadline()))
-        .min()
-        .map_or(-1, |d| {
-            let ms = d.saturating_duration_since(now).as_millis();
-            (ms.min(i32::MAX as u128) as i32) + 1
-        })
-}
-
-fn accept(
-    relay: &Relay,
-    listener: &UnixListener,
-    index: usize,
-    clients: &mut HashMap<usize, ClientReader>,
-    reserve: &mut Option<std::fs::File>,
-) {
-    loop {
-        let sock = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+            let Some(dev) = self.devices.get_mut(&id) else {
+                return;
+            };
+            if dev.client.is_some() {
                 warn!(
-                    "out of file descriptors: refusing a client on {}",
-                    relay.channels[index].name
+                    "{}: refusing a second client (one client per device socket)",
+                    ch.name
                 );
-                *reserve = None;
-                drop(listener.accept());
-                *reserve = std::fs::File::open("/dev/null").ok();
-                return;
+                continue; // dropping `sock` closes it
             }
-            Err(e) => {
-                warn!("accept: {e}");
-                return;
-            }
-        };
-        let ch = &relay.channels[index];
-        // The current client may have gone already with its EOF not yet read (a quick
-        // reconnect): take what it sent first.
-        if clients.contains_key(&index) && !read_client(relay, index, clients) {
-            drop_client(relay, index, clients, "gone before the next client came");
-        }
-        if clients.contains_key(&index) {
-            warn!(
-                "{}: refusing a second client (one client per device socket)",
-                ch.name
-            );
-            continue; // dropping `sock` closes it
-        }
-        let setup = || -> std::io::Result<Arc<UnixStream>> {
-            sock.set_nonblocking(true)?;
-            relay.poll.ctl(
-                ControlOperation::Add,
-                sock.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, token(KIND_CLIENT, index)),
-            )?;
-            Ok(Arc::new(sock))
-        };
-        match setup() {
-            Ok(sock) => {
-                clients.insert(
-                    index,
-                    ClientReader {
+            let setup = || -> std::io::Result<Arc<UnixStream>> {
+                sock.set_nonblocking(true)?;
+                self.relay.poll.ctl(
+                    ControlOperation::Add,
+                    sock.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token(KIND_CLIENT, u64::from(id))),
+                )?;
+                Ok(Arc::new(sock))
+            };
+            match setup() {
+                Ok(sock) => {
+                    dev.client = Some(ClientReader {
                         sock: sock.clone(),
                         reader: MessageReader::new(Limits {
-                            max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
-                            max_msg_fds: relay.limits.max_msg_fds as usize,
+                            max_msg_size: self.relay.limits.max_data_xfer_size as usize + 4096,
+                            max_msg_fds: self.relay.limits.max_msg_fds as usize,
                         }),
-                    },
-                );
-                ch.on_client_connected(relay, sock);
+                    });
+                    ch.on_client_connected(&self.relay, sock);
+                }
+                Err(e) => warn!("{}: cannot set up client: {e}", ch.name),
             }
-            Err(e) => warn!("{}: cannot set up client: {e}", ch.name),
+        }
+    }
+
+    /// Reads and forwards up to [`BATCH`] messages of the client of device `id`.
+    /// Returns false when the client must go.
+    fn read_client(&mut self, id: u32) -> bool {
+        let relay = &*self.relay;
+        let Some(Device {
+            ch,
+            client: Some(c),
+            ..
+        }) = self.devices.get_mut(&id)
+        else {
+            return true;
+        };
+        for _ in 0..BATCH {
+            if !c.reader.is_mid_message() {
+                // Back-pressure: while the device VM has not taken this channel's
+                // messages, or too many requests are in flight, the rest stays in the
+                // client's socket.
+                let mut st = ch.lock();
+                if let Some(client) = st.client.as_mut() {
+                    if !client.may_read() || !relay.link.has_room(ch.id) {
+                        client.paused = true;
+                        relay.update_interest(ch, client);
+                        return true;
+                    }
+                }
+            }
+            match c.reader.read(&c.sock) {
+                Ok(Some(Frame::Message(msg))) => {
+                    let outcome = ch.on_client_message(relay, msg);
+                    if outcome == SendOutcome::Broken {
+                        return false;
+                    }
+                    relay.after_send(ch, outcome);
+                }
+                Ok(Some(Frame::Rejected(r))) => {
+                    debug!("{}: rejected message: {}", ch.name, r.error);
+                    if !r.header.no_reply {
+                        let mut st = ch.lock();
+                        let outcome = match st.client.as_mut() {
+                            Some(client) => {
+                                client.send(encode_error_reply(&r.header, r.error.errno()), vec![])
+                            }
+                            None => SendOutcome::Broken,
+                        };
+                        drop(st);
+                        if outcome == SendOutcome::Broken {
+                            return false;
+                        }
+                        relay.after_send(ch, outcome);
+                    }
+                }
+                Ok(None) => return true,
+                Err(TransportError::Closed) => return false,
+                Err(e) => {
+                    warn!("{}: dropping client: {e}", ch.name);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn flush_client(&self, id: u32) {
+        let Some(dev) = self.devices.get(&id) else {
+            return;
+        };
+        let ch = &dev.ch;
+        let mut st = ch.lock();
+        let Some(client) = st.client.as_mut() else {
+            return;
+        };
+        match client.flush() {
+            SendOutcome::Done | SendOutcome::Queued => self.relay.update_interest(ch, client),
+            SendOutcome::Broken => {
+                drop(st);
+                self.relay.after_send(ch, SendOutcome::Broken);
+            }
+        }
+    }
+
+    /// Resumes reading clients paused for back-pressure whose channel has room again.
+    fn resume_paused(&self) {
+        for dev in self.devices.values() {
+            let ch = &dev.ch;
+            if !self.relay.link.has_room(ch.id) {
+                continue;
+            }
+            let mut st = ch.lock();
+            if let Some(client) = st.client.as_mut().filter(|c| c.paused && c.may_read()) {
+                client.paused = false;
+                self.relay.update_interest(ch, client);
+            }
+        }
+    }
+
+    fn drop_client(&mut self, id: u32, reason: &str) {
+        let Some(dev) = self.devices.get_mut(&id) else {
+            return;
+        };
+        if let Some(c) = dev.client.take() {
+            debug!("{}: dropping client: {reason}", dev.ch.name);
+            let _ = self.relay.poll.ctl(
+                ControlOperation::Delete,
+                c.sock.as_raw_fd(),
+                EpollEvent::default(),
+            );
+            dev.ch.on_client_disconnected(&self.relay);
         }
     }
 }
@@ -376,102 +678,120 @@ fn accept(
 /// cannot hold the others off (epoll is level-triggered: the rest comes next round).
 const BATCH: usize = 32;
 
-/// Reads and forwards up to [`BATCH`] messages. Returns false when the client must go.
-fn read_client(relay: &Relay, index: usize, clients: &mut HashMap<usize, ClientReader>) -> bool {
-    let Some(c) = clients.get_mut(&index) else {
-        return true;
+/// Carries out a control request. Only the switch thread adds and removes devices, so
+/// what is checked here still holds when it is done.
+fn execute(relay: &Relay, devices: &mut HashMap<u32, Device>, request: Request) -> Reply {
+    let result = match request {
+        Request::Add { name, socket } => add_device(relay, devices, name, socket),
+        Request::Remove { name } => remove_device(relay, devices, &name),
+        Request::List => Ok(relay.list()),
     };
-    let ch = &relay.channels[index];
-    for _ in 0..BATCH {
-        if !c.reader.is_mid_message() {
-            // Back-pressure: while the device VM has not taken this channel's messages,
-            // or too many requests are in flight, the rest stays in the client's socket.
-            let mut st = ch.lock();
-            if let Some(client) = st.client.as_mut() {
-                if !client.may_read() || !relay.link.has_room(ch.id) {
-                    client.paused = true;
-                    relay.update_interest(ch, client);
-                    return true;
-                }
-            }
-        }
-        match c.reader.read(&c.sock) {
-            Ok(Some(Frame::Message(msg))) => {
-                let outcome = ch.on_client_message(relay, msg);
-                if outcome == SendOutcome::Broken {
-                    return false;
-                }
-                relay.after_send(ch, outcome);
-            }
-            Ok(Some(Frame::Rejected(r))) => {
-                debug!("{}: rejected message: {}", ch.name, r.error);
-                if !r.header.no_reply {
-                    let mut st = ch.lock();
-                    let outcome = match st.client.as_mut() {
-                        Some(client) => {
-                            client.send(encode_error_reply(&r.header, r.error.errno()), vec![])
-                        }
-                        None => SendOutcome::Broken,
-                    };
-                    drop(st);
-                    if outcome == SendOutcome::Broken {
-                        return false;
-                    }
-                    relay.after_send(ch, outcome);
-                }
-            }
-            Ok(None) => return true,
-            Err(TransportError::Closed) => return false,
-            Err(e) => {
-                warn!("{}: dropping client: {e}", ch.name);
-                return false;
-            }
-        }
-    }
-    true
+    result.unwrap_or_else(|e| {
+        info!("control: refused: {e}");
+        e.into()
+    })
 }
 
-fn flush_client(relay: &Relay, index: usize) {
-    let ch = &relay.channels[index];
-    let mut st = ch.lock();
-    let Some(client) = st.client.as_mut() else {
-        return;
-    };
-    match client.flush() {
-        SendOutcome::Done | SendOutcome::Queued => relay.update_interest(ch, client),
-        SendOutcome::Broken => {
-            drop(st);
-            relay.after_send(ch, SendOutcome::Broken);
-        }
-    }
-}
-
-/// Resumes reading clients paused for back-pressure whose channel has room again.
-fn resume_paused(relay: &Relay) {
-    for ch in &relay.channels {
-        if !relay.link.has_room(ch.id) {
-            continue;
-        }
-        let mut st = ch.lock();
-        if let Some(client) = st.client.as_mut().filter(|c| c.paused && c.may_read()) {
-            client.paused = false;
-            relay.update_interest(ch, client);
-        }
-    }
-}
-
-fn drop_client(
+fn add_device(
     relay: &Relay,
-    index: usize,
-    clients: &mut HashMap<usize, ClientReader>,
-    reason: &str,
-) {
-    if let Some(c) = clients.remove(&index) {
-        debug!("{}: dropping client: {reason}", relay.channels[index].name);
-        let fd: RawFd = c.sock.as_raw_fd();
-        let _ = relay
-            .poll
-            .ctl(ControlOperation::Delete, fd, EpollEvent::default());
-        relay.channels[index].on_client_disconnected(relay);
+    devices: &mut HashMap<u32, Device>,
+    name: String,
+    socket: String,
+) -> std::result::Result<Reply, CommandError> {
+    let device = DeviceConfig {
+        name,
+        socket: PathBuf::from(&socket),
+    };
+    relay.check_add(&device)?;
+    if !device.socket.is_absolute() {
+        return Err(CommandError::InvalidDevice {
+            reason: format!(
+                "socket path {socket:?} must be absolute (the relay's working directory is not the caller's)"
+            ),
+        });
     }
+    let socket_error = |e: std::io::Error| CommandError::Socket {
+        socket: socket.clone(),
+        reason: e.to_string(),
+    };
+    let listener = sockets::bind(&device.socket).map_err(socket_error)?;
+    let path = device.socket.clone();
+    let unlink = |path: &Path| {
+        let _ = std::fs::remove_file(path);
+    };
+    let ch = match relay.add_channel(device) {
+        Ok(ch) => ch,
+        Err(e) => {
+            unlink(&path);
+            return Err(e);
+        }
+    };
+    let watch = relay.poll.ctl(
+        ControlOperation::Add,
+        listener.as_raw_fd(),
+        EpollEvent::new(EventSet::IN, token(KIND_LISTENER, u64::from(ch.id))),
+    );
+    if let Err(e) = watch {
+        relay.remove_channel(ch.id);
+        unlink(&path);
+        return Err(socket_error(e));
+    }
+    info!(
+        "{}: added on channel {}, vfio-user socket {}",
+        ch.name,
+        ch.id,
+        ch.socket.display()
+    );
+    let reply = Reply::Added {
+        name: ch.name.clone(),
+        socket,
+        channel: ch.id,
+    };
+    devices.insert(
+        ch.id,
+        Device {
+            ch,
+            listener,
+            client: None,
+        },
+    );
+    Ok(reply)
+}
+
+fn remove_device(
+    relay: &Relay,
+    devices: &mut HashMap<u32, Device>,
+    name: &str,
+) -> std::result::Result<Reply, CommandError> {
+    let id = devices
+        .values()
+        .find(|d| d.ch.name == name)
+        .map(|d| d.ch.id)
+        .ok_or_else(|| CommandError::UnknownDevice {
+            name: name.to_string(),
+        })?;
+    let Some(dev) = devices.remove(&id) else {
+        return Err(CommandError::UnknownDevice {
+            name: name.to_string(),
+        });
+    };
+    let _ = relay.poll.ctl(
+        ControlOperation::Delete,
+        dev.listener.as_raw_fd(),
+        EpollEvent::default(),
+    );
+    drop(dev.listener);
+    let _ = std::fs::remove_file(&dev.ch.socket);
+    if let Some(c) = dev.client {
+        let _ = relay.poll.ctl(
+            ControlOperation::Delete,
+            c.sock.as_raw_fd(),
+            EpollEvent::default(),
+        );
+    }
+    relay.remove_channel(id);
+    info!("{name}: removed (channel {id})");
+    Ok(Reply::Removed {
+        name: name.to_string(),
+    })
 }

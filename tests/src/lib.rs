@@ -209,6 +209,41 @@ pub fn start_relay_with(
     Proc::spawn_on(cpu, "vfu-relay", &binary("vfu-relay"), &args)
 }
 
+/// The control socket of a relay started with `frontend` and no `--control-socket`.
+pub fn control_socket(frontend: &Path) -> PathBuf {
+    let mut p = frontend.as_os_str().to_os_string();
+    p.push(".ctl");
+    PathBuf::from(p)
+}
+
+/// What `vfu-relay ctl` did.
+#[derive(Debug)]
+pub struct CtlOutput {
+    /// It exited with status 0.
+    pub ok: bool,
+    /// Its standard output.
+    pub stdout: String,
+    /// Its standard error.
+    pub stderr: String,
+}
+
+/// Runs `vfu-relay ctl --control-socket CONTROL ARGS...` to its end.
+pub fn relay_ctl(control: &Path, args: &[&str]) -> CtlOutput {
+    let out = Command::new(binary("vfu-relay"))
+        .arg("ctl")
+        .arg("--control-socket")
+        .arg(control)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vfu-relay ctl");
+    CtlOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
 /// Starts vfu-guest as the loopback device VM serving `(name, model)` pairs.
 pub fn start_loopback_guest(frontend: &Path, serve: &[(&str, &str)]) -> Proc {
     start_loopback_guest_on(None, frontend, serve)

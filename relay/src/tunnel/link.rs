@@ -265,6 +265,12 @@ impl Link {
         self.lock().backlog.get(&channel).copied().unwrap_or(0) < CHANNEL_BUDGET
     }
 
+    /// Forgets what the link counts for channel `id`, which the device VM withdrew
+    /// (its messages were taken before it acknowledged).
+    pub fn forget_channel(&self, id: u32) {
+        self.lock().backlog.remove(&id);
+    }
+
     /// Takes the "some channel got room again" flag.
     pub fn take_room_made(&self) -> bool {
         self.room_made.swap(false, Ordering::AcqRel)

@@ -51,14 +51,17 @@ pub fn serve_frontends(relay: Arc<Relay>) -> Result<()> {
     Ok(())
 }
 
-/// The device VM went away: requests in flight fail, channels wait for the next HELLO.
+/// The device VM went away: requests in flight fail, channels wait for the next HELLO;
+/// removed channels are forgotten (the next device VM never knew them).
 fn device_vm_gone(relay: &Relay) {
+    let mut table = relay.table();
     relay.link.reset();
     relay.windows().detach();
-    for ch in &relay.channels {
+    for ch in table.all() {
         let outcome = ch.fail_pending(relay, libc::ENODEV as u32);
         relay.after_send(ch, outcome);
     }
+    table.take_retiring();
 }
 
 /// Handles one message from the device VM.
@@ -100,7 +103,7 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
         Body::VfioUser(frame) => match relay.channel(channel) {
             Some(ch) => {
                 let outcome = ch.on_device_message(relay, frame);
-                relay.after_send(ch, outcome);
+                relay.after_send(&ch, outcome);
             }
             None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
         },
@@ -169,7 +172,7 @@ fn report(relay: &Relay, channel: u32, tag: u32, errno: u32, text: &str) {
     send_reply(relay, channel, tag, Body::Error { errno, text });
 }
 
-/// HELLO: negotiate, then bring every channel up.
+/// HELLO: negotiate, then bring every exported channel up.
 fn hello(relay: &Relay, tag: u32, h: Hello) {
     if h.version_major != VERSION_MAJOR {
         warn!(
@@ -213,13 +216,18 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     } else {
         0
     };
+    // The table stays locked until every channel is up: a device added meanwhile is
+    // brought up once, here or by the add.
+    let mut table = relay.table();
     // A HELLO after the first: the driver restarted; what it had is gone, windows
-    // included (unmapped from the frontend, which stays connected).
-    for ch in &relay.channels {
+    // included (unmapped from the frontend, which stays connected), and so are the
+    // channels removed since.
+    for ch in table.all() {
         ch.on_driver_restart(relay);
         let outcome = ch.fail_pending(relay, libc::ECONNRESET as u32);
         relay.after_send(ch, outcome);
     }
+    table.take_retiring();
     relay.link.set_up(negotiated);
     info!(
         "device VM said HELLO: tunnel {}.{}, {} queue pair(s), messages up to {} bytes",
@@ -239,7 +247,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
             shm_size,
         }),
     );
-    for ch in &relay.channels {
+    for ch in table.active() {
         relay.send_control(
             ch.id,
             Body::ChannelUp {
@@ -255,6 +263,15 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
         return;
     };
     match Kind::from_u16(kind) {
+        Some(Kind::ChannelDown) => {
+            if status != 0 {
+                warn!(
+                    "{}: device VM answered CHANNEL_DOWN with errno {status}",
+                    ch.name
+                );
+            }
+            relay.on_channel_down_ack(channel);
+        }
         Some(Kind::ChannelUp) => {
             let mut st = ch.lock();
             if status == 0 {
