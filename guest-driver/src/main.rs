@@ -17,7 +17,7 @@ use clap::{ArgGroup, Parser};
 use log::{error, info};
 
 use vfu_guest::transport::loopback::Loopback;
-use vfu_guest::transport::pci::{PciOptions, PciTransport};
+use vfu_guest::transport::pci::{find_tunnel, PciOptions, PciTransport};
 use vfu_guest::transport::Transport;
 use vfu_guest::tunnel::{DriverConfig, ServeSpec, TunnelDriver};
 use vfu_guest::{direct, models};
@@ -33,8 +33,10 @@ struct Args {
     #[arg(long, value_name = "PATH", requires = "serve")]
     loopback: Option<PathBuf>,
     /// Inside a device VM: drive the tunnel device at this PCI address (e.g.
-    /// 0000:00:04.0) through uio_pci_generic, binding it if needed; DMA memory comes from
-    /// hugepages (--memory-mib of them must be free).
+    /// 0000:00:04.0), or `auto` (the one function with the tunnel's PCI ID 1af4:1078, or
+    /// a virtio-fs 1af4:105a whose tag starts with "vfu": compatibility mode), through
+    /// uio_pci_generic, binding it if needed; DMA memory comes from hugepages
+    /// (--memory-mib of them must be free).
     #[arg(long, value_name = "BDF", requires = "serve")]
     pci: Option<String>,
     /// With --loopback or --pci: serve device NAME (as exported by the relay) with model MODEL.
@@ -119,6 +121,13 @@ fn run(args: Args) -> Result<(), String> {
         let options = PciOptions {
             memory: args.memory_mib << 20,
             ..PciOptions::default()
+        };
+        let bdf = if bdf == "auto" {
+            let found = find_tunnel(&options.sysfs).map_err(|e| e.to_string())?;
+            info!("tunnel device found at {found}");
+            found
+        } else {
+            bdf
         };
         let transport = PciTransport::open(&bdf, &options).map_err(|e| e.to_string())?;
         return drive(transport, config, stop);

@@ -160,34 +160,8 @@ impl VirtioCaps {
 
 #[cfg(test)]
 mod tests {
+    use super::testing::*;
     use super::*;
-
-    /// A configuration space with a capability list of `caps` (id, bytes after the
-    /// id/next pair), laid out from 0x40.
-    fn space(caps: &[(u8, Vec<u8>)]) -> Vec<u8> {
-        let mut s = vec![0u8; 256];
-        s[6] = STATUS_CAP_LIST as u8;
-        let mut at = 0x40;
-        s[CAP_POINTER] = at as u8;
-        for (i, (id, body)) in caps.iter().enumerate() {
-            let next = (at + 2 + body.len() + 3) & !3;
-            s[at] = *id;
-            s[at + 1] = if i + 1 == caps.len() { 0 } else { next as u8 };
-            s[at + 2..at + 2 + body.len()].copy_from_slice(body);
-            at = next;
-        }
-        s
-    }
-
-    /// A virtio capability body: cap_len, cfg_type, bar, id, padding, offset, length,
-    /// then `extra`.
-    fn vcap(cfg_type: u8, bar: u8, id: u8, offset: u32, len: u32, extra: &[u8]) -> (u8, Vec<u8>) {
-        let mut b = vec![(16 + extra.len()) as u8, cfg_type, bar, id, 0, 0];
-        b.extend(offset.to_le_bytes());
-        b.extend(len.to_le_bytes());
-        b.extend(extra);
-        (CAP_VENDOR, b)
-    }
 
     /// QEMU's layout (BAR 4: common 0, ISR 0x1000, device 0x2000, notify 0x3000 with
     /// multiplier 4), behind an MSI-X capability, is found; a shared memory capability
@@ -254,5 +228,54 @@ mod tests {
             VirtioCaps::parse(&bad_bar),
             Err(CapsError::BadBar { at: 0x40, bar: 6 })
         );
+    }
+}
+
+/// Configuration spaces for tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    /// `cfg_type` values.
+    pub const COMMON: u8 = COMMON_CFG;
+    /// See [`COMMON`].
+    pub const NOTIFY: u8 = NOTIFY_CFG;
+    /// See [`COMMON`].
+    pub const ISR: u8 = ISR_CFG;
+    /// See [`COMMON`].
+    pub const DEVICE: u8 = DEVICE_CFG;
+
+    /// A configuration space with a capability list of `caps` (id, bytes after the
+    /// id/next pair), laid out from 0x40.
+    pub fn space(caps: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let mut s = vec![0u8; 256];
+        s[6] = STATUS_CAP_LIST as u8;
+        let mut at = 0x40;
+        s[CAP_POINTER] = at as u8;
+        for (i, (id, body)) in caps.iter().enumerate() {
+            let next = (at + 2 + body.len() + 3) & !3;
+            s[at] = *id;
+            s[at + 1] = if i + 1 == caps.len() { 0 } else { next as u8 };
+            s[at + 2..at + 2 + body.len()].copy_from_slice(body);
+            at = next;
+        }
+        s
+    }
+
+    /// A virtio capability body: cap_len, cfg_type, bar, id, padding, offset, length,
+    /// then `extra`.
+    pub fn vcap(
+        cfg_type: u8,
+        bar: u8,
+        id: u8,
+        offset: u32,
+        len: u32,
+        extra: &[u8],
+    ) -> (u8, Vec<u8>) {
+        let mut b = vec![(16 + extra.len()) as u8, cfg_type, bar, id, 0, 0];
+        b.extend(offset.to_le_bytes());
+        b.extend(len.to_le_bytes());
+        b.extend(extra);
+        (CAP_VENDOR, b)
     }
 }

@@ -14,6 +14,7 @@ pub use sysfs::{parse_bdf, Mmio, PciDevice, PciError, UIO_DRIVER};
 use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,71 @@ const CMD_INTX_DISABLE: u16 = 1 << 10;
 
 /// The virtio vendor ID.
 pub const VIRTIO_VENDOR: u16 = 0x1af4;
+/// PCI device ID of the tunnel device (virtio device ID 56, `docs/tunnel.md`).
+pub const TUNNEL_DEVICE: u16 = 0x1040 + 56;
+/// PCI device ID of virtio-fs, which carries the tunnel in compatibility mode
+/// (`vhost-user-fs-pci`).
+pub const FS_DEVICE: u16 = 0x105a;
+/// The virtio-fs tag that marks a `vhost-user-fs-pci` as the tunnel (QEMU's
+/// `tag=` property); other virtio-fs devices are left alone.
+pub const FS_TAG_PREFIX: &str = "vfu";
+
+/// The tag of a virtio-fs function (the first 36 bytes of its device configuration),
+/// read through its BAR without touching the device's state.
+fn fs_tag(device: &PciDevice) -> Option<String> {
+    let caps = VirtioCaps::parse(&device.config().ok()?).ok()?;
+    let cfg = caps.device?;
+    let bar = device.map_bar(cfg.bar).ok()?;
+    let tag: Vec<u8> = (0..36u64)
+        .map(|i| bar.read8(cfg.offset + i))
+        .take_while(|&b| b != 0)
+        .collect();
+    Some(String::from_utf8_lossy(&tag).into_owned())
+}
+
+/// Finds the tunnel device: a function with the tunnel's PCI ID, or a virtio-fs
+/// function whose tag starts with [`FS_TAG_PREFIX`] (compatibility mode). Exactly one
+/// must be there.
+pub fn find_tunnel(sysfs: &Path) -> Result<String, TransportError> {
+    let dir = sysfs.join("bus/pci/devices");
+    let err = |e: String| TransportError::Connect {
+        what: "the tunnel device".into(),
+        source: std::io::Error::other(e),
+    };
+    let entries = std::fs::read_dir(&dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let mut found = Vec::new();
+    let mut seen = Vec::new();
+    for entry in entries.flatten() {
+        let bdf = entry.file_name().to_string_lossy().into_owned();
+        let Ok(device) = PciDevice::open(sysfs, &bdf) else {
+            continue;
+        };
+        match device.id() {
+            Ok((VIRTIO_VENDOR, TUNNEL_DEVICE)) => found.push(bdf),
+            Ok((VIRTIO_VENDOR, FS_DEVICE)) => match fs_tag(&device) {
+                Some(tag) if tag.starts_with(FS_TAG_PREFIX) => found.push(bdf),
+                tag => seen.push(format!("{bdf} (virtio-fs, tag {tag:?})")),
+            },
+            _ => {}
+        }
+    }
+    found.sort();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(err(format!(
+            "no PCI function {VIRTIO_VENDOR:04x}:{TUNNEL_DEVICE:04x}, nor a virtio-fs              {VIRTIO_VENDOR:04x}:{FS_DEVICE:04x} with a tag starting with {FS_TAG_PREFIX:?}{}",
+            if seen.is_empty() {
+                String::new()
+            } else {
+                format!(" (seen: {})", seen.join(", "))
+            }
+        ))),
+        _ => Err(err(format!(
+            "several tunnel devices ({}): name one with --pci BDF",
+            found.join(", ")
+        ))),
+    }
+}
 
 /// A structure in a mapped BAR.
 #[derive(Debug, Clone)]
@@ -158,6 +224,21 @@ impl PciTransport {
             return Err(connect(format!(
                 "{vendor:04x}:{id:04x} is not a modern virtio device (1af4:1040 and up)"
             )));
+        }
+        if id == FS_DEVICE {
+            match fs_tag(&device) {
+                Some(tag) if tag.starts_with(FS_TAG_PREFIX) => {
+                    info!(
+                        "{}: virtio-fs with tag {tag:?}: the tunnel in compatibility mode",
+                        device.bdf()
+                    )
+                }
+                tag => warn!(
+                    "{}: virtio-fs with tag {tag:?}, not starting with {FS_TAG_PREFIX:?}: taken \
+                     because it was named",
+                    device.bdf()
+                ),
+            }
         }
         device.bind_uio().map_err(|e| connect(e.to_string()))?;
         let config = device.config().map_err(|e| connect(e.to_string()))?;
@@ -402,5 +483,50 @@ impl Transport for PciTransport {
 
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {
         self.shm
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::caps::testing::*;
+    use super::*;
+
+    /// A fake sysfs function: IDs, a configuration space with the virtio capabilities
+    /// (device configuration at BAR 4 + 0x2000) and BAR 4 holding `tag`.
+    fn function(root: &Path, bdf: &str, device: u16, tag: &str) {
+        let dir = root.join("bus/pci/devices").join(bdf);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vendor"), "0x1af4\n").unwrap();
+        std::fs::write(dir.join("device"), format!("{device:#06x}\n")).unwrap();
+        let config = space(&[
+            vcap(COMMON, 4, 0, 0, 0x38, &[]),
+            vcap(ISR, 4, 0, 0x1000, 1, &[]),
+            vcap(DEVICE, 4, 0, 0x2000, 0x28, &[]),
+            vcap(NOTIFY, 4, 0, 0x3000, 0x1000, &4u32.to_le_bytes()),
+        ]);
+        std::fs::write(dir.join("config"), config).unwrap();
+        let mut bar = vec![0u8; 0x4000];
+        bar[0x2000..0x2000 + tag.len()].copy_from_slice(tag.as_bytes());
+        std::fs::write(dir.join("resource4"), bar).unwrap();
+    }
+
+    /// `--pci auto` takes the virtio-fs function tagged "vfu..." and leaves a real
+    /// virtio-fs alone; with two candidates it refuses and names them; with none it
+    /// says what it looked for and what it saw.
+    #[test]
+    fn finds_the_tunnel_by_id_and_tag() {
+        let root = std::env::temp_dir().join(format!("vfu-find-{}", std::process::id()));
+        function(&root, "0000:00:03.0", FS_DEVICE, "shared-docs");
+        let none = find_tunnel(&root).unwrap_err().to_string();
+        assert!(
+            none.contains("0000:00:03.0 (virtio-fs, tag Some(\"shared-docs\"))"),
+            "{none}"
+        );
+        function(&root, "0000:00:04.0", FS_DEVICE, "vfu-tunnel");
+        assert_eq!(find_tunnel(&root).unwrap(), "0000:00:04.0");
+        function(&root, "0000:00:05.0", TUNNEL_DEVICE, "");
+        let two = find_tunnel(&root).unwrap_err().to_string();
+        assert!(two.contains("0000:00:04.0, 0000:00:05.0"), "{two}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }
