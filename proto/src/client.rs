@@ -11,9 +11,11 @@ use thiserror::Error;
 
 use crate::transport::{Frame, Limits, MessageReader, MessageWriter, RawMessage, TransportError};
 use crate::vfio_user::{
-    encode_request, Capabilities, DecodeError, DeviceInfo, DmaReadReply, DmaWriteReply,
-    GetInfoRequest, IrqInfo, MessageType, RegionAccess, RegionInfo, RegionWrite, Reply, Request,
-    Version, REGION_INFO_SIZE,
+    encode_request, Capabilities, DecodeError, DeviceFeature, DeviceInfo, DmaReadReply,
+    DmaWriteReply, FeatureData, FeatureOp, GetInfoRequest, IrqInfo, LoggingRange, MessageType,
+    MigDataRead, MigDataWrite, MigState, RegionAccess, RegionInfo, RegionWrite, Reply, Request,
+    Version, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_MIGRATION,
+    FEATURE_MIG_DEVICE_STATE, REGION_INFO_SIZE,
 };
 
 /// A failed request.
@@ -349,5 +351,147 @@ impl Client {
     /// DEVICE_RESET.
     pub fn reset(&mut self) -> Result<(), ClientError> {
         self.request(&Request::DeviceReset, Vec::new()).map(|_| ())
+    }
+
+    /// DEVICE_FEATURE: sends `feature` and returns the reply's feature data.
+    pub fn feature(&mut self, feature: DeviceFeature) -> Result<DeviceFeature, ClientError> {
+        match self
+            .request(&Request::DeviceFeature(feature), Vec::new())?
+            .0
+        {
+            Reply::DeviceFeature(f) => Ok(f),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_FEATURE PROBE of `feature` for GET and/or SET: whether the server
+    /// supports it (`Ok(false)` for an error reply).
+    pub fn probe_feature(
+        &mut self,
+        feature: u16,
+        get: bool,
+        set: bool,
+    ) -> Result<bool, ClientError> {
+        let req = DeviceFeature::request(feature, FeatureOp::Probe { get, set }, FeatureData::None);
+        match self.feature(req) {
+            Ok(_) => Ok(true),
+            Err(ClientError::Errno(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// DEVICE_FEATURE MIGRATION GET: the `MIGRATION_*` flags.
+    pub fn migration_flags(&mut self) -> Result<u64, ClientError> {
+        let req = DeviceFeature::request(FEATURE_MIGRATION, FeatureOp::Get, FeatureData::None);
+        match self.feature(req)?.data {
+            FeatureData::Migration { flags } => Ok(flags),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_FEATURE MIG_DEVICE_STATE GET: the device's migration state.
+    pub fn mig_state(&mut self) -> Result<MigState, ClientError> {
+        let mut req =
+            DeviceFeature::request(FEATURE_MIG_DEVICE_STATE, FeatureOp::Get, FeatureData::None);
+        req.argsz = DeviceFeature::FIXED + 8;
+        match self.feature(req)?.data {
+            FeatureData::MigState { state, .. } => Ok(state),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_FEATURE MIG_DEVICE_STATE SET: moves the device to `state`; returns the
+    /// state the reply states.
+    pub fn set_mig_state(&mut self, state: MigState) -> Result<MigState, ClientError> {
+        let req = DeviceFeature::request(
+            FEATURE_MIG_DEVICE_STATE,
+            FeatureOp::Set,
+            FeatureData::MigState { state, data_fd: -1 },
+        );
+        match self.feature(req)?.data {
+            FeatureData::MigState { state, .. } => Ok(state),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// MIG_DATA_READ of up to `size` bytes (fewer: the stream has no more).
+    pub fn mig_data_read(&mut self, size: u32) -> Result<Vec<u8>, ClientError> {
+        match self
+            .request(&Request::MigDataRead(MigDataRead::new(size)), Vec::new())?
+            .0
+        {
+            Reply::MigDataRead(r) if r.data.len() <= size as usize => Ok(r.data),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// Reads the whole migration stream in MIG_DATA_READs of `chunk` bytes, until one
+    /// returns fewer bytes than asked for.
+    pub fn mig_data_read_all(&mut self, chunk: u32) -> Result<Vec<u8>, ClientError> {
+        let mut out = Vec::new();
+        loop {
+            let data = self.mig_data_read(chunk)?;
+            let last = data.len() < chunk as usize;
+            out.extend_from_slice(&data);
+            if last || chunk == 0 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// MIG_DATA_WRITE of `data`.
+    pub fn mig_data_write(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        let req = Request::MigDataWrite(MigDataWrite::new(data.to_vec()));
+        match self.request(&req, Vec::new())?.0 {
+            Reply::MigDataWrite => Ok(()),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_FEATURE DMA_LOGGING_START for `ranges` (empty: everything) with the
+    /// `page_size` hint; returns the page size the server chose.
+    pub fn dma_logging_start(
+        &mut self,
+        page_size: u64,
+        ranges: &[LoggingRange],
+    ) -> Result<u64, ClientError> {
+        let req = DeviceFeature::request(
+            FEATURE_DMA_LOGGING_START,
+            FeatureOp::Set,
+            FeatureData::LoggingStart {
+                page_size,
+                ranges: ranges.to_vec(),
+            },
+        );
+        match self.feature(req)?.data {
+            FeatureData::LoggingStart { page_size, .. } => Ok(page_size),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
+    }
+
+    /// DEVICE_FEATURE DMA_LOGGING_STOP.
+    pub fn dma_logging_stop(&mut self) -> Result<(), ClientError> {
+        let req =
+            DeviceFeature::request(FEATURE_DMA_LOGGING_STOP, FeatureOp::Set, FeatureData::None);
+        self.feature(req).map(|_| ())
+    }
+
+    /// DEVICE_FEATURE DMA_LOGGING_REPORT: the dirty bitmap of `length` bytes at `iova`
+    /// at `page_size` granularity, as u64 words (bit `k % 64` of word `k / 64` is page
+    /// `k`). The server clears what it reports.
+    pub fn dma_logging_report(
+        &mut self,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<Vec<u64>, ClientError> {
+        let req = DeviceFeature::logging_report(iova, length, page_size);
+        match self.feature(req)?.data {
+            FeatureData::LoggingReport { bitmap, .. } => Ok(bitmap
+                .chunks_exact(8)
+                .map(|w| u64::from_le_bytes(w.try_into().expect("8-byte chunk")))
+                .collect()),
+            other => Err(ClientError::BadReply(format!("{other:?}"))),
+        }
     }
 }

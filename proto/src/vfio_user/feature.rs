@@ -80,6 +80,32 @@ pub enum MigState {
 }
 
 impl MigState {
+    /// Every state, in numeric order.
+    pub const ALL: [MigState; 8] = [
+        MigState::Error,
+        MigState::Stop,
+        MigState::Running,
+        MigState::StopCopy,
+        MigState::Resuming,
+        MigState::RunningP2p,
+        MigState::PreCopy,
+        MigState::PreCopyP2p,
+    ];
+
+    /// The uapi's name, for logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigState::Error => "ERROR",
+            MigState::Stop => "STOP",
+            MigState::Running => "RUNNING",
+            MigState::StopCopy => "STOP_COPY",
+            MigState::Resuming => "RESUMING",
+            MigState::RunningP2p => "RUNNING_P2P",
+            MigState::PreCopy => "PRE_COPY",
+            MigState::PreCopyP2p => "PRE_COPY_P2P",
+        }
+    }
+
     fn from_u32(v: u32) -> Result<Self, DecodeError> {
         Ok(match v {
             0 => MigState::Error,
@@ -98,6 +124,32 @@ impl MigState {
             }
         })
     }
+}
+
+impl TryFrom<u32> for MigState {
+    type Error = DecodeError;
+
+    fn try_from(v: u32) -> Result<Self, DecodeError> {
+        Self::from_u32(v)
+    }
+}
+
+impl std::fmt::Display for MigState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Bytes of the DMA_LOGGING_REPORT bitmap for `length` bytes of IOVA at `page_size`
+/// granularity: one bit per page (a partial last page counts), rounded up to whole u64
+/// words. `None` for a `page_size` that is not a power of two, or a size that does not
+/// fit a `u64`.
+pub fn logging_bitmap_len(length: u64, page_size: u64) -> Option<u64> {
+    if !page_size.is_power_of_two() {
+        return None;
+    }
+    let pages = length.div_ceil(page_size);
+    pages.div_ceil(64).checked_mul(8)
 }
 
 /// An IOVA range for dirty-page logging.
@@ -178,6 +230,25 @@ impl DeviceFeature {
             f.argsz = f.argsz.max(Self::FIXED + 16);
         }
         f
+    }
+
+    /// A DMA_LOGGING_REPORT GET request for `length` bytes at `iova`, reported at
+    /// `page_size` granularity, with `argsz` large enough for the bitmap of the reply
+    /// (saturating at `u32::MAX`).
+    pub fn logging_report(iova: u64, length: u64, page_size: u64) -> Self {
+        let bitmap = logging_bitmap_len(length, page_size).unwrap_or(0);
+        let argsz = u64::from(Self::FIXED + 24).saturating_add(bitmap);
+        Self {
+            argsz: u32::try_from(argsz).unwrap_or(u32::MAX),
+            feature: FEATURE_DMA_LOGGING_REPORT,
+            op: FeatureOp::Get,
+            data: FeatureData::LoggingReport {
+                iova,
+                length,
+                page_size,
+                bitmap: Vec::new(),
+            },
+        }
     }
 
     /// Length of the encoded payload.
@@ -340,4 +411,60 @@ fn decode_data(
         }
         _ => FeatureData::Raw(r.rest().to_vec()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bitmap sizes: one bit per page, a partial page counts, whole u64 words; page
+    /// sizes that are not powers of two have none.
+    #[test]
+    fn bitmap_lengths() {
+        assert_eq!(logging_bitmap_len(0, 4096), Some(0));
+        assert_eq!(logging_bitmap_len(1, 4096), Some(8));
+        assert_eq!(logging_bitmap_len(64 * 4096, 4096), Some(8));
+        assert_eq!(logging_bitmap_len(64 * 4096 + 1, 4096), Some(16));
+        assert_eq!(logging_bitmap_len(1 << 30, 1 << 21), Some(64));
+        assert_eq!(
+            logging_bitmap_len(u64::MAX, 1),
+            Some((u64::MAX / 64 + 1) * 8)
+        );
+        assert_eq!(logging_bitmap_len(4096, 0), None);
+        assert_eq!(logging_bitmap_len(4096, 3000), None);
+    }
+
+    /// The report request states an argsz that holds the bitmap of the reply, which
+    /// decodes back with the bitmap; states convert from their numbers and no other.
+    #[test]
+    fn report_request_and_states() {
+        let f = DeviceFeature::logging_report(0x10_0000, 130 * 4096, 4096);
+        assert_eq!(f.argsz, 8 + 24 + 24);
+        let mut payload = Vec::new();
+        f.encode(&mut payload);
+        let decoded = DeviceFeature::decode(&mut Reader::new(&payload), false).unwrap();
+        assert_eq!(decoded, f);
+        let mut reply = f.clone();
+        reply.data = FeatureData::LoggingReport {
+            iova: 0x10_0000,
+            length: 130 * 4096,
+            page_size: 4096,
+            bitmap: vec![0xff; 24],
+        };
+        let mut payload = Vec::new();
+        reply.encode(&mut payload);
+        assert_eq!(payload.len() as u32, f.argsz);
+        assert_eq!(
+            DeviceFeature::decode(&mut Reader::new(&payload), true).unwrap(),
+            reply
+        );
+        let huge = DeviceFeature::logging_report(0, u64::MAX, 4096);
+        assert_eq!(huge.argsz, u32::MAX, "saturates");
+        for (i, s) in MigState::ALL.iter().enumerate() {
+            assert_eq!(MigState::try_from(i as u32).unwrap(), *s);
+            assert_eq!(*s as u32, i as u32);
+        }
+        assert!(MigState::try_from(8).is_err());
+        assert_eq!(MigState::StopCopy.to_string(), "STOP_COPY");
+    }
 }
