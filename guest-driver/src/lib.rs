@@ -9,7 +9,9 @@
 //! - [`virtqueue`]: driver-side split virtqueues.
 //! - [`transport`]: how the driver reaches the tunnel device (the loopback VMM first).
 //! - [`tunnel`]: the tunnel protocol engine: HELLO, channels, dispatch to device servers.
+//! - [`crc32c`]: the CRC32C the models and the migration stream use.
 
+pub mod crc32c;
 pub mod device;
 pub mod direct;
 pub mod models;
