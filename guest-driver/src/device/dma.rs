@@ -447,6 +447,30 @@ impl DmaTable {
         }
     }
 
+    /// Calls `f` with the IOVA of every page written through [`Dma`] (since its map
+    /// or the last clear) that overlaps `start..end`, in IOVA order; the pages for which
+    /// `f` returns `true` are forgotten.
+    pub(crate) fn visit_dirty(&mut self, start: u64, end: u64, mut f: impl FnMut(u64) -> bool) {
+        for r in self.regions.values_mut() {
+            if r.address >= end || r.last() < start {
+                continue;
+            }
+            let address = r.address;
+            r.dirty.retain(|&word, bits| {
+                for bit in 0..64 {
+                    if *bits & (1 << bit) == 0 {
+                        continue;
+                    }
+                    let page = address.saturating_add((word * 64 + bit) * DMA_PAGE_SIZE);
+                    if page.saturating_add(DMA_PAGE_SIZE) > start && page < end && f(page) {
+                        *bits &= !(1 << bit);
+                    }
+                }
+                *bits != 0
+            });
+        }
+    }
+
     /// Regions reached through a tunnel window become remote (the windows' mapping is
     /// going away).
     pub(crate) fn demote_windows(&mut self) {

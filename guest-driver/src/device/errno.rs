@@ -20,3 +20,13 @@ pub const EIO: Errno = libc::EIO as Errno;
 /// Bad address: a DMA access outside the client's maps, without the permission it
 /// needs, or that the client (or the relay) failed.
 pub const EFAULT: Errno = libc::EFAULT as Errno;
+/// Protocol not supported: a migration stream of a version this library does not read.
+pub const EPROTONOSUPPORT: Errno = libc::EPROTONOSUPPORT as Errno;
+/// No such device: a migration stream saved from a device of other PCI IDs.
+pub const ENODEV: Errno = libc::ENODEV as Errno;
+/// File too large: a migration stream over the size the library buffers.
+pub const EFBIG: Errno = libc::EFBIG as Errno;
+/// Argument list too long: a DMA_LOGGING_REPORT bitmap over the largest transfer.
+pub const E2BIG: Errno = libc::E2BIG as Errno;
+/// Busy: DMA_LOGGING_START while logging runs.
+pub const EBUSY: Errno = libc::EBUSY as Errno;

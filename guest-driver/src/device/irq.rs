@@ -200,6 +200,9 @@ pub(crate) struct IrqState {
     /// MSI-X vectors the client masked with SET_IRQS.
     msix_client_masked: Vec<bool>,
     msix: Option<MsixTable>,
+    /// The device is stopped (migration): nothing is signalled, interrupts are held
+    /// pending until [`release`](Self::release).
+    held: bool,
 }
 
 impl IrqState {
@@ -218,6 +221,51 @@ impl IrqState {
             msi_client_masked: vec![false; counts[pci_irq::MSI as usize] as usize],
             msix_client_masked: vec![false; counts[pci_irq::MSIX as usize] as usize],
             msix: msix.map(MsixTable::new),
+            held: false,
+        }
+    }
+
+    /// The device stops: from now on nothing the device raises or a configuration
+    /// change releases is signalled; INTx stays asserted, MSI and MSI-X vectors get
+    /// their pending bits.
+    pub(crate) fn hold(&mut self) {
+        self.held = true;
+    }
+
+    /// The device runs again: what was held (an asserted INTx, pending MSI and MSI-X
+    /// vectors that nothing masks) is delivered.
+    pub(crate) fn release(&mut self, cfg: &mut ConfigSpace) {
+        self.held = false;
+        self.deliver_intx(cfg);
+        self.flush(cfg);
+    }
+
+    /// The MSI-X table and PBA, for a migration stream (`None` without MSI-X).
+    pub(crate) fn msix_table(&self) -> Option<&MsixTable> {
+        self.msix.as_ref()
+    }
+
+    /// Checks a saved MSI-X state of `vectors` vectors against this device.
+    pub(crate) fn check_msix_state(
+        &self,
+        vectors: u16,
+        table: &[u8],
+        pending: &[u64],
+    ) -> Result<(), String> {
+        let own = self.count(pci_irq::MSIX);
+        if u32::from(vectors) != own {
+            return Err(format!("{vectors} MSI-X vectors; this device has {own}"));
+        }
+        match &self.msix {
+            Some(t) => t.check_state(table, pending),
+            None => Ok(()),
+        }
+    }
+
+    /// Loads a checked MSI-X state.
+    pub(crate) fn set_msix_state(&mut self, table: &[u8], pending: &[u64]) {
+        if let Some(t) = &mut self.msix {
+            t.set_state(table, pending);
         }
     }
 
@@ -311,7 +359,7 @@ impl IrqState {
                     debug!("MSI vector {vector} raised while not enabled; dropped");
                     return IrqDelivery::Disabled;
                 }
-                if self.masked(cfg, index, vector) {
+                if self.held || self.masked(cfg, index, vector) {
                     cfg.set_msi_pending(vector, true);
                     IrqDelivery::Pending
                 } else {
@@ -324,7 +372,7 @@ impl IrqState {
                     debug!("MSI-X vector {vector} raised while not enabled; dropped");
                     return IrqDelivery::Disabled;
                 }
-                if self.masked(cfg, index, vector) {
+                if self.held || self.masked(cfg, index, vector) {
                     if let Some(t) = &mut self.msix {
                         t.set_pending(vector, true);
                     }
@@ -350,6 +398,7 @@ impl IrqState {
     /// whether it signalled.
     fn deliver_intx(&mut self, cfg: &mut ConfigSpace) -> bool {
         if cfg.intx_level()
+            && !self.held
             && !self.intx_masked
             && !cfg.intx_disabled()
             && self.is_assigned(pci_irq::INTX, 0)
@@ -370,6 +419,9 @@ impl IrqState {
     /// Delivers every pending MSI and MSI-X vector that nothing holds back any more,
     /// clearing its pending bit.
     fn flush(&mut self, cfg: &mut ConfigSpace) {
+        if self.held {
+            return;
+        }
         if cfg.msi_enabled() {
             let enabled = cfg.msi_enabled_vectors().min(self.count(pci_irq::MSI));
             for v in 0..enabled.min(32) {
@@ -430,6 +482,7 @@ impl IrqState {
     /// Device reset: nothing asserted or pending, the MSI-X table at its reset values;
     /// the client's assignments and masks stay.
     pub(crate) fn device_reset(&mut self, cfg: &mut ConfigSpace) {
+        self.held = false;
         cfg.set_intx_level(false);
         self.intx_masked = false;
         if let Some(t) = &mut self.msix {

@@ -13,12 +13,19 @@
 //! A model talks back through the [`DeviceContext`] it is handed on every call: to
 //! raise an interrupt ([`DeviceContext::raise_interrupt`]), or to read and write the
 //! client's memory ([`DeviceContext::dma`]).
+//!
+//! A model that implements [`DeviceModel::save`] and [`DeviceModel::restore`]
+//! migrates: the library runs the migration state machine ([`migration`]), saves and
+//! loads its own part of the state (config space, interrupt state, MSI-X table) around
+//! the model's, and logs the pages the model's DMA writes ([`dirty_log`]).
 
 pub mod description;
+pub mod dirty_log;
 pub mod dma;
 pub mod errno;
 pub mod irq;
 pub mod lspci;
+pub mod migration;
 pub mod msix;
 pub mod pci_config;
 pub mod server;
@@ -112,6 +119,26 @@ pub trait DeviceModel: Send {
     /// Does the work announced by [`event_fd`](Self::event_fd).
     fn service(&mut self, ctx: &mut DeviceContext<'_>) {
         let _ = ctx;
+    }
+
+    /// Migration: the model's state (registers, work in progress, anything a copy of
+    /// the model needs to carry on as this one would), in a format of the model's
+    /// choosing. Called when the device enters STOP_COPY, while it is stopped (no
+    /// other call comes in between), and once when the server is built, to learn
+    /// whether the model migrates at all. Default: `None`, the model does not migrate
+    /// (the server then answers the migration features with `EOPNOTSUPP`).
+    fn save(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Migration: loads what [`save`](Self::save) returned on another instance of the
+    /// same model, when the device leaves RESUMING (stopped; the configuration space
+    /// and interrupt state are loaded by the library right after). The bytes come from
+    /// the client: check them, and on an error leave the model as it was; the errno
+    /// fails the client's state change. Default: `EOPNOTSUPP`.
+    fn restore(&mut self, state: &[u8]) -> Result<(), Errno> {
+        let _ = state;
+        Err(errno::EOPNOTSUPP)
     }
 }
 

@@ -490,6 +490,49 @@ impl ConfigSpace {
         fx
     }
 
+    /// The bytes the library emulates, for a migration stream (bytes the model owns
+    /// are 0 here; the INTx level is [`intx_level`](Self::intx_level)).
+    pub fn state(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Checks saved bytes against this device before [`set_state`](Self::set_state):
+    /// the same size, and every bit no write could have changed (read-only, not
+    /// write-1-to-clear) as at power-on, except the MSI pending bits, which the device
+    /// sets. The error says which byte differs.
+    pub fn check_state(&self, saved: &[u8]) -> Result<(), String> {
+        if saved.len() != self.bytes.len() {
+            return Err(format!(
+                "{} bytes of config space, this device has {}",
+                saved.len(),
+                self.bytes.len()
+            ));
+        }
+        let msi_pending = self.layout.msi.map(|m| m + 20..m + 24);
+        for (i, &b) in saved.iter().enumerate() {
+            if msi_pending.as_ref().is_some_and(|r| r.contains(&i)) {
+                continue;
+            }
+            let fixed = !(self.wmask[i] | self.w1c[i]);
+            if b & fixed != self.defaults[i] & fixed {
+                return Err(format!(
+                    "byte {i:#x} is {b:#04x}; its read-only bits are {:#04x} on this device",
+                    self.defaults[i] & fixed
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Loads saved bytes (checked with [`check_state`](Self::check_state)) and the INTx
+    /// level: the configuration space is as the saving device had it.
+    pub fn set_state(&mut self, saved: &[u8], intx_level: bool) {
+        if saved.len() == self.bytes.len() {
+            self.bytes.copy_from_slice(saved);
+        }
+        self.intx_level = intx_level;
+    }
+
     /// Back to the power-on state (function level reset).
     pub fn reset(&mut self) {
         self.bytes.clone_from(&self.defaults);

@@ -15,10 +15,27 @@
 //! | DEVICE_RESET | config space and interrupt state to power-on, then the model's reset |
 //! | DMA_MAP / DMA_UNMAP | the map table ([`super::dma`]): with an fd (direct mode) the memory is mmapped here; with a `DMA_WINDOW` slot (tunnel) it is the window in shared memory region 0 ([`DeviceServer::set_windows`]); otherwise it is reached through the transport's [`DmaRemote`]. An unmapped region's memory is unmapped before the reply |
 //! | DMA_READ / DMA_WRITE | `EINVAL`: those go from server to client |
-//! | DEVICE_FEATURE, MIG_DATA_READ/WRITE | `EOPNOTSUPP` |
+//! | DEVICE_FEATURE MIGRATION, MIG_DEVICE_STATE | for a model that migrates ([`DeviceModel::save`]): STOP_COPY supported; the state machine of [`super::migration`]; else `EOPNOTSUPP` |
+//! | DEVICE_FEATURE DMA_LOGGING_START/STOP/REPORT | [`super::dirty_log`], for every model |
+//! | DEVICE_FEATURE, other features | `EOPNOTSUPP`; an operation (GET, SET, PROBE) the feature does not have, or data that does not fit it, `EINVAL` |
+//! | MIG_DATA_READ / MIG_DATA_WRITE | the migration stream ([`super::migration::stream`]) in STOP_COPY / RESUMING, else `EINVAL`; more than the client's (read) or this server's (write) `max_data_xfer_size` `EINVAL`; `EOPNOTSUPP` for a model that does not migrate |
 //!
 //! BAR accesses reach the model whatever the command register's memory and I/O enable
 //! bits say: clients address BARs by region, not by bus address, as with vfio-pci.
+//!
+//! While the device is stopped (migration states STOP, STOP_COPY, RESUMING) the model
+//! gets no call but `save`/`restore` (and `reset`, on a reset): a region access that
+//! would reach it (BAR bytes outside the MSI-X table and PBA, config bytes the
+//! library does not emulate) fails with `EINVAL`, as libvfio-user fails region
+//! accesses in stop-and-copy, and its event fd is neither offered nor serviced
+//! ([`DeviceServer::event_fd`] is `None`). What the library answers itself keeps
+//! working, as Linux requires of a stopped device ("must accept and respond to
+//! interaction to support external subsystems in the STOP state, for example PCI
+//! MSI-X and PCI config space"): config space, the MSI-X table and PBA, SET_IRQS, DMA
+//! maps, information requests. Interrupts are held meanwhile: a configuration change
+//! that would release one leaves it pending, and it is delivered when the device runs
+//! again. Any reset (DEVICE_RESET, FLR) brings the device back to RUNNING, as in Linux
+//! VFIO.
 //!
 //! The server is single-threaded: a model's DMA through a remote path happens inside
 //! the request (or [`DeviceServer::service`] call) that caused it, with the
@@ -27,18 +44,26 @@
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
 
-use log::{info, warn};
+use log::{debug, info, warn};
 use vfu_proto::tunnel::{Slot, SlotType};
 use vfu_proto::vfio_user::{
-    pci_irq, pci_region, Capabilities, DeviceInfo, DmaMap, GetInfoRequest, Header, IoFdLayout,
-    IrqInfo, RegionInfo, RegionIoFds, RegionReadReply, Reply, Request, Version,
-    DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, DEVICE_FLAGS_PCI,
-    DEVICE_FLAGS_RESET, REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
+    pci_irq, pci_region, Capabilities, DeviceFeature, DeviceInfo, DmaMap, FeatureData, FeatureOp,
+    GetInfoRequest, Header, IoFdLayout, IrqInfo, MigDataRead, MigDataReadReply, MigDataWrite,
+    MigState, Migration as MigrationCap, RegionInfo, RegionIoFds, RegionReadReply, Reply, Request,
+    Version, DEFAULT_MAX_DATA_XFER_SIZE, DEFAULT_MAX_DMA_MAPS, DEFAULT_PGSIZES, DEVICE_FLAGS_PCI,
+    DEVICE_FLAGS_RESET, FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START,
+    FEATURE_DMA_LOGGING_STOP, FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, MIGRATION_STOP_COPY,
+    REGION_INFO_FLAG_READ, REGION_INFO_FLAG_WRITE,
 };
 
-use super::dma::{DmaBacking, DmaRegion, DmaRemote, DmaTable, LocalMemory, NoRemote};
+use super::dirty_log::DirtyLog;
+use super::dma::{
+    DmaBacking, DmaRegion, DmaRemote, DmaTable, LocalMemory, NoRemote, DMA_PAGE_SIZE,
+};
 use super::errno::{Errno, EINVAL, EOPNOTSUPP};
 use super::irq::{IrqFds, IrqSink, IrqState};
+use super::migration::stream::{self, StreamError};
+use super::migration::{self, Migration};
 use super::pci_config::{ConfigSpace, WriteEffects};
 use super::{lspci, DeviceContext, DeviceDescription, DeviceModel};
 
@@ -73,6 +98,11 @@ pub struct DeviceServer {
     caps: Capabilities,
     client_caps: Capabilities,
     windows: Option<Windows>,
+    /// The model saves and restores its state ([`DeviceModel::save`]).
+    migratable: bool,
+    mig: Migration,
+    /// DMA logging, while the client runs it.
+    dirty_log: Option<DirtyLog>,
 }
 
 /// Where the tunnel's shared memory region 0 is mapped in this process.
@@ -157,6 +187,7 @@ impl DeviceServer {
             write_multiple: Some(true),
             migration: None,
         };
+        let migratable = model.save().is_some();
         Self {
             model,
             config,
@@ -166,6 +197,9 @@ impl DeviceServer {
             caps,
             client_caps: Capabilities::default(),
             windows: None,
+            migratable,
+            mig: Migration::new(),
+            dirty_log: None,
         }
     }
 
@@ -174,9 +208,26 @@ impl DeviceServer {
         &self.desc
     }
 
-    /// Capabilities this server states in its VERSION reply.
+    /// Capabilities this server states in its VERSION reply (and, when the client
+    /// proposes the legacy `migration` object and the model migrates, `migration`
+    /// with the dirty page size and the largest bitmap).
     pub fn capabilities(&self) -> Capabilities {
         self.caps
+    }
+
+    /// Whether the model migrates ([`DeviceModel::save`] gives its state).
+    pub fn migratable(&self) -> bool {
+        self.migratable
+    }
+
+    /// The migration state (RUNNING unless a client moved it).
+    pub fn migration_state(&self) -> MigState {
+        self.mig.state()
+    }
+
+    /// Whether DMA logging runs.
+    pub fn dma_logging(&self) -> bool {
+        self.dirty_log.is_some()
     }
 
     /// Capabilities the client stated in its VERSION request (defaults before it).
@@ -284,17 +335,28 @@ impl DeviceServer {
         self.dma.clear();
         self.irqs.client_gone();
         self.client_caps = Capabilities::default();
+        // The log describes this client's memory; the migration state is device state
+        // and stays.
+        self.dirty_log = None;
     }
 
-    /// The model's event fd ([`DeviceModel::event_fd`]), to poll.
+    /// The model's event fd ([`DeviceModel::event_fd`]), to poll; `None` while the
+    /// device is stopped (migration), so that what the fd announces waits until the
+    /// device runs again. Serving loops ask again on every round.
     pub fn event_fd(&self) -> Option<BorrowedFd<'_>> {
+        if self.mig.stopped() {
+            return None;
+        }
         self.model.event_fd()
     }
 
     /// Lets the model do the work its event fd announced ([`DeviceModel::service`]);
     /// its DMA to remote regions goes through `remote` ([`NoRemote`] when there is no
-    /// client).
+    /// client). Nothing happens while the device is stopped.
     pub fn service(&mut self, remote: &mut dyn DmaRemote) {
+        if self.mig.stopped() {
+            return;
+        }
         let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
         self.model.service(&mut ctx);
     }
@@ -306,6 +368,10 @@ impl DeviceServer {
     }
 
     fn reset_with(&mut self, remote: &mut dyn DmaRemote) {
+        if self.mig.state() != MigState::Running {
+            info!("reset: migration state {} -> RUNNING", self.mig.state());
+            self.mig.enter(MigState::Running);
+        }
         self.config.reset();
         self.irqs.device_reset(&mut self.config);
         let mut ctx = DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
@@ -355,6 +421,14 @@ impl DeviceServer {
                 Reply::DmaMap
             }
             Request::DmaUnmap(u) => {
+                if let Some(log) = &mut self.dirty_log {
+                    // The client may ask for the pages after it unmapped them.
+                    let gone = self
+                        .dma
+                        .iter()
+                        .filter(|r| u.all || (r.address == u.address && r.size == u.size));
+                    log.keep(gone.flat_map(|r| r.dirty_pages()));
+                }
                 self.dma.unmap(&u)?;
                 Reply::DmaUnmap(u)
             }
@@ -425,9 +499,9 @@ impl DeviceServer {
                 warn!("the client sent a server-to-client command; rejected");
                 return Err(EINVAL);
             }
-            Request::DeviceFeature(_) | Request::MigDataRead(_) | Request::MigDataWrite(_) => {
-                return Err(EOPNOTSUPP);
-            }
+            Request::DeviceFeature(f) => self.feature(f)?,
+            Request::MigDataRead(r) => self.mig_data_read(r)?,
+            Request::MigDataWrite(w) => self.mig_data_write(w)?,
         };
         Ok((reply, Vec::new()))
     }
@@ -489,11 +563,289 @@ impl DeviceServer {
             return Err(EINVAL);
         }
         self.client_caps = v.capabilities.unwrap_or_default();
+        let mut caps = self.caps;
+        if self.migratable && self.client_caps.migration.is_some() {
+            // The legacy object, for clients that still look for it: the granularity
+            // of the dirty log and the largest bitmap one reply carries.
+            caps.migration = Some(MigrationCap {
+                pgsize: Some(DMA_PAGE_SIZE),
+                max_bitmap_size: Some(u64::from(MAX_DATA_XFER_SIZE)),
+            });
+        }
         Ok(Reply::Version(Version {
             major: 0,
             minor: 0,
-            capabilities: Some(self.caps),
+            capabilities: Some(caps),
         }))
+    }
+
+    /// DEVICE_FEATURE: migration and DMA logging.
+    fn feature(&mut self, f: DeviceFeature) -> Result<Reply, Errno> {
+        let (get, set) = match f.feature {
+            FEATURE_MIGRATION if self.migratable => (true, false),
+            FEATURE_MIG_DEVICE_STATE if self.migratable => (true, true),
+            FEATURE_DMA_LOGGING_START | FEATURE_DMA_LOGGING_STOP => (false, true),
+            FEATURE_DMA_LOGGING_REPORT => (true, false),
+            other => {
+                debug!("DEVICE_FEATURE {other}: not supported");
+                return Err(EOPNOTSUPP);
+            }
+        };
+        match f.op {
+            // The reply to a probe repeats the request.
+            FeatureOp::Probe { get: g, set: s } if (g && !get) || (s && !set) => {
+                return Err(EINVAL)
+            }
+            FeatureOp::Probe { .. } => return Ok(Reply::DeviceFeature(f)),
+            FeatureOp::Get if !get => return Err(EINVAL),
+            FeatureOp::Set if !set => return Err(EINVAL),
+            _ => {}
+        }
+        // A GET reply of a fixed size must fit the client's argsz.
+        let get_reply = |data: FeatureData| {
+            let mut reply = DeviceFeature {
+                argsz: 0,
+                feature: f.feature,
+                op: FeatureOp::Get,
+                data,
+            };
+            reply.argsz = reply.payload_len() as u32;
+            if reply.argsz > f.argsz {
+                return Err(EINVAL);
+            }
+            Ok(Reply::DeviceFeature(reply))
+        };
+        match (f.feature, &f.data) {
+            (FEATURE_MIGRATION, FeatureData::None) => get_reply(FeatureData::Migration {
+                flags: MIGRATION_STOP_COPY,
+            }),
+            (FEATURE_MIG_DEVICE_STATE, FeatureData::None) => get_reply(FeatureData::MigState {
+                state: self.mig.state(),
+                data_fd: -1,
+            }),
+            (FEATURE_MIG_DEVICE_STATE, FeatureData::MigState { state, .. }) => {
+                self.set_mig_state(*state)?;
+                Ok(Reply::DeviceFeature(f))
+            }
+            (FEATURE_DMA_LOGGING_START, FeatureData::LoggingStart { page_size, ranges }) => {
+                if self.dirty_log.is_some() {
+                    warn!("DMA_LOGGING_START while logging runs; refused");
+                    return Err(super::errno::EBUSY);
+                }
+                let log = DirtyLog::start(*page_size, ranges).inspect_err(|_| {
+                    warn!(
+                        "DMA_LOGGING_START: page size {page_size:#x} or one of {} ranges refused",
+                        ranges.len()
+                    )
+                })?;
+                let chosen = log.page_size();
+                // Logging starts now: what was written before is not reported.
+                self.dma.clear_dirty();
+                self.dirty_log = Some(log);
+                info!(
+                    "DMA logging started: {} range(s), {chosen:#x}-byte pages",
+                    ranges.len()
+                );
+                let mut reply = f.clone();
+                reply.data = FeatureData::LoggingStart {
+                    page_size: chosen,
+                    ranges: ranges.clone(),
+                };
+                Ok(Reply::DeviceFeature(reply))
+            }
+            (FEATURE_DMA_LOGGING_STOP, FeatureData::None) => {
+                if self.dirty_log.take().is_some() {
+                    info!("DMA logging stopped");
+                }
+                Ok(Reply::DeviceFeature(f))
+            }
+            (
+                FEATURE_DMA_LOGGING_REPORT,
+                FeatureData::LoggingReport {
+                    iova,
+                    length,
+                    page_size,
+                    ..
+                },
+            ) => self.logging_report(&f, *iova, *length, *page_size),
+            _ => {
+                warn!(
+                    "DEVICE_FEATURE {}: data that does not fit the feature",
+                    f.feature
+                );
+                Err(EINVAL)
+            }
+        }
+    }
+
+    /// DMA_LOGGING_REPORT. A reply whose bitmap does not fit the client's argsz
+    /// carries no bitmap and states the argsz needed (the spec's rule for replies),
+    /// and clears nothing.
+    fn logging_report(
+        &mut self,
+        f: &DeviceFeature,
+        iova: u64,
+        length: u64,
+        page_size: u64,
+    ) -> Result<Reply, Errno> {
+        let Some(log) = &mut self.dirty_log else {
+            warn!("DMA_LOGGING_REPORT without logging; refused");
+            return Err(EINVAL);
+        };
+        let max = u64::from(MAX_DATA_XFER_SIZE);
+        let bitmap_len = DirtyLog::bitmap_len(iova, length, page_size, max)?;
+        let needed = DeviceFeature::FIXED as usize + 24 + bitmap_len;
+        let bitmap = if needed > f.argsz as usize {
+            Vec::new()
+        } else {
+            log.report(&mut self.dma, iova, length, page_size, max)?
+        };
+        Ok(Reply::DeviceFeature(DeviceFeature {
+            argsz: needed as u32,
+            feature: f.feature,
+            op: FeatureOp::Get,
+            data: FeatureData::LoggingReport {
+                iova,
+                length,
+                page_size,
+                bitmap,
+            },
+        }))
+    }
+
+    /// MIG_DEVICE_STATE SET: every arc of the path to `to`, in order (see
+    /// [`super::migration`]). On a failed arc the device stays where it got to.
+    fn set_mig_state(&mut self, to: MigState) -> Result<(), Errno> {
+        let from = self.mig.state();
+        let path = migration::path(from, to).inspect_err(|_| {
+            warn!("migration: {from} -> {to} is not a transition this device makes")
+        })?;
+        for next in path {
+            let at = self.mig.state();
+            match (at, next) {
+                (MigState::Running, MigState::Stop) => {
+                    self.irqs.hold();
+                    self.mig.enter(next);
+                }
+                (MigState::Stop, MigState::Running) => {
+                    self.mig.enter(next);
+                    self.irqs.release(&mut self.config);
+                }
+                (MigState::Stop, MigState::StopCopy) => {
+                    let stream = self.save_stream()?;
+                    info!("migration: saved {} bytes of device state", stream.len());
+                    self.mig.begin_save(stream);
+                }
+                (MigState::StopCopy, MigState::Stop) => {
+                    if self.mig.pending() > 0 {
+                        debug!(
+                            "migration: {} bytes of state were not read",
+                            self.mig.pending()
+                        );
+                    }
+                    self.mig.enter(next);
+                }
+                (MigState::Stop, MigState::Resuming) => self.mig.enter(next),
+                (MigState::Resuming, MigState::Stop) => {
+                    let data = self.mig.take_incoming();
+                    if let Err(e) = self.load_stream(&data) {
+                        warn!("migration: RESUMING -> STOP: {e}; the device keeps its state");
+                        return Err(e.errno());
+                    }
+                    info!("migration: loaded {} bytes of device state", data.len());
+                    self.mig.enter(next);
+                }
+                _ => {
+                    log::error!("migration: no arc {at} -> {next}");
+                    return Err(EINVAL);
+                }
+            }
+            debug!("migration: {at} -> {next}");
+        }
+        Ok(())
+    }
+
+    /// The device's state as a migration stream: the library's part and the model's.
+    fn save_stream(&self) -> Result<Vec<u8>, Errno> {
+        let Some(model) = self.model.save() else {
+            warn!("migration: the model gave no state to save");
+            return Err(EOPNOTSUPP);
+        };
+        let msix = self.irqs.msix_table();
+        Ok(stream::encode(&stream::DeviceState {
+            vendor_id: self.desc.vendor_id,
+            device_id: self.desc.device_id,
+            config: self.config.state(),
+            intx_asserted: self.config.intx_level(),
+            msix_vectors: msix.map_or(0, |t| t.vectors() as u16),
+            msix_table: msix.map_or(&[][..], |t| t.table_bytes()),
+            msix_pending: msix.map_or_else(Vec::new, |t| t.pending_words().to_vec()),
+            model: &model,
+        }))
+    }
+
+    /// Loads a migration stream: everything is checked, and the model has taken its
+    /// part, before the library's part is applied; a refused stream changes nothing.
+    fn load_stream(&mut self, bytes: &[u8]) -> Result<(), StreamError> {
+        let s = stream::decode(bytes, self.desc.vendor_id, self.desc.device_id)?;
+        self.config
+            .check_state(s.config)
+            .map_err(|d| StreamError::section("config", d))?;
+        self.irqs
+            .check_msix_state(s.msix_vectors, s.msix_table, &s.msix_pending)
+            .map_err(|d| StreamError::section("interrupt", d))?;
+        self.model.restore(s.model).map_err(StreamError::Model)?;
+        self.config.set_state(s.config, s.intx_asserted);
+        self.irqs.set_msix_state(s.msix_table, &s.msix_pending);
+        Ok(())
+    }
+
+    /// MIG_DATA_READ: the next bytes of the saved stream.
+    fn mig_data_read(&mut self, r: MigDataRead) -> Result<Reply, Errno> {
+        if !self.migratable {
+            return Err(EOPNOTSUPP);
+        }
+        let max = self
+            .client_caps
+            .max_data_xfer_size()
+            .min(MAX_DATA_XFER_SIZE);
+        if r.size > max {
+            warn!(
+                "MIG_DATA_READ of {} bytes, over the transfer size {max}",
+                r.size
+            );
+            return Err(EINVAL);
+        }
+        let data = self
+            .mig
+            .read(r.size as usize)
+            .inspect_err(|_| warn!("MIG_DATA_READ in state {}; refused", self.mig.state()))?;
+        Ok(Reply::MigDataRead(MigDataReadReply {
+            argsz: 8 + data.len() as u32,
+            data,
+        }))
+    }
+
+    /// MIG_DATA_WRITE: more of the stream being resumed.
+    fn mig_data_write(&mut self, w: MigDataWrite) -> Result<Reply, Errno> {
+        if !self.migratable {
+            return Err(EOPNOTSUPP);
+        }
+        if w.data.len() > MAX_DATA_XFER_SIZE as usize {
+            warn!(
+                "MIG_DATA_WRITE of {} bytes, over the transfer size",
+                w.data.len()
+            );
+            return Err(EINVAL);
+        }
+        self.mig.write(&w.data).inspect_err(|e| {
+            warn!(
+                "MIG_DATA_WRITE of {} bytes in state {}: errno {e}",
+                w.data.len(),
+                self.mig.state()
+            )
+        })?;
+        Ok(Reply::MigDataWrite)
     }
 
     /// Size of region `index` (0 for a region that does not exist).
@@ -602,7 +954,9 @@ impl DeviceServer {
         remote: &mut dyn DmaRemote,
     ) -> Result<(), Errno> {
         let ranges = self.irqs.msix_ranges(bar);
-        for (i, j, emulated) in split_runs(offset, out.len(), &ranges) {
+        let runs = split_runs(offset, out.len(), &ranges);
+        self.check_model_runs(&runs, || format!("BAR {bar} access at {offset:#x}"))?;
+        for (i, j, emulated) in runs {
             let at = offset + i as u64;
             let chunk = &mut out[i..j];
             if emulated {
@@ -626,7 +980,9 @@ impl DeviceServer {
         remote: &mut dyn DmaRemote,
     ) -> Result<(), Errno> {
         let ranges = self.irqs.msix_ranges(bar);
-        for (i, j, emulated) in split_runs(offset, data.len(), &ranges) {
+        let runs = split_runs(offset, data.len(), &ranges);
+        self.check_model_runs(&runs, || format!("BAR {bar} access at {offset:#x}"))?;
+        for (i, j, emulated) in runs {
             let at = offset + i as u64;
             let chunk = &data[i..j];
             if emulated {
@@ -636,6 +992,24 @@ impl DeviceServer {
                     DeviceContext::new(&mut self.config, &mut self.irqs, &mut self.dma, remote);
                 self.model.bar_write(&mut ctx, bar, at, chunk)?;
             }
+        }
+        Ok(())
+    }
+
+    /// While the device is stopped, an access with a run the model would handle is
+    /// refused (`EINVAL`) before any byte is touched.
+    fn check_model_runs(
+        &self,
+        runs: &[(usize, usize, bool)],
+        what: impl FnOnce() -> String,
+    ) -> Result<(), Errno> {
+        if self.mig.stopped() && runs.iter().any(|r| !r.2) {
+            warn!(
+                "{} while the device is stopped ({}): the model's; refused",
+                what(),
+                self.mig.state()
+            );
+            return Err(EINVAL);
         }
         Ok(())
     }
@@ -663,7 +1037,9 @@ impl DeviceServer {
         out: &mut [u8],
         remote: &mut dyn DmaRemote,
     ) -> Result<(), Errno> {
-        for (i, j, owned) in self.config_runs(offset, out.len()) {
+        let runs = self.config_runs(offset, out.len());
+        self.check_model_runs(&runs, || format!("config space access at {offset:#x}"))?;
+        for (i, j, owned) in runs {
             let chunk = &mut out[i..j];
             if owned {
                 self.config.read(offset + i, chunk);
@@ -683,9 +1059,11 @@ impl DeviceServer {
         data: &[u8],
         remote: &mut dyn DmaRemote,
     ) -> Result<(), Errno> {
+        let runs = self.config_runs(offset, data.len());
+        self.check_model_runs(&runs, || format!("config space access at {offset:#x}"))?;
         let mut fx = WriteEffects::default();
         let mut result = Ok(());
-        for (i, j, owned) in self.config_runs(offset, data.len()) {
+        for (i, j, owned) in runs {
             let chunk = &data[i..j];
             if owned {
                 fx.merge(self.config.write(offset + i, chunk));
@@ -717,3 +1095,7 @@ impl DeviceServer {
 #[cfg(test)]
 #[path = "server_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "server_migration_tests.rs"]
+mod migration_tests;
