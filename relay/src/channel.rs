@@ -17,8 +17,9 @@ use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
 use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, Capabilities, Command, DmaMap, Header, IrqData, MessageType,
-    Reply, Request, SetIrqs, Version, HEADER_SIZE, IRQ_SET_ACTION_TRIGGER,
+    encode_error_reply, encode_reply, logging_bitmap_len, Capabilities, Command, DeviceFeature,
+    DmaMap, FeatureData, Header, IrqData, MessageType, Reply, Request, SetIrqs, Version,
+    HEADER_SIZE, IRQ_SET_ACTION_TRIGGER,
 };
 use vm_memory::VolatileSlice;
 
@@ -996,6 +997,10 @@ fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<()
         r if r.command().is_server_to_client() => Err(einval),
         // The reply would not fit a tunnel message.
         Request::RegionRead(a) if a.count > relay.limits.max_data_xfer_size => Err(einval),
+        Request::MigDataRead(r) if r.size > relay.limits.max_data_xfer_size => Err(einval),
+        Request::DeviceFeature(f) if !report_fits(f, relay.limits.max_data_xfer_size) => {
+            Err(libc::E2BIG as u32)
+        }
         Request::DmaMap(m) => client
             .dma
             .check_map(
@@ -1009,6 +1014,17 @@ fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<()
             Err(DmaError::NotFound.errno())
         }
         _ => Ok(()),
+    }
+}
+
+/// Whether a DMA_LOGGING_REPORT's bitmap fits one tunnel message (`max` bytes of
+/// data); other features always do.
+fn report_fits(f: &DeviceFeature, max: u32) -> bool {
+    match &f.data {
+        FeatureData::LoggingReport {
+            length, page_size, ..
+        } => logging_bitmap_len(*length, *page_size).is_some_and(|b| b <= u64::from(max)),
+        _ => true,
     }
 }
 
@@ -1099,7 +1115,7 @@ mod pipelined_dma_tests {
     const X: u64 = 0x10_0000;
     const SZ: u64 = 0x2000;
 
-    fn relay() -> Relay {
+    pub(super) fn relay() -> Relay {
         let relay = Relay::new(Config {
             frontend_socket: "/tmp/review-f.sock".into(),
             control_socket: None,
@@ -1124,7 +1140,7 @@ mod pipelined_dma_tests {
         relay
     }
 
-    fn connect(relay: &Relay) -> UnixStream {
+    pub(super) fn connect(relay: &Relay) -> UnixStream {
         let ch = &relay.channel(1).unwrap();
         let (ours, peer) = UnixStream::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
@@ -1283,5 +1299,78 @@ mod pipelined_dma_tests {
         assert_eq!(kept(ch), 1, "the region waits for the device VM");
         ch.on_channel_down_ack(&relay);
         assert_eq!(kept(ch), 0);
+    }
+}
+
+/// Migration commands through the relay: forwarded to the device VM as sent and
+/// answered byte for byte; those whose reply could not cross the tunnel are refused
+/// before they go anywhere.
+#[cfg(test)]
+mod migration_tests {
+    use super::*;
+    use std::io::Read;
+    use vfu_proto::vfio_user::{
+        encode_request, FeatureOp, MigDataRead, MigState, FEATURE_MIG_DEVICE_STATE,
+    };
+
+    fn client_request(id: u16, req: &Request) -> RawMessage {
+        let b = encode_request(id, req, false);
+        RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    /// MIG_DEVICE_STATE SET goes to the device VM under the relay's message ID, and the
+    /// device's reply reaches the client under the client's ID with the payload
+    /// unchanged; an oversized MIG_DATA_READ and a DMA_LOGGING_REPORT whose bitmap
+    /// would not fit a tunnel message are answered EINVAL and E2BIG by the relay.
+    #[test]
+    fn forwarded_and_bounded() {
+        let relay = pipelined_dma_tests::relay();
+        let mut peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let set = DeviceFeature::request(
+            FEATURE_MIG_DEVICE_STATE,
+            FeatureOp::Set,
+            FeatureData::MigState {
+                state: MigState::StopCopy,
+                data_fd: -1,
+            },
+        );
+        let req = Request::DeviceFeature(set.clone());
+        assert_eq!(
+            ch.on_client_message(&relay, client_request(40, &req)),
+            SendOutcome::Done
+        );
+        let relay_id = ch.lock().client.as_ref().unwrap().pending[0].relay_id;
+        let mut payload = Vec::new();
+        req.encode(&mut payload);
+        let reply = VfioUserFrame {
+            header: Header::reply_to(
+                &Header::command(relay_id, Command::DeviceFeature as u16, 0),
+                payload.len(),
+            ),
+            payload: payload.clone(),
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, reply);
+        let mut buf = vec![0u8; 256];
+        let n = peer.read(&mut buf).unwrap();
+        let h = Header::decode(&buf[..HEADER_SIZE]).unwrap();
+        assert_eq!((h.msg_id, h.error), (40, None));
+        assert_eq!(&buf[HEADER_SIZE..n], &payload[..], "byte for byte");
+
+        let big = Request::MigDataRead(MigDataRead::new(relay.limits.max_data_xfer_size + 1));
+        let report = Request::DeviceFeature(DeviceFeature::logging_report(0, 1 << 40, 4096));
+        for (id, req, errno) in [(41, big, libc::EINVAL), (42, report, libc::E2BIG)] {
+            ch.on_client_message(&relay, client_request(id, &req));
+            let n = peer.read(&mut buf).unwrap();
+            assert_eq!(n, HEADER_SIZE);
+            let h = Header::decode(&buf[..HEADER_SIZE]).unwrap();
+            assert_eq!((h.msg_id, h.error), (id, Some(errno as u32)));
+            assert!(ch.lock().client.as_ref().unwrap().pending.is_empty());
+        }
     }
 }

@@ -6,6 +6,15 @@
 //! carry. File descriptors end at the relay, so `max_msg_fds` is the relay's own; data
 //! transfers cross the tunnel, so `max_data_xfer_size` is bounded by the tunnel's message
 //! size as well as by the device's.
+//!
+//! Migration is not negotiated here: a client learns whether the device migrates from
+//! DEVICE_FEATURE MIGRATION, which the relay forwards to the device model untouched,
+//! like MIG_DEVICE_STATE, MIG_DATA_READ/WRITE and the DMA logging features. The legacy
+//! `migration` object (no longer in the spec) is passed on as the device stated it,
+//! when the client proposed it: `pgsize` is the granularity at which the device logs
+//! its DMA (the relay logs nothing of its own; the device saw the client's proposal,
+//! which the relay forwards as sent), and `max_bitmap_size` is bounded by what one
+//! tunnel message carries, as a DMA_LOGGING_REPORT bitmap travels in one.
 
 use vfu_proto::vfio_user::{Capabilities, Version};
 
@@ -46,13 +55,13 @@ pub fn negotiate(proposal: &Version, device: &Version, relay: RelayLimits) -> Ve
             .write_multiple
             .map(|offered| offered && dev.write_multiple()),
         migration: match (client.migration, dev.migration) {
-            (Some(c), Some(d)) => Some(vfu_proto::vfio_user::Migration {
-                pgsize: match (c.pgsize, d.pgsize) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                },
-                max_bitmap_size: d.max_bitmap_size,
-            }),
+            (Some(_), Some(d)) => {
+                let carried = u64::from(relay.max_data_xfer_size);
+                Some(vfu_proto::vfio_user::Migration {
+                    pgsize: d.pgsize,
+                    max_bitmap_size: Some(d.max_bitmap_size.map_or(carried, |m| m.min(carried))),
+                })
+            }
             _ => None,
         },
     };
@@ -77,7 +86,8 @@ mod tests {
     }
 
     /// Limits are the minimum of device and relay; fds are the relay's; options the
-    /// client did not propose are not offered; twin sockets are never offered.
+    /// client did not propose are not offered; twin sockets are never offered; the
+    /// legacy migration object is the device's, its bitmap bounded by the relay.
     #[test]
     fn intersection() {
         let client = v(Capabilities {
@@ -112,13 +122,37 @@ mod tests {
         assert_eq!(c.max_dma_maps, Some(100));
         assert_eq!(c.write_multiple, Some(false));
         assert_eq!(c.twin_socket, None);
-        assert_eq!(c.migration.unwrap().pgsize, Some(4096));
+        assert_eq!(
+            c.migration,
+            Some(Migration {
+                pgsize: Some(8192),
+                max_bitmap_size: Some(1 << 20),
+            }),
+            "the device's page size; bitmaps no larger than a tunnel message carries"
+        );
 
         // A client that proposed nothing optional gets nothing optional back.
         let r = negotiate(&v(Capabilities::default()), &device, RelayLimits::DEFAULT);
         let c = r.capabilities.unwrap();
         assert_eq!(c.write_multiple, None);
         assert_eq!(c.migration, None);
+
+        // A device that does not state it: nothing, whatever the client proposed.
+        let r = negotiate(&client, &v(Capabilities::default()), RelayLimits::DEFAULT);
+        assert_eq!(r.capabilities.unwrap().migration, None);
+        // A device's smaller bitmap limit is kept.
+        let small = v(Capabilities {
+            migration: Some(Migration {
+                pgsize: Some(4096),
+                max_bitmap_size: Some(4096),
+            }),
+            ..Default::default()
+        });
+        let r = negotiate(&client, &small, RelayLimits::DEFAULT);
+        assert_eq!(
+            r.capabilities.unwrap().migration.unwrap().max_bitmap_size,
+            Some(4096)
+        );
     }
 
     /// The minor version is the lower of the two.
