@@ -179,6 +179,29 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
     false
 }
 
+/// Connects a vfu-proto client to `socket` and negotiates VERSION (16 fds), retrying
+/// until the device is served (the device VM is up) or `timeout` passes.
+pub fn connect_served(socket: &Path, timeout: Duration) -> vfu_proto::client::Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut c) = vfu_proto::client::Client::connect(socket, timeout) {
+            let caps = vfu_proto::vfio_user::Capabilities {
+                max_msg_fds: Some(16),
+                ..Default::default()
+            };
+            if c.negotiate(caps).is_ok() {
+                return c;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never served",
+            socket.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Starts vfu-relay with a frontend socket and devices `(name, socket)`.
 pub fn start_relay(frontend: &Path, devices: &[(&str, &Path)]) -> Proc {
     start_relay_on(None, frontend, devices)
