@@ -154,7 +154,8 @@ fn dma_engine_bar(c: &mut Client) -> Vec<u8> {
 /// INTR_STATUS, timings), MSI-X table and the pending bit of a masked vector are byte
 /// for byte the source's. The destination then delivers that pending interrupt to its
 /// own client's eventfd when the vector is unmasked, and carries on from the source's
-/// state: its next operation copies the client's memory and completes as SEQ 3.
+/// state: its next operation copies the client's memory and completes as SEQ 3. The
+/// source, stopped meanwhile, runs again unchanged.
 #[test]
 fn dma_engine_state_moves_between_channels() {
     let mut p = pair("mig-dma", "dma-engine");
@@ -212,6 +213,12 @@ fn dma_engine_state_moves_between_channels() {
         errno(a.region_read(BAR0, 0, 4)),
         EINVAL,
         "the source is stopped"
+    );
+    a.set_mig_state(MigState::Running).unwrap();
+    assert_eq!(
+        dma_engine_bar(a),
+        bar_a,
+        "saving changed nothing at the source"
     );
 }
 
