@@ -63,6 +63,29 @@ pub struct Io<T: Transport> {
     /// Channel threads waiting for the answer to a DMA request message, by tag.
     waiters: HashMap<u32, SyncSender<Body>>,
     direct_use: Vec<DirectUse>,
+    /// Answers found for channel threads, handed over once the lock is released (a
+    /// thread woken while the lock is held would only block on it again).
+    answers: Vec<Answer>,
+}
+
+/// An answer a channel thread waits for.
+pub(super) enum Answer {
+    Direct(SyncSender<u32>, u32),
+    Message(SyncSender<Body>, Body),
+}
+
+impl Answer {
+    /// Wakes the thread that waits for it.
+    pub(super) fn deliver(self) {
+        match self {
+            Answer::Direct(tx, used) => {
+                let _ = tx.send(used);
+            }
+            Answer::Message(tx, body) => {
+                let _ = tx.send(body);
+            }
+        }
+    }
 }
 
 impl<T: Transport> Io<T> {
@@ -86,6 +109,7 @@ impl<T: Transport> Io<T> {
             gone: false,
             waiters: HashMap::new(),
             direct_use,
+            answers: Vec::new(),
         })
     }
 
@@ -137,7 +161,7 @@ impl<T: Transport> Io<T> {
             self.pairs[p].reclaim_tx()?;
             if let DirectUse::Thread(tx) = &self.direct_use[p] {
                 if let Some(used) = self.pairs[p].take_direct_answer() {
-                    let _ = tx.send(used);
+                    self.answers.push(Answer::Direct(tx.clone(), used));
                     self.direct_use[p] = DirectUse::Answered;
                 }
             }
@@ -158,7 +182,13 @@ impl<T: Transport> Io<T> {
         }
     }
 
-    /// Hands a DMA answer to the channel thread waiting for it; returns other messages.
+    /// Takes the answers found for channel threads: deliver them after releasing the
+    /// lock.
+    pub(super) fn take_answers(&mut self) -> Vec<Answer> {
+        std::mem::take(&mut self.answers)
+    }
+
+    /// Keeps a DMA answer for the channel thread waiting for it; returns other messages.
     fn deliver(&mut self, m: TunnelMessage) -> Option<TunnelMessage> {
         let answer = match &m.body {
             Body::DmaReadReply { .. } => true,
@@ -170,7 +200,7 @@ impl<T: Transport> Io<T> {
         }
         match self.waiters.remove(&m.tag) {
             Some(tx) => {
-                let _ = tx.send(m.body);
+                self.answers.push(Answer::Message(tx, m.body));
                 None
             }
             None => Some(m),
@@ -267,6 +297,7 @@ impl<T: Transport> Io<T> {
                 let messages = self.drain(p).map_err(|_| EIO)?;
                 self.deferred.extend(messages);
             }
+            self.take_answers().into_iter().for_each(Answer::deliver);
             if done(self) {
                 return Ok(());
             }

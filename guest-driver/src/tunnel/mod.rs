@@ -224,6 +224,9 @@ impl<T: Transport + 'static> TunnelDriver<T> {
             while let Some(msg) = io.deferred.pop_front() {
                 self.dispatch(&mut io, msg, &mut spawn)?;
             }
+            let answers = io.take_answers();
+            drop(io);
+            answers.into_iter().for_each(io::Answer::deliver);
         }
         Ok(())
     }
