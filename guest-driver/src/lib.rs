@@ -9,7 +9,9 @@
 //! - [`virtqueue`]: driver-side split virtqueues.
 //! - [`transport`]: how the driver reaches the tunnel device (the loopback VMM first).
 //! - [`tunnel`]: the tunnel protocol engine: HELLO, channels, dispatch to device servers.
+//! - [`bridge`]: a channel served by an unmodified vfio-user server in the device VM.
 
+pub mod bridge;
 pub mod device;
 pub mod direct;
 pub mod models;
