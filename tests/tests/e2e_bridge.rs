@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use vfu_proto::client::{Client, ClientError};
 use vfu_proto::vfio_user::{
-    pci_irq, pci_region, Capabilities, DmaUnmap, IrqData, Request, SetIrqs, DEVICE_FLAGS_PCI,
-    IRQ_SET_ACTION_TRIGGER, REGION_INFO_FLAG_MMAP,
+    pci_irq, pci_region, Capabilities, DmaUnmap, GetInfoRequest, IrqData, Reply, Request, SetIrqs,
+    DEVICE_FLAGS_PCI, IRQ_SET_ACTION_TRIGGER, REGION_INFO_FLAG_MMAP,
 };
 use vfu_tests::dma_engine::{eventfd, fired, map, memfd};
 use vfu_tests::{binary, start_relay, wait_for_socket, Proc, Scratch};
@@ -212,7 +212,7 @@ fn dma_round_trip(
 /// Proves, through relay, tunnel and bridge to an unmodified server on the `vfio_user`
 /// crate: VERSION without migration and within the tunnel's limits; device and region
 /// info, with the mmap-able BAR 2 offered without fd, MMAP flag or sparse areas and
-/// still readable and writable in-band; register round trips; MSI-X eventfds (two
+/// still readable and writable in-band, and no ioeventfds; register round trips; MSI-X eventfds (two
 /// vectors, which the bridge hands a one-fd server in two messages) firing on the
 /// client's eventfd for the right vector; DMA both ways checked byte for byte through
 /// a window the server maps itself from an fd (DMA_PATH 1), and through the copy path
@@ -243,6 +243,14 @@ fn bridged_server_end_to_end() {
     assert!(fd.is_none(), "no fd crosses the tunnel");
     assert_eq!(bar2.flags & REGION_INFO_FLAG_MMAP, 0, "nothing to mmap");
     assert!(bar2.caps.is_empty(), "no sparse areas");
+    let io_fds = Request::DeviceGetRegionIoFds(GetInfoRequest {
+        argsz: 16,
+        index: 2,
+    });
+    match c.request(&io_fds, vec![]).expect("REGION_IO_FDS").0 {
+        Reply::DeviceGetRegionIoFds(r) => assert_eq!((r.count, r.sub_regions.len()), (0, 0)),
+        other => panic!("{other:?}"),
+    }
     c.region_write(2, 0x100, b"through the bridge").unwrap();
     assert_eq!(c.region_read(2, 0x100, 18).unwrap(), b"through the bridge");
 
@@ -359,7 +367,8 @@ fn bridged_server_end_to_end() {
 
 /// Proves that without vhost-user SHMEM (no windows) memory the client maps with an fd
 /// reaches the server without one: its DMA goes in-band (DMA_PATH 2) through the
-/// relay's copy path, byte for byte both ways.
+/// relay's copy path, byte for byte both ways; and that the bridge checks the server's
+/// DMA against the client's maps and their permissions.
 #[test]
 fn without_windows_dma_goes_in_band() {
     let r = rig_with("bridge-noshm", true, &["--no-shmem"]);
@@ -373,8 +382,30 @@ fn without_windows_dma_goes_in_band() {
         b
     };
     dma_round_trip(&mut c, WIN_IOVA, PATH_IN_BAND, &put, &get, 7);
-    // Outside every map: the server's DMA_READ is refused, nothing is read.
-    assert_eq!(dma(&mut c, 0x90_0000, 16, false).0, libc::EFAULT as u32);
+
+    // A server that does not check: the bridge refuses a DMA_READ outside every map
+    // and a DMA_WRITE to read-only memory (EFAULT), and writes nothing.
+    let ro: File = memfd(MAP_SIZE);
+    map(&mut c, 0x40_0000, MAP_SIZE, 0, false, Some(&ro));
+    let raw = |c: &mut Client, iova: u64, cmd: u32| {
+        wr(c, DMA_ADDR, iova as u32);
+        wr(c, DMA_ADDR + 4, 0);
+        wr(c, DMA_LEN, 64);
+        wr(c, DMA_CMD, cmd);
+        rd(c, DMA_STATUS).unwrap()
+    };
+    let efault = libc::EFAULT as u32;
+    assert_eq!(raw(&mut c, 0x90_0000, 3), efault, "read outside the maps");
+    c.region_write(0, BUF, &[0xab; 64]).unwrap();
+    assert_eq!(
+        raw(&mut c, 0x40_0000, 4),
+        efault,
+        "write to read-only memory"
+    );
+    let mut b = vec![0xffu8; 64];
+    ro.read_exact_at(&mut b, 0).unwrap();
+    assert_eq!(b, vec![0; 64], "nothing written");
+    assert_eq!(raw(&mut c, 0x40_0000, 3), 0, "reading it is allowed");
 }
 
 /// Proves that a server that is not there yet gives the client an error (ENODEV, in

@@ -15,9 +15,10 @@
 //! | DMA_UNMAP | DMA_UNMAP; the client's reply after the server's |
 //! | SET_IRQS with `EVENTFD` slots | SET_IRQS with eventfds of the bridge, split to the server's `max_msg_fds`; a signal becomes an IRQ message ([`irqs`]) |
 //! | DEVICE_FEATURE for migration or dirty logging, MIG_DATA_* | nothing: `EOPNOTSUPP` (migration is not relayed) |
+//! | DEVICE_GET_REGION_IO_FDS | nothing: the bridge answers "no ioeventfds" ([`replies`]) |
 //! | anything else | the same message, under a message ID of the bridge's |
 //!
-//! Replies with fds (mmap-able regions, ioeventfds) lose them and what refers to them
+//! Replies with fds (mmap-able regions) lose them and what refers to them
 //! ([`replies`]). Message IDs toward the server are the bridge's own ([`pending`]);
 //! the client's come back in the replies. At most `max_in_flight` requests wait for
 //! the server at once (1 by default: libvfio-user and the `vfio_user` crate read the
@@ -53,9 +54,9 @@ use vfu_proto::transport::RawMessage;
 use vfu_proto::tunnel::{Slot, SlotType, VfioUserFrame};
 use vfu_proto::vfio_user::{
     encode_error_reply, encode_reply, DeviceFeature, DmaMap, DmaUnmap, GetInfoRequest, Header,
-    IrqData, MessageType, Reply, Request, SetIrqs, Version, FEATURE_DMA_LOGGING_REPORT,
-    FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP, FEATURE_MIGRATION,
-    FEATURE_MIG_DEVICE_STATE, IRQ_SET_ACTION_TRIGGER,
+    IoFdLayout, IrqData, MessageType, RegionIoFds, Reply, Request, SetIrqs, Version,
+    FEATURE_DMA_LOGGING_REPORT, FEATURE_DMA_LOGGING_START, FEATURE_DMA_LOGGING_STOP,
+    FEATURE_MIGRATION, FEATURE_MIG_DEVICE_STATE, IRQ_SET_ACTION_TRIGGER,
 };
 use vmm_sys_util::epoll::Epoll;
 
@@ -197,7 +198,18 @@ impl Bridge {
                 .encode(&mut p);
                 self.forward(h, &p, Fix::RegionInfo { argsz: g.argsz }, dma, out)
             }
-            Request::DeviceGetRegionIoFds(_) => self.forward(h, &payload, Fix::IoFds, dma, out),
+            // Ioeventfds cannot cross the tunnel: the answer is "none" whatever the
+            // server has, so the server is not asked (the `vfio_user` crate's server
+            // does not know the command and would lose sync on its payload).
+            Request::DeviceGetRegionIoFds(g) => {
+                Some(Ok(Reply::DeviceGetRegionIoFds(RegionIoFds {
+                    argsz: RegionIoFds::FIXED,
+                    index: g.index,
+                    count: 0,
+                    sub_regions: Vec::new(),
+                    layout: IoFdLayout::Spec40,
+                })))
+            }
             _ => self.forward(h, &payload, Fix::None, dma, out),
         }
     }

@@ -24,8 +24,6 @@ pub enum Fix {
     /// DEVICE_GET_REGION_INFO: mmap flags and capabilities go; cut to the client's
     /// `argsz`.
     RegionInfo { argsz: u32 },
-    /// DEVICE_GET_REGION_IO_FDS: no sub-regions.
-    IoFds,
 }
 
 /// The table of requests in flight.

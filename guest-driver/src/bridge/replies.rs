@@ -7,13 +7,12 @@
 //!   answers as for any region. The bridge asks the server with a large `argsz`, so
 //!   that it sees every capability, and cuts the reply to the client's own `argsz`
 //!   (the spec's retry rule) after removing them.
-//! - DEVICE_GET_REGION_IO_FDS: the ioeventfds are closed and the client is told the
-//!   region has none (count 0); its writes arrive as REGION_WRITE.
+//! - DEVICE_GET_REGION_IO_FDS: the bridge answers it itself, "no ioeventfds" (count
+//!   0), without asking the server; the client's writes arrive as REGION_WRITE.
 //! - Any other reply with fds (none in the spec): the fds are closed, the reply passes.
 
 use vfu_proto::vfio_user::{
-    encode_reply, IoFdLayout, RegionCap, RegionInfo, RegionIoFds, Reply, REGION_INFO_FLAG_CAPS,
-    REGION_INFO_FLAG_MMAP,
+    encode_reply, RegionCap, RegionInfo, Reply, REGION_INFO_FLAG_CAPS, REGION_INFO_FLAG_MMAP,
 };
 
 use super::pending::Fix;
@@ -38,25 +37,6 @@ pub fn fix_reply(command: u16, payload: &[u8], fix: Fix, msg_id: u16) -> Result<
             Ok(payload_of(encode_reply(
                 msg_id,
                 &Reply::DeviceGetRegionInfo(cut),
-            )))
-        }
-        Fix::IoFds => {
-            // The region index of the reply (after argsz and flags); the entries and
-            // their fds are dropped unread.
-            let index = payload
-                .get(8..12)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .ok_or(EIO)?;
-            let none = RegionIoFds {
-                argsz: RegionIoFds::FIXED,
-                index,
-                count: 0,
-                sub_regions: Vec::new(),
-                layout: IoFdLayout::Spec40,
-            };
-            Ok(payload_of(encode_reply(
-                msg_id,
-                &Reply::DeviceGetRegionIoFds(none),
             )))
         }
     }

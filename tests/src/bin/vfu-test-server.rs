@@ -12,7 +12,7 @@
 //! | 0x04 | SCRATCH, read-write |
 //! | 0x08 | DMA_ADDR (64-bit: low word, then high word at 0x0c) |
 //! | 0x10 | DMA_LEN (at most 4096) |
-//! | 0x14 | DMA_CMD: write 1 = copy client memory at DMA_ADDR into the buffer, 2 = copy the buffer to client memory; then MSI-X vector 0 fires |
+//! | 0x14 | DMA_CMD: write 1 = copy client memory at DMA_ADDR into the buffer, 2 = copy the buffer to client memory; then MSI-X vector 0 fires. 3 and 4 do the same in-band without checking the maps first (a server that misbehaves: the client's side must refuse) |
 //! | 0x18 | DMA_STATUS: 0, or the errno of the last DMA |
 //! | 0x1c | DMA_PATH: how the last DMA went: 1 through the fd the client mapped (mmap), 2 in-band (DMA_READ / DMA_WRITE on the socket) |
 //! | 0x20 | IRQ_RAISE: write a vector: signals MSI-X vector's eventfd |
@@ -114,7 +114,14 @@ impl Device {
             0x0c => self.dma_addr = (self.dma_addr & 0xffff_ffff) | u64::from(v) << 32,
             0x10 => self.dma_len = v.min(BUF_SIZE as u32),
             0x14 => {
-                let result = self.dma(v == 2);
+                let result = match v {
+                    3 | 4 => {
+                        self.dma_path = PATH_IN_BAND;
+                        let (addr, len) = (self.dma_addr, self.dma_len as usize);
+                        self.in_band(addr, len, v == 4)
+                    }
+                    _ => self.dma(v == 2),
+                };
                 self.dma_status = match result {
                     Ok(()) => 0,
                     Err(e) => e.raw_os_error().unwrap_or(libc::EIO) as u32,
