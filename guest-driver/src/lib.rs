@@ -10,7 +10,9 @@
 //! - [`transport`]: how the driver reaches the tunnel device (the loopback VMM first).
 //! - [`tunnel`]: the tunnel protocol engine: HELLO, channels, dispatch to device servers.
 //! - [`crc32c`]: the CRC32C the models and the migration stream use.
+//! - [`bridge`]: a channel served by an unmodified vfio-user server in the device VM.
 
+pub mod bridge;
 pub mod crc32c;
 pub mod device;
 pub mod direct;

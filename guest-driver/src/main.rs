@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! vfu-guest --loopback /run/vfu-relay/frontend.sock --serve gpio0=gpio
-//! vfu-guest --pci 0000:00:04.0 --serve gpio0=gpio          # inside a device VM
+//! vfu-guest --loopback /run/vfu-relay/frontend.sock --bridge nvme0=/run/nvme0.sock
+//! vfu-guest --pci auto --serve gpio0=gpio                  # inside a device VM
 //! vfu-guest --listen /tmp/gpio.sock --model gpio
 //! vfu-guest --list-models
 //! ```
@@ -22,26 +23,32 @@ use vfu_guest::transport::Transport;
 use vfu_guest::tunnel::{DriverConfig, ServeSpec, TunnelDriver};
 use vfu_guest::{direct, models};
 
-/// Serves vfio-user device models: inside a device VM behind vfu-relay (here with the
-/// loopback VMM, which plays the device VM's VMM in this process), or directly on a
-/// host socket.
+/// Serves vfio-user device models and bridges unmodified vfio-user servers: inside a
+/// device VM behind vfu-relay (here with the loopback VMM, which plays the device VM's
+/// VMM in this process), or serves a model directly on a host socket.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 #[command(group(ArgGroup::new("mode").required(true).args(["loopback", "pci", "listen", "list_models"])))]
+#[command(group(ArgGroup::new("served").multiple(true)))]
 struct Args {
     /// Loopback VMM: connect to the relay's frontend socket as the vhost-user frontend.
-    #[arg(long, value_name = "PATH", requires = "serve")]
+    #[arg(long, value_name = "PATH", requires = "served")]
     loopback: Option<PathBuf>,
     /// Inside a device VM: drive the tunnel device at this PCI address (e.g.
     /// 0000:00:04.0), or `auto` (the one function with the tunnel's PCI ID 1af4:1078, or
     /// a virtio-fs 1af4:105a whose tag starts with "vfu": compatibility mode), through
     /// uio_pci_generic, binding it if needed; DMA memory comes from hugepages
     /// (--memory-mib of them must be free).
-    #[arg(long, value_name = "BDF", requires = "serve")]
+    #[arg(long, value_name = "BDF", requires = "served")]
     pci: Option<String>,
     /// With --loopback or --pci: serve device NAME (as exported by the relay) with model MODEL.
-    #[arg(long = "serve", value_name = "NAME=MODEL", value_parser = ServeSpec::parse)]
+    #[arg(long = "serve", value_name = "NAME=MODEL", value_parser = ServeSpec::parse, group = "served")]
     serve: Vec<ServeSpec>,
+    /// With --loopback or --pci: serve device NAME with the vfio-user server listening on
+    /// SOCKET in this (device) VM, through the bridge. May repeat, and mix with
+    /// --serve; a name is served once.
+    #[arg(long = "bridge", value_name = "NAME=SOCKET", value_parser = ServeSpec::parse_bridge, group = "served")]
+    bridge: Vec<ServeSpec>,
     /// Direct mode: serve --model as a plain vfio-user server on this socket (no relay).
     #[arg(long, value_name = "SOCKET", requires = "model")]
     listen: Option<PathBuf>,
@@ -111,8 +118,11 @@ fn run(args: Args) -> Result<(), String> {
         info!("serving model {name} on {}", path.display());
         return direct::serve(&path, model, stop).map_err(|e| e.to_string());
     }
+    let mut serve = args.serve;
+    serve.extend(args.bridge);
+    ServeSpec::check_all(&serve)?;
     let config = DriverConfig {
-        serve: args.serve,
+        serve,
         queue_pairs: args.queue_pairs,
         queue_size: 256,
         direct_data: !args.no_direct_data,
@@ -161,5 +171,61 @@ fn main() -> ExitCode {
             error!("{e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vfu_guest::tunnel::Served;
+
+    /// --serve and --bridge mix and repeat; a name given twice is refused before
+    /// anything starts; --loopback needs one of them.
+    #[test]
+    fn serve_and_bridge_arguments() {
+        let args = Args::try_parse_from([
+            "vfu-guest",
+            "--loopback",
+            "/tmp/f.sock",
+            "--bridge",
+            "dev0=/tmp/inner.sock",
+            "--serve",
+            "gpio0=gpio",
+            "--bridge",
+            "dev1=/tmp/other.sock",
+        ])
+        .unwrap();
+        assert_eq!(args.serve.len(), 1);
+        assert_eq!(args.bridge.len(), 2);
+        assert_eq!(
+            args.bridge[0].server,
+            Served::Bridge(PathBuf::from("/tmp/inner.sock"))
+        );
+        let mut all = args.serve.clone();
+        all.extend(args.bridge.clone());
+        assert!(ServeSpec::check_all(&all).is_ok());
+
+        let twice = Args::try_parse_from([
+            "vfu-guest",
+            "--loopback",
+            "/tmp/f.sock",
+            "--bridge",
+            "gpio0=/tmp/inner.sock",
+            "--serve",
+            "gpio0=gpio",
+        ])
+        .unwrap();
+        let mut all = twice.serve;
+        all.extend(twice.bridge);
+        assert!(ServeSpec::check_all(&all).is_err());
+
+        assert!(Args::try_parse_from(["vfu-guest", "--loopback", "/tmp/f.sock"]).is_err());
+        assert!(
+            Args::try_parse_from(["vfu-guest", "--loopback", "/tmp/f", "--bridge", "x"]).is_err()
+        );
+        assert!(
+            Args::try_parse_from(["vfu-guest", "--loopback", "/tmp/f", "--bridge", "dev0=/s"])
+                .is_ok()
+        );
     }
 }

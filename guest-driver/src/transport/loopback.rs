@@ -344,4 +344,8 @@ impl Transport for Loopback {
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {
         self.shm.as_ref().map(|a| a.region())
     }
+
+    fn window_fds(&self) -> Option<Arc<dyn super::WindowFds>> {
+        self.shm.clone().map(|a| a as Arc<dyn super::WindowFds>)
+    }
 }

@@ -7,7 +7,8 @@ pub mod loopback;
 pub mod pci;
 pub mod shm;
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
+use std::sync::Arc;
 
 use thiserror::Error;
 
@@ -74,4 +75,20 @@ pub trait Transport: Send {
     fn hangup_fd(&self) -> Option<RawFd> {
         None
     }
+    /// File descriptors onto DMA windows, for servers in the device VM that map client
+    /// memory themselves (bridged vfio-user servers), if the transport can give them.
+    fn window_fds(&self) -> Option<Arc<dyn WindowFds>> {
+        None
+    }
+}
+
+/// Hands out the memory of DMA windows (shared memory region 0) as file descriptors.
+///
+/// The loopback VMM keeps a duplicate of the fd of each window the relay maps. A
+/// transport for a real device VM could give the BAR's resource file
+/// (`/sys/bus/pci/devices/.../resourceN`) at the window's offset.
+pub trait WindowFds: Send + Sync {
+    /// An fd, and the offset in it, where `len` bytes at `offset` of shared memory
+    /// region 0 can be mapped; `None` unless one window mapped now covers them all.
+    fn window_fd(&self, offset: u64, len: u64) -> Option<(OwnedFd, u64)>;
 }

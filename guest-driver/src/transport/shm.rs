@@ -3,23 +3,37 @@
 //! maps the fd it receives at the requested offset of a reserved address range, with
 //! the requested permission, and replaces it with an inaccessible mapping on
 //! BACKEND_SHMEM_UNMAP. A real VMM does the same inside the device VM's BAR.
+//!
+//! It also keeps a duplicate of each window's fd, so that a bridged vfio-user server
+//! can be handed the memory of a window as an fd ([`WindowFds`]).
 
-use std::os::fd::AsRawFd;
+use std::collections::BTreeMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Mutex;
 
 use log::{debug, warn};
 use vhost::vhost_user::message::{VhostUserMMap, VhostUserMMapFlags};
 use vhost::vhost_user::{HandlerResult, VhostUserFrontendReqHandler};
 
+use super::WindowFds;
+
 const PAGE: u64 = 4096;
+
+/// A mapped window: the fd the relay sent (duplicated) and where it is mapped.
+#[derive(Debug)]
+struct Window {
+    len: usize,
+    fd: OwnedFd,
+    fd_offset: u64,
+}
 
 /// A reserved range of address space of `size` bytes.
 #[derive(Debug)]
 pub struct ShmArea {
     base: *mut u8,
     size: usize,
-    /// Serialises map and unmap requests.
-    lock: Mutex<()>,
+    /// The windows mapped now, by offset; the lock serialises map and unmap requests.
+    windows: Mutex<BTreeMap<usize, Window>>,
 }
 
 // SAFETY: the area is a reservation owned by this value; the driver reads it through
@@ -50,7 +64,7 @@ impl ShmArea {
         Ok(Self {
             base: base as *mut u8,
             size,
-            lock: Mutex::new(()),
+            windows: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -95,7 +109,7 @@ impl VhostUserFrontendReqHandler for ShmArea {
         };
         let fd_offset = libc::off_t::try_from(req.fd_offset)
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
         // SAFETY: MAP_FIXED inside our own reservation (checked bounds) replaces only
         // pages of the reservation.
         let p = unsafe {
@@ -114,12 +128,28 @@ impl VhostUserFrontendReqHandler for ShmArea {
             return Err(e);
         }
         debug!("window mapped at {off:#x}+{len:#x}");
+        remove_overlapping(&mut windows, off, len);
+        match dup_cloexec(fd.as_raw_fd()) {
+            Ok(fd) => {
+                windows.insert(
+                    off,
+                    Window {
+                        len,
+                        fd,
+                        fd_offset: req.fd_offset,
+                    },
+                );
+            }
+            // The window works; only handing it out as an fd does not.
+            Err(e) => warn!("window at {off:#x}: no fd kept for bridged servers ({e})"),
+        }
         Ok(0)
     }
 
     fn shmem_unmap(&self, req: &VhostUserMMap) -> HandlerResult<u64> {
         let (off, len) = self.check(req)?;
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        remove_overlapping(&mut windows, off, len);
         // SAFETY: MAP_FIXED inside our reservation puts back an inaccessible mapping.
         let p = unsafe {
             libc::mmap(
@@ -136,5 +166,90 @@ impl VhostUserFrontendReqHandler for ShmArea {
         }
         debug!("window unmapped at {off:#x}+{len:#x}");
         Ok(0)
+    }
+}
+
+/// Forgets the windows that overlap `len` bytes at `off`.
+fn remove_overlapping(windows: &mut BTreeMap<usize, Window>, off: usize, len: usize) {
+    let end = off.saturating_add(len);
+    windows.retain(|&at, w| at.saturating_add(w.len) <= off || at >= end);
+}
+
+/// A close-on-exec duplicate of `fd`.
+fn dup_cloexec(fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor the caller holds open; the result is
+    // checked and owned by nobody else.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `new` is a fresh descriptor that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+impl WindowFds for ShmArea {
+    fn window_fd(&self, offset: u64, len: u64) -> Option<(OwnedFd, u64)> {
+        let off = usize::try_from(offset).ok()?;
+        let len = usize::try_from(len).ok()?;
+        let windows = self.windows.lock().unwrap_or_else(|p| p.into_inner());
+        let (&at, w) = windows.range(..=off).next_back()?;
+        if off.checked_add(len)? > at + w.len {
+            return None;
+        }
+        let fd = dup_cloexec(w.fd.as_raw_fd()).ok()?;
+        Some((fd, w.fd_offset + (off - at) as u64))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    fn memfd(len: u64) -> OwnedFd {
+        // SAFETY: memfd_create with a valid C string; the fd is new and ours.
+        let fd = unsafe {
+            OwnedFd::from_raw_fd(libc::memfd_create(
+                c"vfu-shm-test".as_ptr(),
+                libc::MFD_CLOEXEC,
+            ))
+        };
+        // SAFETY: ftruncate on the fd we own.
+        assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+        fd
+    }
+
+    fn req(shm_offset: u64, fd_offset: u64, len: u64) -> VhostUserMMap {
+        VhostUserMMap {
+            shmid: vfu_proto::tunnel::SHM_ID_WINDOWS,
+            padding: Default::default(),
+            fd_offset,
+            shm_offset,
+            len,
+            flags: VhostUserMMapFlags::WRITABLE.bits(),
+        }
+    }
+
+    /// A mapped window can be handed out as an fd at the right file offset, for a range
+    /// inside it only; after SHMEM_UNMAP it cannot.
+    #[test]
+    fn window_fds_follow_map_and_unmap() {
+        let area = ShmArea::reserve(1 << 20).unwrap();
+        let fd = memfd(0x4000);
+        area.shmem_map(&req(0x2000, 0x1000, 0x2000), &fd.as_fd())
+            .unwrap();
+        let (got, at) = area.window_fd(0x3000, 0x1000).expect("inside the window");
+        assert_eq!(at, 0x2000);
+        assert_ne!(got.as_raw_fd(), fd.as_raw_fd());
+        assert!(
+            area.window_fd(0x3000, 0x2000).is_none(),
+            "runs past the window"
+        );
+        assert!(
+            area.window_fd(0x1000, 0x1000).is_none(),
+            "before the window"
+        );
+        area.shmem_unmap(&req(0x2000, 0, 0x2000)).unwrap();
+        assert!(area.window_fd(0x2000, 0x1000).is_none(), "unmapped");
     }
 }

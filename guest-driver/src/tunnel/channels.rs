@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
 use std::ptr::NonNull;
+use std::sync::Arc;
 
 use log::{debug, info, warn};
 use vfu_proto::tunnel::{Body, Kind, TunnelMessage};
@@ -14,19 +16,31 @@ use super::dma::{DmaPort, TunnelDma};
 use super::io::ThreadPort;
 use super::model_channel::ModelChannel;
 use super::worker::{SharedWindows, Work, Worker};
+use crate::bridge::{Bridge, BridgeConfig};
 use crate::models;
+use crate::transport::WindowFds;
 
-/// A device to serve: the name the relay exports it under and the model behind it.
+/// What serves a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Served {
+    /// A device model of this name (`vfu-guest --list-models`), through the device API.
+    Model(String),
+    /// A vfio-user server in the device VM listening on this socket, through the
+    /// bridge ([`crate::bridge`]).
+    Bridge(PathBuf),
+}
+
+/// A device to serve: the name the relay exports it under and what serves it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServeSpec {
     /// Channel name (`vfu-relay --device NAME=...`).
     pub name: String,
-    /// Model name (`vfu-guest --list-models`).
-    pub model: String,
+    /// The model or bridged server behind it.
+    pub server: Served,
 }
 
 impl ServeSpec {
-    /// Parses `NAME=MODEL`, checking that the model exists.
+    /// Parses `--serve NAME=MODEL`, checking that the model exists.
     pub fn parse(arg: &str) -> Result<Self, String> {
         let (name, model) = arg
             .split_once('=')
@@ -35,14 +49,70 @@ impl ServeSpec {
         models::build(model).map_err(|e| format!("--serve {arg:?}: {e}"))?;
         Ok(Self {
             name: name.to_string(),
-            model: model.to_string(),
+            server: Served::Model(model.to_string()),
         })
     }
 
+    /// Parses `--bridge NAME=SOCKET`: the vfio-user server listening on SOCKET serves
+    /// device NAME. The socket need not exist yet.
+    pub fn parse_bridge(arg: &str) -> Result<Self, String> {
+        let (name, socket) = arg
+            .split_once('=')
+            .ok_or_else(|| format!("--bridge {arg:?}: expected NAME=SOCKET"))?;
+        check_name(name).map_err(|e| format!("--bridge {arg:?}: {e}"))?;
+        if socket.is_empty() {
+            return Err(format!("--bridge {arg:?}: empty socket path"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            server: Served::Bridge(PathBuf::from(socket)),
+        })
+    }
+
+    /// Checks a set of specs: every name served once.
+    pub fn check_all(specs: &[ServeSpec]) -> Result<(), String> {
+        let mut seen = std::collections::HashSet::new();
+        for s in specs {
+            if !seen.insert(s.name.as_str()) {
+                return Err(format!(
+                    "device {:?} is given more than once (--serve and --bridge names must differ)",
+                    s.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A server for this device.
-    fn build(&self) -> Result<Box<dyn ChannelServer>, String> {
-        let model = models::build(&self.model).map_err(|e| e.to_string())?;
-        Ok(Box::new(ModelChannel::new(&self.name, model)))
+    fn build(
+        &self,
+        window_fds: Option<&Arc<dyn WindowFds>>,
+    ) -> Result<Box<dyn ChannelServer>, String> {
+        match &self.server {
+            Served::Model(model) => {
+                let model = models::build(model).map_err(|e| e.to_string())?;
+                Ok(Box::new(ModelChannel::new(&self.name, model)))
+            }
+            Served::Bridge(socket) => {
+                let bridge = Bridge::new(
+                    &self.name,
+                    socket,
+                    window_fds.cloned(),
+                    BridgeConfig::default(),
+                )
+                .map_err(|e| format!("bridge to {}: {e}", socket.display()))?;
+                Ok(Box::new(bridge))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Served::Model(m) => write!(f, "model {m}"),
+            Served::Bridge(p) => write!(f, "bridge to {}", p.display()),
+        }
     }
 }
 
@@ -73,6 +143,8 @@ pub type PortFactory<'a> = &'a mut dyn FnMut() -> Box<dyn ThreadPort>;
 /// The channels the relay brought up.
 pub struct Channels {
     serve: Vec<ServeSpec>,
+    /// The transport's fds onto windows, for bridged servers.
+    window_fds: Option<Arc<dyn WindowFds>>,
     /// Where shared memory region 0 is mapped, once HELLO enabled windows.
     windows: Option<(NonNull<u8>, usize)>,
     /// Largest message the relay accepts (from its HELLO reply).
@@ -81,10 +153,12 @@ pub struct Channels {
 }
 
 impl Channels {
-    /// No channel up yet; `serve` lists what may be brought up.
-    pub fn new(serve: Vec<ServeSpec>) -> Self {
+    /// No channel up yet; `serve` lists what may be brought up; `window_fds` hands
+    /// bridged servers the memory of windows as fds, where the transport can.
+    pub fn new(serve: Vec<ServeSpec>, window_fds: Option<Arc<dyn WindowFds>>) -> Self {
         Self {
             serve,
+            window_fds,
             windows: None,
             peer_max_msg: vfu_proto::tunnel::MIN_MSG_SIZE as usize,
             channels: HashMap::new(),
@@ -297,7 +371,7 @@ impl Channels {
             info!("channel {channel} ({name}): not served here");
             return libc::ENODEV as u32;
         };
-        let mut server = match spec.build() {
+        let mut server = match spec.build(self.window_fds.as_ref()) {
             Ok(s) => s,
             Err(e) => {
                 warn!("{name}: {e}");
@@ -308,7 +382,7 @@ impl Channels {
             // SAFETY: as in `set_windows`.
             unsafe { server.set_windows(base, len) };
         }
-        info!("{name}: channel {channel} up, model {}", spec.model);
+        info!("{name}: channel {channel} up, {}", spec.server);
         self.channels.insert(
             channel,
             Channel {

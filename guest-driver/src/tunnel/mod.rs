@@ -19,7 +19,7 @@ mod queues;
 mod worker;
 
 pub use channel_server::{ChannelServer, Outlet, OutletError};
-pub use channels::{check_name, ServeSpec};
+pub use channels::{check_name, ServeSpec, Served};
 pub use dma::{DmaPort, TunnelDma};
 pub use io::ThreadPort;
 pub use model_channel::ModelChannel;
@@ -141,6 +141,7 @@ impl<T: Transport + 'static> TunnelDriver<T> {
         info!(
             "tunnel device ready: {npairs} queue pair(s) of {size} entries, event_idx {event_idx}"
         );
+        let window_fds = transport.window_fds();
         let io = Io::new(transport, pairs, epoll.clone())?;
         epoll.ctl(
             ControlOperation::Add,
@@ -150,7 +151,7 @@ impl<T: Transport + 'static> TunnelDriver<T> {
         Ok(Self {
             io: Arc::new(Mutex::new(io)),
             epoll,
-            channels: Channels::new(config.serve),
+            channels: Channels::new(config.serve, window_fds),
             up: false,
             offer_direct: config.direct_data,
         })
