@@ -83,6 +83,12 @@ impl Client {
         })
     }
 
+    /// Waits up to `timeout` for each reply from now on.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<(), ClientError> {
+        self.sock.set_read_timeout(Some(timeout))?;
+        Ok(())
+    }
+
     /// VERSION with `caps` (QEMU's version 0.0); keeps the server's capabilities.
     pub fn negotiate(&mut self, caps: Capabilities) -> Result<Version, ClientError> {
         let v = Version {

@@ -118,25 +118,9 @@ fn a_stuck_device_does_not_stall_the_others() {
         ],
     );
     let connect = |socket: &std::path::Path| {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Ok(mut c) = Client::connect(socket, Duration::from_secs(5)) {
-                let caps = Capabilities {
-                    max_msg_fds: Some(16),
-                    ..Default::default()
-                };
-                // Config space: every device has it.
-                if c.negotiate(caps).is_ok() && c.region_read(7, 0, 4).is_ok() {
-                    return c;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} never served",
-                socket.display()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut c = vfu_tests::connect_served(socket, TIMEOUT);
+        c.set_timeout(Duration::from_secs(5)).unwrap();
+        c
     };
 
     // Every client connects first; each request then has 5 s (QEMU's client timeout).
