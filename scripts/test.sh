@@ -18,6 +18,18 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 step "cargo build (the cross-process tests run the built binaries)"
 cargo build --workspace --locked
 
+step "device VM: build the image, boot it under TCG against the relay (scripts/device-vm)"
+if scripts/device-vm/install-deps.sh --check; then
+    scripts/device-vm/build-image.sh >/dev/null
+    scripts/device-vm/smoke-test.sh
+    # For the tests that boot the device VM.
+    VFU_DEVICE_VM_IMAGE=$(pwd)/target/device-vm/current
+    export VFU_DEVICE_VM_IMAGE
+else
+    echo "!!! SKIPPED: the device-VM image and boot test (QEMU >= 10.0 or the image tools" >&2
+    echo "!!! are not installed; scripts/device-vm/install-deps.sh installs them)" >&2
+fi
+
 step "cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -21,6 +21,10 @@
 #   --cmd LIST          run this instead of vfu-guest, comma-separated; @BDF@ is the
 #                       tunnel's PCI address (vfu.cmd=)
 #   --driver NAME       uio_pci_generic (default), vfio-pci or none (vfu.driver=)
+#   --viommu            add a virtual IOMMU (intel-iommu, intel_iommu=on), put the
+#                       tunnel device behind it (iommu_platform=on) and bind it to
+#                       vfio-pci (unless --driver says otherwise); the relay must then
+#                       handle vhost-user IOTLB messages
 #   --rust-log FILTER   RUST_LOG for vfu-guest (vfu.log=, default info)
 #   --append TEXT       more kernel command-line parameters
 #   --timeout SECONDS   stop the VM after this long (default 300; 0 = never)
@@ -39,7 +43,7 @@
 # failed or the VM stopped without saying why (see the log).
 set -euo pipefail
 
-usage() { sed -n '2,42p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -65,6 +69,7 @@ qemu="qemu-system-x86_64"
 qemu_extra=()
 kernel_quiet=quiet
 dry_run=false
+viommu=false
 need() { [ $# -ge 2 ] || { echo "boot: $1 needs a value" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -87,6 +92,7 @@ while [ $# -gt 0 ]; do
     --qemu) need "$@"; qemu=$2; shift ;;
     --qemu-arg) need "$@"; qemu_extra+=("$2"); shift ;;
     --kernel-messages) kernel_quiet= ;;
+    --viommu) viommu=true ;;
     --dry-run) dry_run=true ;;
     -h | --help) usage; exit 0 ;;
     *) echo "boot: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -118,6 +124,12 @@ fi
 log=${log:-$cache/console.log}
 
 cmdline="console=ttyS0 panic=-1 ${kernel_quiet:+$kernel_quiet }initcall_blacklist=virtio_fs_init"
+iommu_opt=
+if $viommu; then
+    cmdline+=" intel_iommu=on"
+    iommu_opt=",iommu_platform=on"
+    driver=${driver:-vfio-pci}
+fi
 [ -z "$serve" ] || cmdline+=" vfu.serve=$serve"
 if [ "$pairs" -gt 1 ]; then vargs="--queue-pairs,$pairs${vargs:+,$vargs}"; fi
 [ -z "$vargs" ] || cmdline+=" vfu.args=$vargs"
@@ -136,13 +148,15 @@ qemu_cmd=(
     -serial chardev:console
     -kernel "$kernel" -initrd "$initrd" -append "$cmdline"
 )
+# The vIOMMU comes before the devices behind it.
+if $viommu; then qemu_cmd+=(-device "intel-iommu,caching-mode=on"); fi
 if [ -n "$socket" ]; then
     qemu_cmd+=(-chardev "socket,id=vu,path=$socket")
     case "$kind" in
     fs)
-        qemu_cmd+=(-device "vhost-user-fs-pci,chardev=vu,tag=vfu,num-request-queues=$((2 * pairs - 1)),queue-size=$qsize") ;;
+        qemu_cmd+=(-device "vhost-user-fs-pci,chardev=vu,tag=vfu,num-request-queues=$((2 * pairs - 1)),queue-size=$qsize$iommu_opt") ;;
     generic)
-        qemu_cmd+=(-device "vhost-user-test-device-pci,chardev=vu,virtio-id=56,num_vqs=$((2 * pairs)),vq_size=$qsize") ;;
+        qemu_cmd+=(-device "vhost-user-test-device-pci,chardev=vu,virtio-id=56,num_vqs=$((2 * pairs)),vq_size=$qsize$iommu_opt") ;;
     *) echo "boot: --device must be fs or generic, not '$kind'" >&2; exit 2 ;;
     esac
 fi
@@ -172,9 +186,11 @@ if [ "$kind" = generic ] && [ -n "$socket" ] &&
 fi
 if [ -n "$socket" ]; then
     # The relay may still be starting: wait for its socket for up to 30 s.
+    wait_max=30
+    if [ "$timeout" -gt 0 ] && [ "$timeout" -lt 30 ]; then wait_max=$timeout; fi
     waited=0
     while [ ! -S "$socket" ]; do
-        [ "$waited" -lt 30 ] || die "no socket at $socket after 30 s: is the relay running (vfu-relay --frontend-socket $socket ...)?"
+        [ "$waited" -lt "$wait_max" ] || die "no socket at $socket after $wait_max s: is the relay running (vfu-relay --frontend-socket $socket ...)?"
         [ "$waited" -gt 0 ] || say "waiting for $socket"
         sleep 1
         waited=$((waited + 1))
