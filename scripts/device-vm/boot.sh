@@ -16,6 +16,7 @@
 #                       generic: vhost-user-test-device-pci (QEMU 10.2 and later),
 #                       virtio id 56 (PCI id 1af4:1078)
 #   --memory MIB        guest memory (default 512)
+#   --accel NAME        QEMU accelerator (default tcg; kvm where /dev/kvm is fast)
 #   --hugepages N       2 MiB hugepages /init reserves (default: /init's, 64)
 #   --args LIST         more vfu-guest arguments, comma-separated (vfu.args=)
 #   --cmd LIST          run this instead of vfu-guest, comma-separated; @BDF@ is the
@@ -43,7 +44,7 @@
 # failed or the VM stopped without saying why (see the log).
 set -euo pipefail
 
-usage() { sed -n '2,46p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -66,6 +67,7 @@ log=
 quiet=false
 image=$cache/current
 qemu="qemu-system-x86_64"
+accel=tcg
 qemu_extra=()
 kernel_quiet=quiet
 dry_run=false
@@ -79,6 +81,7 @@ while [ $# -gt 0 ]; do
     --queue-size) need "$@"; qsize=$2; shift ;;
     --device) need "$@"; kind=$2; shift ;;
     --memory) need "$@"; memory=$2; shift ;;
+    --accel) need "$@"; accel=$2; shift ;;
     --hugepages) need "$@"; hugepages=$2; shift ;;
     --args) need "$@"; vargs=$2; shift ;;
     --cmd) need "$@"; vcmd=$2; shift ;;
@@ -140,7 +143,7 @@ if [ "$pairs" -gt 1 ]; then vargs="--queue-pairs,$pairs${vargs:+,$vargs}"; fi
 [ -z "$append" ] || cmdline+=" $append"
 
 qemu_cmd=(
-    "$qemu" -accel tcg -smp 1
+    "$qemu" -accel "$accel" -smp 1
     -object "memory-backend-memfd,id=mem,size=${memory}M,share=on"
     -machine "q35,memory-backend=mem" -m "${memory}M"
     -nodefaults -no-user-config -display none -no-reboot
