@@ -1,6 +1,7 @@
 //! Helpers for the cross-process tests, the demo and the benchmark: start vfu-relay and
 //! vfu-guest as real processes, wait for their sockets, and clean up after them.
 
+pub mod device_vm;
 pub mod dma_engine;
 
 use std::path::{Path, PathBuf};

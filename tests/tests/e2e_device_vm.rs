@@ -7,66 +7,12 @@
 //! Needs the image: `scripts/test.sh` builds it and sets `VFU_DEVICE_VM_IMAGE` when QEMU
 //! can be installed; without it the test says so loudly and does nothing.
 
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use vfu_proto::vfio_user::pci_region;
+use vfu_tests::device_vm::{image, DeviceVm, BOOT};
 use vfu_tests::dma_engine::{self as de, Memory, DST, MIB, SRC};
 use vfu_tests::{connect_served, start_relay_with, wait_for_socket, Scratch};
-
-/// Booting under TCG and starting vfu-guest takes ~5 s here; CI machines may be slower.
-const BOOT: Duration = Duration::from_secs(120);
-
-/// The image folder, if there is one.
-fn image() -> Option<PathBuf> {
-    let path = PathBuf::from(std::env::var_os("VFU_DEVICE_VM_IMAGE")?);
-    path.join("vmlinuz").exists().then_some(path)
-}
-
-/// `scripts/device-vm/boot.sh` in its own process group: dropping it kills the group
-/// (the shell, `timeout` and QEMU).
-struct DeviceVm {
-    child: Child,
-    log: PathBuf,
-}
-
-impl DeviceVm {
-    fn boot(image: &Path, socket: &Path, log: &Path, serve: &str) -> Self {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/device-vm/boot.sh");
-        let child = Command::new(script)
-            .args(["--image", &image.display().to_string()])
-            .args(["--socket", &socket.display().to_string()])
-            .args(["--serve", serve, "--timeout", "600", "--quiet"])
-            .args(["--log", &log.display().to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .expect("start boot.sh");
-        Self {
-            child,
-            log: log.to_path_buf(),
-        }
-    }
-
-    fn console(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for DeviceVm {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group we created for the child.
-        unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-        let _ = self.child.wait();
-        if std::thread::panicking() {
-            eprintln!("device VM console:\n{}", self.console());
-        }
-    }
-}
 
 /// Proves that a real device VM serves devices to a host client through the relay:
 /// config space identity, BAR reads and writes of `gpio`, and `dma-engine` copying

@@ -11,8 +11,12 @@
 //! `memfd-io` measures what the relay's copy path chooses between: pread/pwrite of a
 //! memfd against memcpy from a mapping of it.
 //!
+//! `device-vm` measures the same round trips through a real device VM (QEMU under TCG,
+//! the image of `scripts/device-vm/build-image.sh`) against the loopback device VM and
+//! the direct server, unpinned (QEMU's vCPU thread goes where the scheduler puts it).
+//!
 //! ```text
-//! target/release/vfu-bench [latency|dma|memfd-io|all] [--rounds N] [--writes N]
+//! target/release/vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]
 //! ```
 
 use std::path::Path;
@@ -129,6 +133,66 @@ fn run(rounds: usize, writes: usize) -> Result<(), String> {
     Ok(())
 }
 
+/// Round trips through a real device VM, the loopback device VM and the direct server,
+/// in one run, unpinned.
+fn device_vm(rounds: usize, writes: usize) -> Result<(), String> {
+    use vfu_tests::device_vm::{image, DeviceVm};
+    let image = image().ok_or(
+        "no device-VM image: run scripts/device-vm/build-image.sh and set \
+         VFU_DEVICE_VM_IMAGE=target/device-vm/current",
+    )?;
+    let scratch = Scratch::new("bench-vm");
+    let frontend = scratch.join("frontend.sock");
+    let vm_frontend = scratch.join("vm-frontend.sock");
+    let relayed = scratch.join("gpio0.sock");
+    let in_vm = scratch.join("vm-gpio0.sock");
+    let direct = scratch.join("direct.sock");
+    let _relay = start_relay_on(None, &frontend, &[("gpio0", &relayed)]);
+    let _guest = start_loopback_guest_on(None, &frontend, &[("gpio0", "gpio")]);
+    let _direct = start_direct_on(None, &direct, "gpio");
+    let _vm_relay = vfu_tests::start_relay_with(
+        None,
+        &vm_frontend,
+        &[("gpio0", &in_vm)],
+        &["--shm-size-mib", "0"],
+    );
+    if !wait_for_socket(&vm_frontend, Duration::from_secs(10)) {
+        return Err("relay did not start".into());
+    }
+    let vm = DeviceVm::boot(
+        &image,
+        &vm_frontend,
+        &scratch.join("console.log"),
+        "gpio0=gpio",
+    );
+    let _ = vfu_tests::connect_served(&in_vm, vfu_tests::device_vm::BOOT);
+    println!("vfu-bench device-vm: {rounds} REGION_READ round trips (1 byte, gpio BAR2) and {writes} posted 1-byte REGION_WRITEs per path, unpinned");
+    println!();
+    println!("| path | p50 us | p99 us | posted writes/s | p50 vs direct |");
+    println!("|---|---:|---:|---:|---:|");
+    let d = measure(&direct, rounds, writes)?;
+    let l = measure(&relayed, rounds, writes)?;
+    let v =
+        measure(&in_vm, rounds, writes).map_err(|e| format!("{e}; console:\n{}", vm.console()))?;
+    for (path, f) in [
+        ("direct", &d),
+        ("relayed, loopback device VM", &l),
+        (
+            "relayed, QEMU TCG device VM (vhost-user-fs-pci, uio_pci_generic)",
+            &v,
+        ),
+    ] {
+        println!(
+            "| {path} | {:.1} | {:.1} | {:.0} | {:.2}x |",
+            f.lat.p50,
+            f.lat.p99,
+            f.writes_per_s,
+            f.lat.p50 / d.lat.p50
+        );
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     // The client side of the benchmark serves DMA_READ/DMA_WRITE with buffers of up to
     // 1 MiB, like the daemons: keep them on the heap the same way.
@@ -139,7 +203,10 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        if matches!(a.as_str(), "latency" | "dma" | "memfd-io" | "all") {
+        if matches!(
+            a.as_str(),
+            "latency" | "dma" | "memfd-io" | "device-vm" | "all"
+        ) {
             what = a.clone();
             continue;
         }
@@ -148,7 +215,7 @@ fn main() -> ExitCode {
             ("--rounds", Some(n)) => rounds = n,
             ("--writes", Some(n)) => writes = n,
             _ => {
-                eprintln!("usage: vfu-bench [latency|dma|memfd-io|all] [--rounds N] [--writes N]");
+                eprintln!("usage: vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]");
                 return ExitCode::from(2);
             }
         }
@@ -157,6 +224,7 @@ fn main() -> ExitCode {
         "latency" => run(rounds, writes),
         "dma" => dma::run(),
         "memfd-io" => memfd_io::run(),
+        "device-vm" => device_vm(rounds, writes),
         _ => run(rounds, writes).and_then(|()| dma::run()),
     };
     match result {

@@ -197,6 +197,9 @@ pub struct PciTransport {
     isr: Regs,
     shm: Option<(*mut u8, usize)>,
     uio: File,
+    /// The configuration space: uio_pci_generic masks INTx (the command register's
+    /// Interrupt Disable bit) on each interrupt, and the driver unmasks it here.
+    config: File,
     /// One fd per queue onto the UIO device (epoll takes each fd once).
     irq_fds: Vec<OwnedFd>,
     /// Notification address of each queue set up.
@@ -319,6 +322,7 @@ impl PciTransport {
             .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(&uio_node)
             .map_err(|e| connect(format!("{}: {e}", uio_node.display())))?;
+        let config_file = device.open_config().map_err(|e| connect(e.to_string()))?;
         let huge = HugeMemory::allocate(options.memory)
             .map_err(|e| TransportError::Memory(std::io::Error::other(e.to_string())))?;
         // SAFETY: `memory` is dropped before `_huge` (field order).
@@ -342,6 +346,7 @@ impl PciTransport {
             isr,
             shm,
             uio,
+            config: config_file,
             irq_fds: Vec::new(),
             notify_at: vec![None; usize::from(queues)],
             device_features,
@@ -357,6 +362,19 @@ impl PciTransport {
     fn set_status(&self, bits: u8) {
         self.common
             .write8(common::DEVICE_STATUS, self.status() | bits);
+    }
+
+    /// Clears the command register's Interrupt Disable bit (bit 2 of byte 5), which
+    /// uio_pci_generic sets in its interrupt handler.
+    fn unmask_intx(&self) {
+        use std::os::unix::fs::FileExt;
+        let mut high = [0u8; 1];
+        if self.config.read_exact_at(&mut high, 5).is_ok() && high[0] & 0x04 != 0 {
+            high[0] &= !0x04;
+            if let Err(e) = self.config.write_all_at(&high, 5) {
+                warn!("{}: unmasking INTx: {e}", self.device.bdf());
+            }
+        }
     }
 
     fn fail(&self, step: &'static str, reason: String) -> TransportError {
@@ -451,8 +469,7 @@ impl Transport for PciTransport {
 
     fn start(&mut self) -> Result<(), TransportError> {
         self.set_status(DRIVER_OK);
-        // INTx on: uio_pci_generic enables it again on each write of 1.
-        let _ = std::io::Write::write(&mut &self.uio, &1u32.to_ne_bytes());
+        self.unmask_intx();
         if self.status() & FAILED != 0 {
             return Err(setup("DRIVER_OK")("the device failed".into()));
         }
@@ -476,9 +493,10 @@ impl Transport for PciTransport {
         let mut count = [0u8; 4];
         let _ = std::io::Read::read(&mut &self.uio, &mut count);
         // Reading the ISR status acknowledges the device's interrupt and lowers INTx;
-        // then INTx is unmasked again (uio_pci_generic masks it in its handler).
+        // then INTx is unmasked again (uio_pci_generic masks it in its handler, and has
+        // no irqcontrol: writes to the UIO device do not unmask).
         let _ = self.isr.read8(0);
-        let _ = std::io::Write::write(&mut &self.uio, &1u32.to_ne_bytes());
+        self.unmask_intx();
     }
 
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {

@@ -145,6 +145,17 @@ impl PciDevice {
         std::fs::read(&path).map_err(sysfs_err(&path))
     }
 
+    /// The configuration space file, open for reading and writing (to keep open for
+    /// frequent accesses).
+    pub fn open_config(&self) -> Result<File, PciError> {
+        let path = self.dir.join("config");
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(sysfs_err(&path))
+    }
+
     /// Writes configuration space bytes at `offset`.
     pub fn write_config(&self, offset: u64, data: &[u8]) -> Result<(), PciError> {
         let path = self.dir.join("config");
