@@ -61,7 +61,8 @@ pub trait Transport: Send {
     /// Tells the device that queue `index` has new buffers.
     fn notify(&self, index: u16);
     /// A file descriptor that becomes readable when the device interrupts for queue
-    /// `index`.
+    /// `index`. Queues that share an interrupt return the same fd; the engine then
+    /// watches it once and acknowledges it with the first of those queues' index.
     fn interrupt_fd(&self, index: u16) -> RawFd;
     /// Acknowledges an interrupt of queue `index` (clears its fd).
     fn ack_interrupt(&self, index: u16);

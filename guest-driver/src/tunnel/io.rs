@@ -374,6 +374,16 @@ enum DmaOp<'a> {
     Write(&'a [u8]),
 }
 
+impl DmaOp<'_> {
+    /// Bytes of data the request moves.
+    fn len(&self) -> usize {
+        match self {
+            DmaOp::Read(n) => *n,
+            DmaOp::Write(d) => d.len(),
+        }
+    }
+}
+
 impl DmaRequest<'_> {
     fn kind(&self) -> Kind {
         match self.op {
@@ -490,10 +500,7 @@ impl<T: Transport> Io<T> {
         op: DmaOp<'_>,
         buf: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
-        let len = match op {
-            DmaOp::Read(n) => n,
-            DmaOp::Write(d) => d.len(),
-        };
+        let len = op.len();
         let request = DmaRequest {
             channel,
             tag: self.next_tag(),
@@ -571,10 +578,7 @@ impl<T: Transport> SharedIo<T> {
         op: DmaOp<'_>,
         buf: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
-        let len = match op {
-            DmaOp::Read(n) => n,
-            DmaOp::Write(d) => d.len(),
-        };
+        let len = op.len();
         let mut io = self.lock();
         if io.gone {
             return Err(EIO);

@@ -126,11 +126,19 @@ impl<T: Transport + 'static> TunnelDriver<T> {
                 EpollEvent::new(EventSet::READ_HANG_UP | EventSet::HANG_UP, HANGUP_TOKEN),
             )?;
         }
+        // Queues may share one interrupt (INTx): each fd is watched, and acknowledged,
+        // once.
+        let mut watched = Vec::new();
         for pair in &mut pairs {
             for q in [pair.h2g_index, pair.g2h_index] {
+                let fd = transport.interrupt_fd(q);
+                if watched.contains(&fd) {
+                    continue;
+                }
+                watched.push(fd);
                 epoll.ctl(
                     ControlOperation::Add,
-                    transport.interrupt_fd(q),
+                    fd,
                     EpollEvent::new(EventSet::IN, u64::from(q)),
                 )?;
             }

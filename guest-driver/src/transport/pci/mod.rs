@@ -12,7 +12,7 @@ pub use hugepages::{HugeMemory, HugeMemoryError};
 pub use sysfs::{parse_bdf, Mmio, PciDevice, PciError, UIO_DRIVER};
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -200,8 +200,6 @@ pub struct PciTransport {
     /// The configuration space: uio_pci_generic masks INTx (the command register's
     /// Interrupt Disable bit) on each interrupt, and the driver unmasks it here.
     config: File,
-    /// One fd per queue onto the UIO device (epoll takes each fd once).
-    irq_fds: Vec<OwnedFd>,
     /// Notification address of each queue set up.
     notify_at: Vec<Option<u64>>,
     device_features: u64,
@@ -347,7 +345,6 @@ impl PciTransport {
             shm,
             uio,
             config: config_file,
-            irq_fds: Vec::new(),
             notify_at: vec![None; usize::from(queues)],
             device_features,
             queues,
@@ -457,13 +454,6 @@ impl Transport for PciTransport {
         }
         self.notify_at[usize::from(index)] = Some(at);
         self.common.write16(common::QUEUE_ENABLE, 1);
-        while self.irq_fds.len() <= usize::from(index) {
-            let fd = self
-                .uio
-                .try_clone()
-                .map_err(|e| self.fail("queue setup", e.to_string()))?;
-            self.irq_fds.push(fd.into());
-        }
         Ok(())
     }
 
@@ -483,10 +473,9 @@ impl Transport for PciTransport {
         }
     }
 
-    fn interrupt_fd(&self, index: u16) -> RawFd {
-        self.irq_fds
-            .get(usize::from(index))
-            .map_or(self.uio.as_raw_fd(), |f| f.as_raw_fd())
+    fn interrupt_fd(&self, _index: u16) -> RawFd {
+        // One INTx for every queue.
+        self.uio.as_raw_fd()
     }
 
     fn ack_interrupt(&self, _index: u16) {
