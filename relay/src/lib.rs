@@ -21,6 +21,7 @@ pub mod control;
 pub mod dma;
 pub mod frontend_requests;
 pub mod remote_dma;
+pub mod service;
 pub mod sockets;
 pub mod switch;
 pub mod table;
@@ -111,6 +112,7 @@ fn handle_signals(relay: Arc<switch::Relay>) -> Result<()> {
                 continue;
             }
             info!("signal {sig}: removing sockets and exiting");
+            service::stopping();
             for ch in relay.channels() {
                 let _ = std::fs::remove_file(&ch.socket);
             }

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use log::warn;
+use log::{debug, warn};
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
@@ -21,6 +21,20 @@ use crate::switch::Relay;
 
 /// Largest queue the backend accepts.
 const MAX_QUEUE_SIZE: usize = 1024;
+
+/// Size of the tunnel device's configuration space as seen through GET_CONFIG: the
+/// most a vhost-user message carries. Every byte reads as zero.
+const CONFIG_SPACE_SIZE: u32 = 256;
+
+/// The bytes of the tunnel device's configuration space at `offset`, `size` long, or
+/// `None` when the range is outside it. The tunnel has no configuration (tunnel.md
+/// section 4), but generic frontends (QEMU's `vhost-user-device`, Cloud Hypervisor's
+/// `--generic-vhost-user`) forward every access to the backend and require
+/// VHOST_USER_PROTOCOL_F_CONFIG, so the space exists and reads as zeros.
+fn config_bytes(offset: u32, size: u32) -> Option<Vec<u8>> {
+    let end = offset.checked_add(size)?;
+    (end <= CONFIG_SPACE_SIZE).then(|| vec![0; size as usize])
+}
 
 /// The backend of one frontend connection.
 #[derive(Clone)]
@@ -75,13 +89,34 @@ impl VhostUserBackend for TunnelBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        let mut f = VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK;
+        let mut f = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG;
         if self.relay.windows().size() > 0 {
             // DMA windows: the frontend maps client memory into shared memory region 0
             // on the relay's request.
             f |= VhostUserProtocolFeatures::BACKEND_REQ | VhostUserProtocolFeatures::SHMEM;
         }
         f
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // An empty answer is the protocol's error reply.
+        config_bytes(offset, size).unwrap_or_else(|| {
+            debug!("frontend read config bytes {offset}+{size}: outside the {CONFIG_SPACE_SIZE} bytes of configuration space");
+            Vec::new()
+        })
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> std::io::Result<()> {
+        // Read-only, as read-only fields of a virtio configuration space are: a write
+        // is ignored. It does not fail, since Cloud Hypervisor stops the whole device
+        // VM when a configuration access fails.
+        debug!(
+            "frontend wrote {} config bytes at {offset}: ignored, the tunnel device has no writable configuration",
+            buf.len()
+        );
+        Ok(())
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
@@ -138,5 +173,22 @@ impl VhostUserBackend for TunnelBackend {
         }
         self.relay.link.signal_pending();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration space is 256 zero bytes; reads past its end (or whose end
+    /// overflows) get the empty error answer instead of bytes.
+    #[test]
+    fn config_space_reads_as_zeros_within_its_size() {
+        assert_eq!(config_bytes(0, 16), Some(vec![0; 16]));
+        assert_eq!(config_bytes(240, 16), Some(vec![0; 16]));
+        assert_eq!(config_bytes(0, 256), Some(vec![0; 256]));
+        assert_eq!(config_bytes(0, 0), Some(vec![]));
+        assert_eq!(config_bytes(241, 16), None);
+        assert_eq!(config_bytes(u32::MAX, 2), None);
     }
 }

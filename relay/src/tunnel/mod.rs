@@ -28,25 +28,45 @@ const RELAY_FEATURES: u64 = features::WINDOWS | features::DIRECT_DATA;
 
 /// Serves one device VM after another on the frontend socket, until the relay stops.
 /// Between two device VMs, clients get ENODEV.
+///
+/// The socket is bound once, for the relay's lifetime: a VMM that connects while the
+/// previous device VM is being cleaned up waits in the listen backlog instead of
+/// finding no socket or a listener about to be closed (a connection there would be
+/// reset). A live socket of another process at that path is never taken over.
 pub fn serve_frontends(relay: Arc<Relay>) -> Result<()> {
     let socket = relay.config.frontend_socket.clone();
+    let bound = crate::sockets::bind(&socket)
+        .and_then(|l| l.set_nonblocking(false).map(|()| l))
+        .map_err(|e| Error::Backend(format!("cannot listen on {}: {e}", socket.display())))?;
+    let mut listener = vhost::vhost_user::Listener::from(bound);
+    crate::service::ready("waiting for the device VM");
     while !relay.is_stopping() {
         let backend = TunnelBackend::new(relay.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
             .map_err(|e| Error::Backend(e.to_string()))?;
         info!("waiting for the device VM's VMM on {}", socket.display());
-        match daemon.serve(&socket) {
-            Ok(()) => info!("device VM disconnected"),
-            Err(vhost_user_backend::Error::CreateVhostUserListener(e)) => {
-                return Err(Error::Backend(format!(
-                    "cannot listen on {}: {e}",
-                    socket.display()
-                )))
-            }
+        if let Err(e) = daemon.start(&mut listener) {
+            // accept(2) failed (out of fds, say): the listener itself is fine.
+            warn!("accepting the device VM's VMM: {e}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        info!("device VM's VMM connected");
+        crate::service::status("device VM connected");
+        match daemon.wait() {
+            Ok(())
+            | Err(vhost_user_backend::Error::HandleRequest(
+                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+            )) => info!("device VM disconnected"),
             Err(e) => warn!("device VM connection ended: {e}"),
         }
+        // The queue worker threads of this connection end here.
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
         device_vm_gone(&relay);
+        crate::service::status("device VM disconnected; waiting for it");
     }
     Ok(())
 }

@@ -113,7 +113,7 @@ pub fn find_tunnel(sysfs: &Path) -> Result<String, TransportError> {
     match found.len() {
         1 => Ok(found.remove(0)),
         0 => Err(err(format!(
-            "no PCI function {VIRTIO_VENDOR:04x}:{TUNNEL_DEVICE:04x}, nor a virtio-fs              {VIRTIO_VENDOR:04x}:{FS_DEVICE:04x} with a tag starting with {FS_TAG_PREFIX:?}{}",
+            "no PCI function {VIRTIO_VENDOR:04x}:{TUNNEL_DEVICE:04x}, nor a virtio-fs {VIRTIO_VENDOR:04x}:{FS_DEVICE:04x} with a tag starting with {FS_TAG_PREFIX:?}{}",
             if seen.is_empty() {
                 String::new()
             } else {
