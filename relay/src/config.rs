@@ -315,12 +315,6 @@ impl Config {
         Some((user.uid.0, gid.0))
     }
 
-    /// Who owns the relay's socket files: the user it drops to, so that it still owns
-    /// them afterwards (none: whoever it runs as).
-    pub fn socket_owner(&self) -> Option<u32> {
-        self.privileges().map(|(uid, _)| uid)
-    }
-
     /// Access of a device that overrides nothing: the top-level keys.
     pub fn device_defaults(&self) -> Access {
         Access {
@@ -346,22 +340,22 @@ impl Config {
         }
     }
 
-    /// How a socket of `access` is made.
+    /// How a socket of `access` is made: its mode; owned by the user and group the
+    /// relay drops to, if it does (as the sockets it makes afterwards are), and of the
+    /// access's group if it has one.
     pub fn perms(&self, access: &Access) -> Perms {
+        let drop = self.privileges();
         Perms {
             mode: access.mode.bits(),
-            owner: self.socket_owner(),
-            group: access.group.map(|g| g.0),
+            owner: drop.map(|(uid, _)| uid),
+            group: access.group.map(|g| g.0).or(drop.map(|(_, gid)| gid)),
         }
     }
 
-    /// How the control socket is made: mode 0600, owned by the relay's user. Only root
-    /// and that user may connect.
+    /// How the control socket is made: mode 0600, owned by the relay's user and group
+    /// (after dropping privileges, too). Only root and that user may connect.
     pub fn control_perms(&self) -> Perms {
-        Perms {
-            owner: self.socket_owner(),
-            ..Perms::PRIVATE
-        }
+        self.perms(&Access::default())
     }
 
     /// The request timeout.
@@ -558,7 +552,14 @@ allow_gids = []
         );
         let c = Config::from_file(&p).unwrap();
         assert_eq!(c.privileges(), Some((0, 0)));
-        assert_eq!(c.socket_owner(), Some(0));
+        assert_eq!(
+            c.control_perms(),
+            Perms {
+                mode: 0o600,
+                owner: Some(0),
+                group: Some(0)
+            }
+        );
         let p = toml_config(
             "user-group",
             "frontend_socket = \"/tmp/f.sock\"\nuser = 4000000000\ngroup = 4000000001\n",
