@@ -32,7 +32,7 @@ pub mod version;
 
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use thiserror::Error;
 
 pub use config::{Config, DeviceConfig};
@@ -156,11 +156,24 @@ fn handle_signals(relay: Arc<switch::Relay>, set: libc::sigset_t) -> Result<()> 
                 continue;
             }
             info!("signal {sig}: removing sockets and exiting");
-            for ch in relay.channels() {
-                let _ = std::fs::remove_file(&ch.socket);
+            let sockets = relay
+                .channels()
+                .iter()
+                .map(|ch| ch.socket.clone())
+                .chain([
+                    relay.config.frontend_socket.clone(),
+                    relay.config.control_socket(),
+                ])
+                .collect::<Vec<_>>();
+            for path in sockets {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => warn!(
+                        "cannot remove {}: {e} (the next start replaces it as stale)",
+                        path.display()
+                    ),
+                    _ => {}
+                }
             }
-            let _ = std::fs::remove_file(&relay.config.frontend_socket);
-            let _ = std::fs::remove_file(relay.config.control_socket());
             std::process::exit(0);
         })?;
     Ok(())
