@@ -23,6 +23,7 @@ use vfu_proto::vfio_user::{
 };
 use vm_memory::VolatileSlice;
 
+use crate::access::Access;
 use crate::client_memory::{self, ClientMapping, Direction};
 use crate::control::{DeviceInfo, Served};
 use crate::dma::{DmaError, DmaTable, Region, WindowMap};
@@ -142,6 +143,8 @@ pub struct Channel {
     pub name: String,
     /// The vfio-user socket path.
     pub socket: PathBuf,
+    /// Who may connect to the socket.
+    pub access: Access,
     /// State shared by the switch and tunnel threads.
     pub state: Mutex<ChannelState>,
 }
@@ -252,11 +255,12 @@ impl Client {
 
 impl Channel {
     /// A channel with no client and no device VM yet.
-    pub fn new(id: u32, name: String, socket: PathBuf) -> Self {
+    pub fn new(id: u32, name: String, socket: PathBuf, access: Access) -> Self {
         Self {
             id,
             name,
             socket,
+            access,
             state: Mutex::new(ChannelState {
                 guest: GuestState::Unknown,
                 client: None,
@@ -449,6 +453,7 @@ impl Channel {
             in_flight: st.client.as_ref().map_or(0, |c| c.pending.len()),
             requests: st.requests,
             connections: st.connections,
+            access: Some(self.access.clone()),
         }
     }
 
@@ -1123,8 +1128,7 @@ mod pipelined_dma_tests {
             request_timeout_ms: 3000,
             queue_pairs: 1,
             shm_size_mib: 0,
-            unsealed_windows: false,
-            file: None,
+            ..Config::default()
         })
         .unwrap();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());

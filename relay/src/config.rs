@@ -4,8 +4,11 @@ use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use log::warn;
 use serde::Deserialize;
 
+use crate::access::{Access, AccessSpec, Gid, SocketMode, Uid, User};
+use crate::sockets::Perms;
 use crate::Error;
 
 /// Longest device name (the tunnel's channel name limit).
@@ -17,15 +20,49 @@ pub const MAX_NAME: usize = vfu_proto::tunnel::MAX_CHANNEL_NAME;
 /// of replies queued toward its client under load.
 pub const MAX_DEVICES: usize = 256;
 
-/// One exported device: the name the device VM serves it under, and the socket where
-/// vfio-user clients connect.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One exported device: the name the device VM serves it under, the socket where
+/// vfio-user clients connect, and who may connect to it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(from = "RawDevice")]
 pub struct DeviceConfig {
     /// Device name, matched against what vfu-guest serves (`--serve NAME=MODEL`).
     pub name: String,
     /// Path of the vfio-user socket the relay listens on.
     pub socket: PathBuf,
+    /// This device's overrides of the relay's socket defaults (`socket_mode`,
+    /// `socket_group`, `allow_uids`, `allow_gids`).
+    pub access: AccessSpec,
+}
+
+/// A `[[device]]` table as written.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDevice {
+    name: String,
+    socket: PathBuf,
+    #[serde(default)]
+    socket_mode: Option<SocketMode>,
+    #[serde(default)]
+    socket_group: Option<Gid>,
+    #[serde(default)]
+    allow_uids: Option<Vec<Uid>>,
+    #[serde(default)]
+    allow_gids: Option<Vec<Gid>>,
+}
+
+impl From<RawDevice> for DeviceConfig {
+    fn from(d: RawDevice) -> Self {
+        Self {
+            name: d.name,
+            socket: d.socket,
+            access: AccessSpec {
+                socket_mode: d.socket_mode,
+                socket_group: d.socket_group,
+                allow_uids: d.allow_uids,
+                allow_gids: d.allow_gids,
+            },
+        }
+    }
 }
 
 impl DeviceConfig {
@@ -37,6 +74,7 @@ impl DeviceConfig {
         Ok(Self {
             name: name.to_string(),
             socket: PathBuf::from(socket),
+            access: AccessSpec::default(),
         })
     }
 
@@ -86,9 +124,67 @@ pub struct Config {
     /// that memory goes through the copy path.
     #[serde(default)]
     pub unsealed_windows: bool,
+    /// Drop to this user once the sockets exist (`docs/security.md`).
+    #[serde(default)]
+    pub user: Option<User>,
+    /// And to this group (default: the user's primary group). Only with `user`.
+    #[serde(default)]
+    pub group: Option<Gid>,
+    /// Mode of the device sockets and the frontend socket (default 0600).
+    #[serde(default)]
+    pub socket_mode: SocketMode,
+    /// Group of the device sockets and the frontend socket (default: the relay's).
+    #[serde(default)]
+    pub socket_group: Option<Gid>,
+    /// Users who may connect to device sockets besides root and the relay's own user
+    /// (a device's own `allow_uids` replaces this list).
+    #[serde(default)]
+    pub allow_uids: Vec<Uid>,
+    /// Primary groups whose members may connect to device sockets.
+    #[serde(default)]
+    pub allow_gids: Vec<Gid>,
+    /// Mode of the frontend socket (default: `socket_mode`).
+    #[serde(default)]
+    pub frontend_socket_mode: Option<SocketMode>,
+    /// Group of the frontend socket (default: `socket_group`).
+    #[serde(default)]
+    pub frontend_socket_group: Option<Gid>,
+    /// Users who may connect to the frontend socket besides root and the relay's own.
+    #[serde(default)]
+    pub frontend_allow_uids: Vec<Uid>,
+    /// Primary groups whose members may connect to the frontend socket.
+    #[serde(default)]
+    pub frontend_allow_gids: Vec<Gid>,
     /// The file this configuration was read from, if any: SIGHUP reads it again.
     #[serde(skip)]
     pub file: Option<PathBuf>,
+}
+
+impl Default for Config {
+    /// No frontend socket (not valid as it is), no devices, every other setting at its
+    /// default.
+    fn default() -> Self {
+        Self {
+            frontend_socket: PathBuf::new(),
+            control_socket: None,
+            devices: Vec::new(),
+            request_timeout_ms: default_timeout_ms(),
+            queue_pairs: default_queue_pairs(),
+            shm_size_mib: default_shm_size_mib(),
+            unsealed_windows: false,
+            user: None,
+            group: None,
+            socket_mode: SocketMode::default(),
+            socket_group: None,
+            allow_uids: Vec::new(),
+            allow_gids: Vec::new(),
+            frontend_socket_mode: None,
+            frontend_socket_group: None,
+            frontend_allow_uids: Vec::new(),
+            frontend_allow_gids: Vec::new(),
+            file: None,
+        }
+    }
 }
 
 fn default_timeout_ms() -> u64 {
@@ -180,7 +276,86 @@ impl Config {
                 self.queue_pairs
             )));
         }
+        if self.group.is_some() && self.user.is_none() {
+            return Err(Error::Config(
+                "group is set without user: give the user to drop privileges to".into(),
+            ));
+        }
+        if let Some(user) = &self.user {
+            if self.group.is_none() && user.primary_gid.is_none() {
+                return Err(Error::Config(format!(
+                    "user {:?} has no entry in the user database, so no primary group: give group too",
+                    user.name
+                )));
+            }
+        }
+        let frontend = self.frontend_access();
+        if frontend.mode.bits() & 0o002 != 0 {
+            warn!(
+                "the frontend socket has mode {}: any local user may connect; only the allow-list refuses them",
+                frontend.mode
+            );
+        }
+        for d in &self.devices {
+            let mode = self.device_access(d).mode;
+            if mode.bits() & 0o002 != 0 {
+                warn!(
+                    "{}: socket mode {mode}: any local user may connect; only the allow-list refuses them",
+                    d.name
+                );
+            }
+        }
         Ok(self)
+    }
+
+    /// The uid and gid the relay drops to after creating its sockets, if any.
+    pub fn privileges(&self) -> Option<(u32, u32)> {
+        let user = self.user.as_ref()?;
+        let gid = self.group.or(user.primary_gid)?;
+        Some((user.uid.0, gid.0))
+    }
+
+    /// Access of a device that overrides nothing: the top-level keys.
+    pub fn device_defaults(&self) -> Access {
+        Access {
+            mode: self.socket_mode,
+            group: self.socket_group,
+            allow_uids: self.allow_uids.clone(),
+            allow_gids: self.allow_gids.clone(),
+        }
+    }
+
+    /// Access of device `d`: its own keys over the top-level ones.
+    pub fn device_access(&self, d: &DeviceConfig) -> Access {
+        d.access.over(&self.device_defaults())
+    }
+
+    /// Access of the frontend socket.
+    pub fn frontend_access(&self) -> Access {
+        Access {
+            mode: self.frontend_socket_mode.unwrap_or(self.socket_mode),
+            group: self.frontend_socket_group.or(self.socket_group),
+            allow_uids: self.frontend_allow_uids.clone(),
+            allow_gids: self.frontend_allow_gids.clone(),
+        }
+    }
+
+    /// How a socket of `access` is made: its mode; owned by the user and group the
+    /// relay drops to, if it does (as the sockets it makes afterwards are), and of the
+    /// access's group if it has one.
+    pub fn perms(&self, access: &Access) -> Perms {
+        let drop = self.privileges();
+        Perms {
+            mode: access.mode.bits(),
+            owner: drop.map(|(uid, _)| uid),
+            group: access.group.map(|g| g.0).or(drop.map(|(_, gid)| gid)),
+        }
+    }
+
+    /// How the control socket is made: mode 0600, owned by the relay's user and group
+    /// (after dropping privileges, too). Only root and that user may connect.
+    pub fn control_perms(&self) -> Perms {
+        self.perms(&Access::default())
     }
 
     /// The request timeout.
@@ -215,9 +390,7 @@ mod tests {
             devices: vec![DeviceConfig::parse("gpio0=/tmp/g.sock").unwrap()],
             request_timeout_ms: 3000,
             queue_pairs: 1,
-            shm_size_mib: default_shm_size_mib(),
-            unsealed_windows: false,
-            file: None,
+            ..Config::default()
         }
     }
 
@@ -312,5 +485,110 @@ mod tests {
         std::fs::write(&p, "frontend_socket = \"/tmp/f.sock\"\nbogus = 1\n").unwrap();
         assert!(Config::from_file(&p).is_err());
         assert!(Config::from_file(&dir.join("missing.toml")).is_err());
+    }
+
+    /// Who may connect: the defaults are mode 0600, no group, nobody but root and the
+    /// relay's user; top-level keys set the device defaults, a device's own keys
+    /// replace them for that device, the frontend has keys of its own and takes the
+    /// mode and group of the devices unless set.
+    #[test]
+    fn access_keys() {
+        let c = base().validate().unwrap();
+        let d = c.device_access(&c.devices[0]);
+        assert_eq!(d, Access::default());
+        assert_eq!(d.mode.bits(), 0o600);
+        assert_eq!(c.frontend_access(), Access::default());
+        assert_eq!(c.privileges(), None);
+        assert_eq!(c.control_perms(), Perms::PRIVATE);
+
+        let p = toml_config(
+            "access",
+            r#"
+frontend_socket = "/tmp/f.sock"
+socket_mode = "0660"
+socket_group = "root"
+allow_uids = [107, "root"]
+allow_gids = [36]
+frontend_allow_uids = [64055]
+[[device]]
+name = "a"
+socket = "/tmp/a.sock"
+[[device]]
+name = "b"
+socket = "/tmp/b.sock"
+socket_mode = 0o600
+allow_uids = [1001]
+allow_gids = []
+"#,
+        );
+        let c = Config::from_file(&p).unwrap();
+        let a = c.device_access(&c.devices[0]);
+        assert_eq!(a.mode.bits(), 0o660);
+        assert_eq!(a.group, Some(Gid(0)));
+        assert_eq!(a.allow_uids, vec![Uid(107), Uid(0)]);
+        assert_eq!(a.allow_gids, vec![Gid(36)]);
+        let b = c.device_access(&c.devices[1]);
+        assert_eq!(b.mode.bits(), 0o600);
+        assert_eq!(b.group, Some(Gid(0)), "the group is not overridden");
+        assert_eq!(b.allow_uids, vec![Uid(1001)]);
+        assert!(b.allow_gids.is_empty());
+        let f = c.frontend_access();
+        assert_eq!(f.mode.bits(), 0o660);
+        assert_eq!(f.allow_uids, vec![Uid(64055)]);
+        assert!(f.allow_gids.is_empty());
+    }
+
+    /// `user` and `group` resolve names; a group alone, an unknown user or group, a
+    /// bad mode or an unknown device key are errors that say which.
+    #[test]
+    fn privilege_and_access_errors() {
+        let err = |tag: &str, body: &str| {
+            let p = toml_config(tag, &format!("frontend_socket = \"/tmp/f.sock\"\n{body}"));
+            Config::from_file(&p).unwrap_err().to_string()
+        };
+        let p = toml_config(
+            "user",
+            "frontend_socket = \"/tmp/f.sock\"\nuser = \"root\"\n",
+        );
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.privileges(), Some((0, 0)));
+        assert_eq!(
+            c.control_perms(),
+            Perms {
+                mode: 0o600,
+                owner: Some(0),
+                group: Some(0)
+            }
+        );
+        let p = toml_config(
+            "user-group",
+            "frontend_socket = \"/tmp/f.sock\"\nuser = 4000000000\ngroup = 4000000001\n",
+        );
+        assert_eq!(
+            Config::from_file(&p).unwrap().privileges(),
+            Some((4_000_000_000, 4_000_000_001))
+        );
+        assert!(err("nogroup", "user = 4000000000\n").contains("give group too"));
+        assert!(err("grouponly", "group = \"root\"\n").contains("without user"));
+        assert!(err("baduser", "user = \"no-such-user-vfu\"\n")
+            .contains("unknown user \"no-such-user-vfu\""));
+        assert!(err("badgroup", "socket_group = \"no-such-group-vfu\"\n").contains("unknown group"));
+        assert!(err("badmode", "socket_mode = \"0999\"\n").contains("socket mode"));
+        assert!(err("bigmode", "socket_mode = 0o4777\n").contains("socket mode"));
+        assert!(err("decimal", "socket_mode = 660\n").contains("socket mode"));
+        assert!(err("baduid", "allow_uids = [-1]\n").contains("-1"));
+        assert!(err(
+            "devkey",
+            "[[device]]\nname = \"a\"\nsocket = \"/tmp/a\"\nallow_users = [1]\n"
+        )
+        .contains("allow_users"));
+    }
+
+    fn toml_config(tag: &str, text: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfu-relay-cfg-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("relay.toml");
+        std::fs::write(&p, text).unwrap();
+        p
     }
 }

@@ -2,6 +2,8 @@
 //! device VM over a virtio device whose vhost-user backend it is.
 //!
 //! - [`config`]: what to export, from the command line or a TOML file.
+//! - [`access`]: who may connect to the sockets (modes, groups, SO_PEERCRED
+//!   allow-lists) and dropping privileges.
 //! - [`channel`]: one exported device: its client connection, requests in flight,
 //!   interrupt eventfds.
 //! - [`table`]: the exported devices by channel id, added and removed at run time.
@@ -14,6 +16,7 @@
 //!   the tunnel protocol (HELLO, channels, sessions, replies, interrupts).
 //! - [`version`]: the honest VERSION negotiation between client and device model.
 
+pub mod access;
 pub mod channel;
 pub mod client_memory;
 pub mod config;
@@ -30,7 +33,7 @@ pub mod version;
 
 use std::sync::Arc;
 
-use log::{error, info};
+use log::{error, info, warn};
 use thiserror::Error;
 
 pub use config::{Config, DeviceConfig};
@@ -49,6 +52,9 @@ pub enum Error {
         /// Why.
         source: std::io::Error,
     },
+    /// Dropping privileges failed.
+    #[error("dropping privileges: {0}")]
+    Privileges(#[from] access::DropError),
     /// The vhost-user backend failed to start.
     #[error("vhost-user backend: {0}")]
     Backend(String),
@@ -61,31 +67,63 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 /// Runs the relay until it fails or a termination signal arrives.
+///
+/// Order: the termination signals are blocked; every socket is created (frontend,
+/// control, devices) with its mode, owner and group; privileges are dropped if
+/// configured (before any thread exists); then the signal thread, the switch and the
+/// frontend loop start.
 pub fn run(config: Config) -> Result<()> {
+    let signals = block_signals();
     let relay = Arc::new(switch::Relay::new(config)?);
-    handle_signals(relay.clone())?;
-    let switch = switch::Switch::start(relay.clone())?;
+    let frontend_path = relay.config.frontend_socket.clone();
+    let frontend = sockets::bind_with(
+        &frontend_path,
+        relay.config.perms(&relay.config.frontend_access()),
+    )
+    .map_err(|source| Error::Socket {
+        path: frontend_path.display().to_string(),
+        source,
+    })?;
+    let bound = match switch::Switch::bind(relay.clone()) {
+        Ok(b) => b,
+        Err(e) => {
+            let _ = std::fs::remove_file(&frontend_path);
+            return Err(e);
+        }
+    };
+    if let Some((uid, gid)) = relay.config.privileges() {
+        if let Err(e) = access::drop_privileges(uid, gid) {
+            bound.abandon();
+            let _ = std::fs::remove_file(&frontend_path);
+            return Err(e.into());
+        }
+        info!(
+            "dropped privileges: running as uid {uid}{} gid {gid}, no supplementary groups",
+            access::user_name(uid).map_or(String::new(), |n| format!(" ({n})"))
+        );
+    }
+    handle_signals(relay.clone(), signals)?;
+    let switch = bound.start()?;
     info!(
         "vfu-relay: {} device(s) (add more with `vfu-relay ctl --control-socket {} add NAME=SOCKET`); waiting for the device VM on {}",
         relay.channels().len(),
         relay.config.control_socket().display(),
         relay.config.frontend_socket.display()
     );
-    let result = tunnel::serve_frontends(relay.clone());
+    let result = tunnel::serve_frontends(relay.clone(), frontend);
     if let Err(e) = &result {
         error!("tunnel: {e}");
     }
+    let _ = std::fs::remove_file(&frontend_path);
     switch.stop();
     result
 }
 
-/// SIGINT and SIGTERM remove the relay's sockets and end the process; SIGHUP reads the
-/// configuration file again and applies its devices (when the relay was started with
-/// `--config`). The signals are blocked in every thread (they inherit the mask) and
-/// taken by one thread with sigwait.
-fn handle_signals(relay: Arc<switch::Relay>) -> Result<()> {
+/// Blocks SIGINT, SIGTERM and SIGHUP in this thread and the threads it starts from
+/// now on; [`handle_signals`] takes them.
+fn block_signals() -> libc::sigset_t {
     // SAFETY: plain libc signal-set manipulation on a local sigset_t.
-    let set = unsafe {
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
@@ -93,7 +131,14 @@ fn handle_signals(relay: Arc<switch::Relay>) -> Result<()> {
         libc::sigaddset(&mut set, libc::SIGHUP);
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
         set
-    };
+    }
+}
+
+/// SIGINT and SIGTERM remove the relay's sockets and end the process; SIGHUP reads the
+/// configuration file again and applies its devices (when the relay was started with
+/// `--config`). The signals are blocked in every thread ([`block_signals`]: they
+/// inherit the mask) and taken by one thread with sigwait.
+fn handle_signals(relay: Arc<switch::Relay>, set: libc::sigset_t) -> Result<()> {
     std::thread::Builder::new()
         .name("vfu-signals".into())
         .spawn(move || loop {
@@ -113,11 +158,24 @@ fn handle_signals(relay: Arc<switch::Relay>) -> Result<()> {
             }
             info!("signal {sig}: removing sockets and exiting");
             service::stopping();
-            for ch in relay.channels() {
-                let _ = std::fs::remove_file(&ch.socket);
+            let sockets = relay
+                .channels()
+                .iter()
+                .map(|ch| ch.socket.clone())
+                .chain([
+                    relay.config.frontend_socket.clone(),
+                    relay.config.control_socket(),
+                ])
+                .collect::<Vec<_>>();
+            for path in sockets {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => warn!(
+                        "cannot remove {}: {e} (the next start replaces it as stale)",
+                        path.display()
+                    ),
+                    _ => {}
+                }
             }
-            let _ = std::fs::remove_file(&relay.config.frontend_socket);
-            let _ = std::fs::remove_file(relay.config.control_socket());
             std::process::exit(0);
         })?;
     Ok(())

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use log::error;
 
+use vfu_relay::access::{AccessSpec, Gid, SocketMode, Uid, User};
 use vfu_relay::control::{client, Reply, Request};
 use vfu_relay::{Config, DeviceConfig, Error};
 
@@ -40,7 +41,10 @@ struct Args {
     control_socket: Option<PathBuf>,
     /// Read the configuration from a TOML file instead (see docs/operating.md); SIGHUP
     /// reads it again and applies its devices.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["frontend_socket", "devices", "control_socket"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = [
+        "frontend_socket", "devices", "control_socket", "user", "socket_mode", "socket_group",
+        "allow_uids", "allow_gids", "frontend_allow_uids", "frontend_allow_gids",
+    ])]
     config: Option<PathBuf>,
     /// Milliseconds a client request may wait for the device VM before ETIMEDOUT.
     #[arg(long, value_name = "MS", default_value_t = 3000)]
@@ -56,6 +60,34 @@ struct Args {
     /// shrinking (trusted clients only: such a client can make the device VM fault).
     #[arg(long)]
     unsealed_windows: bool,
+    /// Once the sockets exist, drop privileges to this user (name or uid); see
+    /// docs/security.md for what it then needs.
+    #[arg(long, value_name = "USER")]
+    user: Option<User>,
+    /// With --user: the group to drop to [default: the user's primary group].
+    #[arg(long, value_name = "GROUP", requires = "user")]
+    group: Option<Gid>,
+    /// Mode of the device sockets and the frontend socket, in octal.
+    #[arg(long, value_name = "MODE", default_value = "0600")]
+    socket_mode: SocketMode,
+    /// Group of the device sockets and the frontend socket [default: the relay's].
+    #[arg(long, value_name = "GROUP")]
+    socket_group: Option<Gid>,
+    /// A user (name or uid) who may connect to device sockets, besides root and the
+    /// relay's own user. Repeat for more.
+    #[arg(long = "allow-uid", value_name = "USER")]
+    allow_uids: Vec<Uid>,
+    /// A group (name or gid) whose members (by primary group) may connect to device
+    /// sockets. Repeat for more.
+    #[arg(long = "allow-gid", value_name = "GROUP")]
+    allow_gids: Vec<Gid>,
+    /// A user who may connect to the frontend socket, besides root and the relay's own
+    /// user. Repeat for more.
+    #[arg(long = "frontend-allow-uid", value_name = "USER")]
+    frontend_allow_uids: Vec<Uid>,
+    /// A group whose members may connect to the frontend socket. Repeat for more.
+    #[arg(long = "frontend-allow-gid", value_name = "GROUP")]
+    frontend_allow_gids: Vec<Gid>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -85,6 +117,18 @@ enum CtlAction {
         /// The device.
         #[arg(value_name = "NAME=SOCKET")]
         device: String,
+        /// Mode of its socket, in octal [default: the relay's socket_mode].
+        #[arg(long, value_name = "MODE")]
+        socket_mode: Option<SocketMode>,
+        /// Group of its socket [default: the relay's socket_group].
+        #[arg(long, value_name = "GROUP")]
+        socket_group: Option<Gid>,
+        /// A user who may connect (repeat for more) [default: the relay's allow_uids].
+        #[arg(long = "allow-uid", value_name = "USER")]
+        allow_uids: Vec<Uid>,
+        /// A group who may connect (repeat for more) [default: the relay's allow_gids].
+        #[arg(long = "allow-gid", value_name = "GROUP")]
+        allow_gids: Vec<Gid>,
     },
     /// Withdraw a device: its socket is removed, its client disconnected (requests in
     /// flight fail with ENODEV), the device VM told.
@@ -125,7 +169,13 @@ impl CtlArgs {
     /// working directory is not ours.
     fn request(&self) -> Result<Request, CtlError> {
         Ok(match &self.action {
-            CtlAction::Add { device } => {
+            CtlAction::Add {
+                device,
+                socket_mode,
+                socket_group,
+                allow_uids,
+                allow_gids,
+            } => {
                 let (name, socket) = device
                     .split_once('=')
                     .ok_or_else(|| format!("add {device:?}: expected NAME=SOCKET"))?;
@@ -145,6 +195,12 @@ impl CtlArgs {
                 Request::Add {
                     name: name.to_string(),
                     socket,
+                    access: AccessSpec {
+                        socket_mode: *socket_mode,
+                        socket_group: *socket_group,
+                        allow_uids: (!allow_uids.is_empty()).then(|| allow_uids.clone()),
+                        allow_gids: (!allow_gids.is_empty()).then(|| allow_gids.clone()),
+                    },
                 }
             }
             CtlAction::Remove { name } => Request::Remove { name: name.clone() },
@@ -249,6 +305,16 @@ impl TryFrom<Args> for Config {
             queue_pairs: args.queue_pairs,
             shm_size_mib: args.shm_size_mib,
             unsealed_windows: args.unsealed_windows,
+            user: args.user,
+            group: args.group,
+            socket_mode: args.socket_mode,
+            socket_group: args.socket_group,
+            allow_uids: args.allow_uids,
+            allow_gids: args.allow_gids,
+            frontend_socket_mode: None,
+            frontend_socket_group: None,
+            frontend_allow_uids: args.frontend_allow_uids,
+            frontend_allow_gids: args.frontend_allow_gids,
             file: None,
         }
         .validate()
@@ -327,6 +393,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/c"));
         assert!(parse(&["vfu-relay", "--config", "/x", "--control-socket", "/c"]).is_err());
+        assert!(parse(&["vfu-relay", "--config", "/x", "--user", "root"]).is_err());
         assert!(parse(&["vfu-relay", "--config", "/x", "--device", "a=/tmp/a"]).is_err());
     }
 
@@ -353,9 +420,38 @@ mod tests {
             c.request().unwrap(),
             Request::Add {
                 name: "b".into(),
-                socket: "/tmp/b.sock".into()
+                socket: "/tmp/b.sock".into(),
+                access: AccessSpec::default(),
             }
         );
+        let c = ctl_args(&[
+            "--control-socket",
+            "/c",
+            "add",
+            "b=/b",
+            "--socket-mode",
+            "0660",
+            "--allow-uid",
+            "root",
+            "--allow-uid",
+            "107",
+        ])
+        .unwrap();
+        let Request::Add { access, .. } = c.request().unwrap() else {
+            panic!("not an add");
+        };
+        assert_eq!(access.socket_mode.map(|m| m.bits()), Some(0o660));
+        assert_eq!(access.allow_uids, Some(vec![Uid(0), Uid(107)]));
+        assert_eq!(access.allow_gids, None, "left out: the relay's default");
+        assert!(ctl_args(&[
+            "--control-socket",
+            "/c",
+            "add",
+            "b=/b",
+            "--socket-mode",
+            "999"
+        ])
+        .is_err());
         let c = ctl_args(&["--control-socket", "/c", "add", "b=rel.sock"]).unwrap();
         let Request::Add { socket, .. } = c.request().unwrap() else {
             panic!("not an add");
@@ -391,6 +487,7 @@ mod tests {
                 in_flight: 0,
                 requests: 42,
                 connections: 1,
+                access: None,
             }],
         };
         let text = render(list.clone(), false).unwrap();
@@ -414,5 +511,70 @@ mod tests {
         );
         let err = Reply::from(CommandError::UnknownDevice { name: "x".into() });
         assert_eq!(render(err, false).unwrap_err(), "no device named \"x\"");
+    }
+
+    /// Who may connect and whom to drop to, from the command line: defaults, names and
+    /// numbers, and clear errors for an unknown user or group, a bad mode, or --group
+    /// without --user.
+    #[test]
+    fn access_options() {
+        let c = parse(&["vfu-relay", "--frontend-socket", "/tmp/f"]).unwrap();
+        assert_eq!(c.socket_mode.bits(), 0o600);
+        assert!(c.user.is_none() && c.allow_uids.is_empty());
+        let c = parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/tmp/f",
+            "--user",
+            "root",
+            "--group",
+            "0",
+            "--socket-mode",
+            "0660",
+            "--socket-group",
+            "root",
+            "--allow-uid",
+            "107",
+            "--allow-gid",
+            "root",
+            "--frontend-allow-uid",
+            "64055",
+        ])
+        .unwrap();
+        assert_eq!(c.privileges(), Some((0, 0)));
+        assert_eq!(c.socket_mode.bits(), 0o660);
+        assert_eq!(c.socket_group, Some(Gid(0)));
+        assert_eq!(c.allow_uids, vec![Uid(107)]);
+        assert_eq!(c.allow_gids, vec![Gid(0)]);
+        assert_eq!(c.frontend_access().allow_uids, vec![Uid(64055)]);
+        assert_eq!(c.frontend_access().mode.bits(), 0o660);
+        let e = parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/f",
+            "--user",
+            "no-such-user-vfu",
+        ])
+        .unwrap_err();
+        assert!(e.contains("unknown user"), "{e}");
+        let e = parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/f",
+            "--allow-gid",
+            "no-such-group-vfu",
+        ])
+        .unwrap_err();
+        assert!(e.contains("unknown group"), "{e}");
+        let e = parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/f",
+            "--socket-mode",
+            "0778",
+        ])
+        .unwrap_err();
+        assert!(e.contains("socket mode"), "{e}");
+        assert!(parse(&["vfu-relay", "--frontend-socket", "/f", "--group", "root"]).is_err());
     }
 }

@@ -20,6 +20,7 @@ use vfu_proto::vfio_user::encode_error_reply;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::access::{self, AccessSpec};
 use crate::channel::{Channel, Client, SendOutcome};
 use crate::config::DeviceConfig;
 use crate::control::server::ControlServer;
@@ -73,7 +74,7 @@ impl Relay {
         let reserved = [config.frontend_socket.as_path(), control.as_path()];
         for d in &config.devices {
             table
-                .insert(d.clone(), &reserved)
+                .insert(d.clone(), config.device_access(d), &reserved)
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
         let limits = RelayLimits::DEFAULT;
@@ -143,8 +144,9 @@ impl Relay {
         device: DeviceConfig,
     ) -> std::result::Result<Arc<Channel>, CommandError> {
         let [a, b] = self.reserved_paths();
+        let access = self.config.device_access(&device);
         let mut table = self.table();
-        let ch = table.insert(device, &[&a, &b])?;
+        let ch = table.insert(device, access, &[&a, &b])?;
         if self.link.is_up() {
             self.send_control(
                 ch.id,
@@ -304,15 +306,23 @@ pub struct Switch {
     thread: Option<JoinHandle<()>>,
 }
 
+/// The switch with its sockets created, not yet running.
+pub struct BoundSwitch {
+    state: SwitchThread,
+}
+
 impl Switch {
-    /// Creates the control socket and every device socket, and starts the switch
-    /// thread.
-    pub fn start(relay: Arc<Relay>) -> Result<Self> {
+    /// Creates the control socket and every device socket (each with its mode, owner
+    /// and group), and watches them; no thread starts yet.
+    pub fn bind(relay: Arc<Relay>) -> Result<BoundSwitch> {
         let control_path = relay.config.control_socket();
-        let control = sockets::bind_private(&control_path).map_err(|source| Error::Socket {
-            path: control_path.display().to_string(),
-            source,
-        })?;
+        let control =
+            sockets::bind_with(&control_path, relay.config.control_perms()).map_err(|source| {
+                Error::Socket {
+                    path: control_path.display().to_string(),
+                    source,
+                }
+            })?;
         let mut state = SwitchThread {
             relay: relay.clone(),
             devices: HashMap::new(),
@@ -325,10 +335,12 @@ impl Switch {
                 .control
                 .register(&relay.poll, token(KIND_CONTROL_LISTENER, 0))?;
             for ch in relay.channels() {
-                let listener = sockets::bind(&ch.socket).map_err(|source| Error::Socket {
-                    path: ch.socket.display().to_string(),
-                    source,
-                })?;
+                let perms = relay.config.perms(&ch.access);
+                let listener =
+                    sockets::bind_with(&ch.socket, perms).map_err(|source| Error::Socket {
+                        path: ch.socket.display().to_string(),
+                        source,
+                    })?;
                 state.watch_device(ch, listener)?;
             }
             relay.poll.ctl(
@@ -343,13 +355,7 @@ impl Switch {
             state.remove_sockets();
             return Err(e);
         }
-        let thread = std::thread::Builder::new()
-            .name("vfu-switch".into())
-            .spawn(move || state.run())?;
-        Ok(Self {
-            relay,
-            thread: Some(thread),
-        })
+        Ok(BoundSwitch { state })
     }
 
     /// Stops the switch thread, which removes the device and control sockets.
@@ -359,6 +365,26 @@ impl Switch {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+impl BoundSwitch {
+    /// Starts the switch thread.
+    pub fn start(self) -> Result<Switch> {
+        let relay = self.state.relay.clone();
+        let state = self.state;
+        let thread = std::thread::Builder::new()
+            .name("vfu-switch".into())
+            .spawn(move || state.run())?;
+        Ok(Switch {
+            relay,
+            thread: Some(thread),
+        })
+    }
+
+    /// Gives up before starting: the sockets are removed.
+    pub fn abandon(self) {
+        self.state.remove_sockets();
     }
 }
 
@@ -522,6 +548,30 @@ impl SwitchThread {
                     return;
                 }
             };
+            // Who may connect is checked first, before the current client is looked at:
+            // a refused peer is closed at once and touches nothing.
+            match access::peer_cred(&sock) {
+                Ok(cred) if ch.access.allows_now(&cred) => {
+                    debug!("{}: connection from {cred}", ch.name);
+                }
+                Ok(cred) => {
+                    warn!(
+                        "{}: refused a client on {}: {cred} is not allowed ({})",
+                        ch.name,
+                        ch.socket.display(),
+                        ch.access.describe()
+                    );
+                    continue; // dropping `sock` closes it
+                }
+                Err(e) => {
+                    warn!(
+                        "{}: refused a client on {}: its credentials cannot be read: {e}",
+                        ch.name,
+                        ch.socket.display()
+                    );
+                    continue;
+                }
+            }
             // The current client may have gone already with its EOF not yet read (a
             // quick reconnect): take what it sent first.
             let has_client = dev.client.is_some();
@@ -532,8 +582,11 @@ impl SwitchThread {
                 return;
             };
             if dev.client.is_some() {
+                // One client per device socket: the second is closed before the relay
+                // reads a byte from it, and the first never notices.
+                let who = access::peer_cred(&sock).map_or_else(|_| "?".into(), |c| c.to_string());
                 warn!(
-                    "{}: refusing a second client (one client per device socket)",
+                    "{}: refused a second client ({who}): one client per device socket, and one is connected",
                     ch.name
                 );
                 continue; // dropping `sock` closes it
@@ -682,7 +735,11 @@ const BATCH: usize = 32;
 /// what is checked here still holds when it is done.
 fn execute(relay: &Relay, devices: &mut HashMap<u32, Device>, request: Request) -> Reply {
     let result = match request {
-        Request::Add { name, socket } => add_device(relay, devices, name, socket),
+        Request::Add {
+            name,
+            socket,
+            access,
+        } => add_device(relay, devices, name, socket, access),
         Request::Remove { name } => remove_device(relay, devices, &name),
         Request::List => Ok(relay.list()),
     };
@@ -697,10 +754,12 @@ fn add_device(
     devices: &mut HashMap<u32, Device>,
     name: String,
     socket: String,
+    access: AccessSpec,
 ) -> std::result::Result<Reply, CommandError> {
     let device = DeviceConfig {
         name,
         socket: PathBuf::from(&socket),
+        access,
     };
     relay.check_add(&device)?;
     if !device.socket.is_absolute() {
@@ -714,7 +773,8 @@ fn add_device(
         socket: socket.clone(),
         reason: e.to_string(),
     };
-    let listener = sockets::bind(&device.socket).map_err(socket_error)?;
+    let perms = relay.config.perms(&relay.config.device_access(&device));
+    let listener = sockets::bind_with(&device.socket, perms).map_err(socket_error)?;
     let path = device.socket.clone();
     let unlink = |path: &Path| {
         let _ = std::fs::remove_file(path);

@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::access::Access;
 use crate::channel::Channel;
 use crate::config::{DeviceConfig, MAX_DEVICES};
 use crate::control::CommandError;
@@ -82,16 +83,18 @@ impl ChannelTable {
         Ok(())
     }
 
-    /// Adds `device` under a fresh channel id, after [`ChannelTable::check_add`].
+    /// Adds `device`, whose socket has `access`, under a fresh channel id, after
+    /// [`ChannelTable::check_add`].
     pub fn insert(
         &mut self,
         device: DeviceConfig,
+        access: Access,
         reserved: &[&Path],
     ) -> Result<Arc<Channel>, CommandError> {
         self.check_add(&device, reserved)?;
         let id = self.next_id;
         self.next_id += 1;
-        let ch = Arc::new(Channel::new(id, device.name, device.socket));
+        let ch = Arc::new(Channel::new(id, device.name, device.socket, access));
         self.active.insert(id, ch.clone());
         Ok(ch)
     }
@@ -148,6 +151,7 @@ mod tests {
         DeviceConfig {
             name: name.into(),
             socket: socket.into(),
+            ..DeviceConfig::default()
         }
     }
 
@@ -157,20 +161,23 @@ mod tests {
     #[test]
     fn ids_are_never_reused() {
         let mut t = ChannelTable::default();
-        let a = t.insert(dev("a", "/a"), &[]).unwrap();
-        let b = t.insert(dev("b", "/b"), &[]).unwrap();
+        let a = t.insert(dev("a", "/a"), Access::default(), &[]).unwrap();
+        let b = t.insert(dev("b", "/b"), Access::default(), &[]).unwrap();
         assert_eq!((a.id, b.id), (1, 2));
         let b = t.remove(2).unwrap();
         t.retire(b, Instant::now() + Duration::from_secs(1));
         assert_eq!(t.get(2).unwrap().name, "b");
         assert_eq!(t.active().count(), 1);
         assert_eq!(t.all().count(), 2);
-        let b2 = t.insert(dev("b", "/b"), &[]).unwrap();
+        let b2 = t.insert(dev("b", "/b"), Access::default(), &[]).unwrap();
         assert_eq!(b2.id, 3);
         assert!(t.forget_retiring(2).is_some());
         assert!(t.get(2).is_none());
         t.remove(3);
-        assert_eq!(t.insert(dev("c", "/c"), &[]).unwrap().id, 4);
+        assert_eq!(
+            t.insert(dev("c", "/c"), Access::default(), &[]).unwrap().id,
+            4
+        );
     }
 
     /// Duplicate names and sockets, reserved paths, invalid names and a full table are
@@ -178,7 +185,7 @@ mod tests {
     #[test]
     fn refusals() {
         let mut t = ChannelTable::default();
-        t.insert(dev("a", "/a"), &[]).unwrap();
+        t.insert(dev("a", "/a"), Access::default(), &[]).unwrap();
         let reserved = [Path::new("/frontend")];
         assert_eq!(
             t.check_add(&dev("a", "/x"), &reserved),
@@ -201,11 +208,16 @@ mod tests {
             ));
         }
         for i in 1..MAX_DEVICES {
-            t.insert(dev(&format!("d{i}"), &format!("/d{i}")), &[])
-                .unwrap();
+            t.insert(
+                dev(&format!("d{i}"), &format!("/d{i}")),
+                Access::default(),
+                &[],
+            )
+            .unwrap();
         }
         assert_eq!(
-            t.insert(dev("one-more", "/one-more"), &[]).unwrap_err(),
+            t.insert(dev("one-more", "/one-more"), Access::default(), &[])
+                .unwrap_err(),
             CommandError::TooManyDevices { max: MAX_DEVICES }
         );
         assert_eq!(t.active().count(), MAX_DEVICES);
@@ -217,7 +229,9 @@ mod tests {
         let mut t = ChannelTable::default();
         let now = Instant::now();
         for (i, name) in ["a", "b"].iter().enumerate() {
-            let ch = t.insert(dev(name, &format!("/{name}")), &[]).unwrap();
+            let ch = t
+                .insert(dev(name, &format!("/{name}")), Access::default(), &[])
+                .unwrap();
             let ch = t.remove(ch.id).unwrap();
             t.retire(ch, now + Duration::from_secs(i as u64 + 1));
         }

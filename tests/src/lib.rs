@@ -90,6 +90,18 @@ impl Proc {
         }
     }
 
+    /// Starts `cmd` as it is configured (standard input from /dev/null).
+    pub fn spawn_command(name: &str, mut cmd: Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Self {
+            name: name.to_string(),
+            child,
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

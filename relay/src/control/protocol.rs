@@ -17,6 +17,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::access::{Access, AccessSpec};
+
 /// Longest request line the relay reads (a name is at most 64 bytes, a socket path at
 /// most 108).
 pub const MAX_REQUEST_LINE: usize = 16 << 10;
@@ -34,6 +36,9 @@ pub enum Request {
         name: String,
         /// Absolute path of the vfio-user socket to create.
         socket: String,
+        /// Who may connect, over the relay's defaults (left out: the defaults).
+        #[serde(default, skip_serializing_if = "AccessSpec::is_empty")]
+        access: AccessSpec,
     },
     /// Withdraw a device: its socket goes, its client is disconnected.
     Remove {
@@ -86,6 +91,9 @@ pub struct DeviceInfo {
     pub requests: u64,
     /// Client connections accepted since the device was added.
     pub connections: u64,
+    /// Who may connect to its socket (relays before "Who may connect" leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
 }
 
 /// Why the relay refused a request.
@@ -259,7 +267,8 @@ mod tests {
             req(r#"{"cmd":"add","name":"b","socket":"/tmp/b.sock"}"#).unwrap(),
             Request::Add {
                 name: "b".into(),
-                socket: "/tmp/b.sock".into()
+                socket: "/tmp/b.sock".into(),
+                access: AccessSpec::default(),
             }
         );
         assert_eq!(
@@ -271,6 +280,29 @@ mod tests {
             req(r#" { "name":"b", "cmd":"remove" } "#).unwrap(),
             Request::Remove { name: "b".into() }
         );
+        let Request::Add { access, .. } = req(
+            r#"{"cmd":"add","name":"b","socket":"/b","access":{"socket_mode":"0660","socket_group":"root","allow_uids":["root",107],"allow_gids":[]}}"#,
+        )
+        .unwrap() else {
+            panic!("not an add");
+        };
+        assert_eq!(access.socket_mode.map(|m| m.bits()), Some(0o660));
+        assert_eq!(access.socket_group, Some(crate::access::Gid(0)));
+        assert_eq!(
+            access.allow_uids,
+            Some(vec![crate::access::Uid(0), crate::access::Uid(107)])
+        );
+        assert!(
+            req(r#"{"cmd":"add","name":"b","socket":"/b","access":{"socket_mode":"9"}}"#)
+                .unwrap_err()
+                .contains("socket mode")
+        );
+        assert!(req(
+            r#"{"cmd":"add","name":"b","socket":"/b","access":{"allow_uids":["no-such-user-vfu"]}}"#
+        )
+        .unwrap_err()
+        .contains("unknown user"));
+        assert!(req(r#"{"cmd":"add","name":"b","socket":"/b","access":{"mode":"0600"}}"#).is_err());
     }
 
     /// Unknown commands, missing or unknown fields, wrong types, non-JSON, non-UTF-8
@@ -313,6 +345,17 @@ mod tests {
             Request::Add {
                 name: "a\nb".into(),
                 socket: "/tmp/x".into(),
+                access: AccessSpec::default(),
+            },
+            Request::Add {
+                name: "a".into(),
+                socket: "/tmp/x".into(),
+                access: AccessSpec {
+                    socket_mode: Some(crate::access::SocketMode::new(0o660).unwrap()),
+                    socket_group: Some(crate::access::Gid(36)),
+                    allow_uids: Some(vec![crate::access::Uid(107)]),
+                    allow_gids: Some(vec![]),
+                },
             },
             Request::Remove { name: "a".into() },
             Request::List,
@@ -340,6 +383,7 @@ mod tests {
                     in_flight: 2,
                     requests: 10,
                     connections: 1,
+                    access: Some(Access::default()),
                 }],
             },
             CommandError::UnknownDevice { name: "x".into() }.into(),

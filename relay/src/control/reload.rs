@@ -8,38 +8,43 @@ use log::{info, warn};
 
 use super::client;
 use super::protocol::{DeviceInfo, Reply, Request};
+use crate::access::Access;
 use crate::config::{Config, DeviceConfig};
 
 /// The requests that turn the exported devices `current` into those of `wanted`:
-/// removals first (a device whose socket changed is removed and added again), then
-/// additions in the order of the file. Relative socket paths are taken relative to
-/// `cwd` on both sides.
-pub fn plan(current: &[DeviceInfo], wanted: &[DeviceConfig], cwd: &Path) -> Vec<Request> {
+/// removals first (a device whose socket or access changed is removed and added
+/// again), then additions in the order of the file. A wanted device's access is its
+/// own keys over `defaults` (the running relay's). Relative socket paths are taken
+/// relative to `cwd` on both sides.
+pub fn plan(
+    current: &[DeviceInfo],
+    wanted: &[DeviceConfig],
+    defaults: &Access,
+    cwd: &Path,
+) -> Vec<Request> {
     let abs = |p: &Path| -> PathBuf { cwd.join(p) };
-    let wanted: Vec<(&str, PathBuf)> = wanted
+    let wanted: Vec<(&DeviceConfig, PathBuf, Access)> = wanted
         .iter()
-        .map(|d| (d.name.as_str(), abs(&d.socket)))
+        .map(|d| (d, abs(&d.socket), d.access.over(defaults)))
         .collect();
-    let kept = |d: &DeviceInfo| {
-        wanted
-            .iter()
-            .any(|(n, s)| *n == d.name && *s == abs(Path::new(&d.socket)))
+    let same = |d: &DeviceInfo, (w, socket, access): &(&DeviceConfig, PathBuf, Access)| {
+        w.name == d.name
+            && *socket == abs(Path::new(&d.socket))
+            && d.access.as_ref().is_none_or(|a| a == access)
     };
     let mut requests: Vec<Request> = current
         .iter()
-        .filter(|d| !kept(d))
+        .filter(|d| !wanted.iter().any(|w| same(d, w)))
         .map(|d| Request::Remove {
             name: d.name.clone(),
         })
         .collect();
-    for (name, socket) in &wanted {
-        let exists = current
-            .iter()
-            .any(|d| d.name == *name && abs(Path::new(&d.socket)) == *socket);
-        if !exists {
+    for w in &wanted {
+        if !current.iter().any(|d| same(d, w)) {
             requests.push(Request::Add {
-                name: name.to_string(),
-                socket: socket.display().to_string(),
+                name: w.0.name.clone(),
+                socket: w.1.display().to_string(),
+                access: w.0.access.clone(),
             });
         }
     }
@@ -78,7 +83,7 @@ pub fn reload(running: &Config, file: &Path) {
         }
     };
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let requests = plan(&current, &new.devices, &cwd);
+    let requests = plan(&current, &new.devices, &running.device_defaults(), &cwd);
     if requests.is_empty() {
         info!("SIGHUP: devices unchanged");
     }
@@ -94,6 +99,7 @@ pub fn reload(running: &Config, file: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::access::{AccessSpec, SocketMode, Uid};
     use crate::control::Served;
 
     fn info(name: &str, socket: &str) -> DeviceInfo {
@@ -106,6 +112,7 @@ mod tests {
             in_flight: 0,
             requests: 0,
             connections: 0,
+            access: Some(Access::default()),
         }
     }
 
@@ -113,6 +120,7 @@ mod tests {
         DeviceConfig {
             name: name.into(),
             socket: socket.into(),
+            ..DeviceConfig::default()
         }
     }
 
@@ -133,20 +141,71 @@ mod tests {
         ];
         let cwd = Path::new("/r");
         assert_eq!(
-            plan(&current, &wanted, cwd),
+            plan(&current, &wanted, &Access::default(), cwd),
             vec![
                 Request::Remove { name: "b".into() },
                 Request::Add {
                     name: "b".into(),
-                    socket: "/r/b2.sock".into()
+                    socket: "/r/b2.sock".into(),
+                    access: AccessSpec::default(),
                 },
                 Request::Add {
                     name: "d".into(),
-                    socket: "/r/d.sock".into()
+                    socket: "/r/d.sock".into(),
+                    access: AccessSpec::default(),
                 },
             ]
         );
-        assert!(plan(&current, &[], cwd).len() == 3);
-        assert!(plan(&[], &[], cwd).is_empty());
+        assert!(plan(&current, &[], &Access::default(), cwd).len() == 3);
+        assert!(plan(&[], &[], &Access::default(), cwd).is_empty());
+    }
+
+    /// A device whose access changed (its own keys, or what the defaults give it) is
+    /// removed and added again with its keys; one whose access is what it was is left
+    /// alone, and so is a device of a relay that does not report access.
+    #[test]
+    fn plan_compares_access() {
+        let cwd = Path::new("/r");
+        let mut wanted = dev("a", "/r/a.sock");
+        wanted.access.allow_uids = Some(vec![Uid(107)]);
+        let current = [info("a", "/r/a.sock")];
+        let p = plan(
+            &current,
+            std::slice::from_ref(&wanted),
+            &Access::default(),
+            cwd,
+        );
+        assert_eq!(
+            p,
+            vec![
+                Request::Remove { name: "a".into() },
+                Request::Add {
+                    name: "a".into(),
+                    socket: "/r/a.sock".into(),
+                    access: wanted.access.clone(),
+                },
+            ]
+        );
+        let mut now = info("a", "/r/a.sock");
+        now.access = Some(wanted.access.over(&Access::default()));
+        assert!(plan(
+            &[now],
+            std::slice::from_ref(&wanted),
+            &Access::default(),
+            cwd
+        )
+        .is_empty());
+        let defaults = Access {
+            mode: SocketMode::new(0o660).unwrap(),
+            ..Access::default()
+        };
+        let plain = dev("a", "/r/a.sock");
+        assert_eq!(
+            plan(&current, std::slice::from_ref(&plain), &defaults, cwd).len(),
+            2
+        );
+        let mut old = info("a", "/r/a.sock");
+        old.access = None;
+        assert!(plan(&[old], &[plain], &defaults, cwd).is_empty());
     }
 }

@@ -11,6 +11,7 @@ use log::{debug, warn};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
 use super::protocol::{CommandError, Reply, Request, MAX_REQUEST_LINE};
+use crate::access::{peer_cred, Access};
 
 /// Most control connections open at a time; more are closed at once.
 pub const MAX_CONNECTIONS: usize = 8;
@@ -70,6 +71,21 @@ impl ControlServer {
                     return;
                 }
             };
+            // Mode 0600 keeps others out already; the credentials are checked too, in
+            // case the file's mode or owner was changed: root and the relay's user only.
+            match peer_cred(&sock) {
+                Ok(cred) if Access::default().allows_now(&cred) => {}
+                Ok(cred) => {
+                    warn!(
+                        "control socket: refused {cred}: only root and the relay's user may use it"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    warn!("control socket: refused a connection whose credentials cannot be read: {e}");
+                    continue;
+                }
+            }
             if self.connections.len() >= MAX_CONNECTIONS {
                 warn!("control socket: {MAX_CONNECTIONS} connections open; refusing another");
                 continue;

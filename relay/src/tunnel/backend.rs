@@ -17,6 +17,7 @@ use vmm_sys_util::event::{
 };
 
 use super::dispatch;
+use super::gate::Gate;
 use crate::switch::Relay;
 
 /// Largest queue the backend accepts.
@@ -43,16 +44,20 @@ pub struct TunnelBackend {
     event_idx: Arc<AtomicBool>,
     /// The link generation of this frontend connection.
     generation: u64,
+    /// Whether this connection's peer may be the device VM's VMM: the callbacks that
+    /// reach the relay wait for it.
+    gate: Arc<Gate>,
 }
 
 impl TunnelBackend {
     /// A backend feeding `relay`.
-    pub fn new(relay: Arc<Relay>) -> Self {
+    pub fn new(relay: Arc<Relay>, gate: Arc<Gate>) -> Self {
         let generation = relay.link.generation();
         Self {
             relay,
             event_idx: Arc::new(AtomicBool::new(false)),
             generation,
+            gate,
         }
     }
 }
@@ -120,6 +125,9 @@ impl VhostUserBackend for TunnelBackend {
     }
 
     fn set_backend_req_fd(&self, backend: vhost::vhost_user::Backend) {
+        if !self.gate.passes() {
+            return;
+        }
         if self.generation == self.relay.link.generation() {
             self.relay.windows().attach(backend);
         }
@@ -135,6 +143,9 @@ impl VhostUserBackend for TunnelBackend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        if !self.gate.passes() {
+            return Err(std::io::Error::from_raw_os_error(libc::EACCES));
+        }
         self.relay.link.attach_memory(self.generation, mem);
         Ok(())
     }
@@ -146,6 +157,9 @@ impl VhostUserBackend for TunnelBackend {
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
+        if !self.gate.passes() {
+            return Ok(()); // a refused peer's queues reach nothing
+        }
         if evset != EventSet::IN {
             warn!("tunnel queue {device_event}: unexpected event {evset:?}");
             return Ok(());

@@ -4,60 +4,100 @@
 
 mod backend;
 pub mod direct;
+pub mod gate;
 mod link;
 
 pub use backend::TunnelBackend;
 pub use link::{BadMessage, Incoming, Link, LinkError, Negotiated, CHANNEL_BUDGET};
 
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::sync::Arc;
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use vfu_proto::tunnel::{
     features, Body, Hello, HelloReply, Kind, TunnelError, TunnelMessage, VERSION_MAJOR,
     VERSION_MINOR,
 };
+use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::channel::GuestState;
 use crate::switch::Relay;
 use crate::{Error, Result};
+use gate::Gate;
 
 /// Features the relay supports today.
 const RELAY_FEATURES: u64 = features::WINDOWS | features::DIRECT_DATA;
 
-/// Serves one device VM after another on the frontend socket, until the relay stops.
-/// Between two device VMs, clients get ENODEV.
+/// Serves one device VM after another on the frontend socket `listener` (created by
+/// the caller with its mode and group, once: the relay never binds it again, so it
+/// needs no privileges for it later), until the relay stops. Between two device VMs,
+/// clients get ENODEV.
 ///
-/// The socket is bound once, for the relay's lifetime: a VMM that connects while the
-/// previous device VM is being cleaned up waits in the listen backlog instead of
-/// finding no socket or a listener about to be closed (a connection there would be
-/// reset). A live socket of another process at that path is never taken over.
-pub fn serve_frontends(relay: Arc<Relay>) -> Result<()> {
+/// Each connection's peer is checked against the frontend allow-list right after the
+/// vhost-user library accepted it ([`gate`]); a refused peer is logged and shut down,
+/// and the relay goes back to waiting as if it had never come.
+pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> {
     let socket = relay.config.frontend_socket.clone();
-    let bound = crate::sockets::bind(&socket)
-        .and_then(|l| l.set_nonblocking(false).map(|()| l))
-        .map_err(|e| Error::Backend(format!("cannot listen on {}: {e}", socket.display())))?;
-    let mut listener = vhost::vhost_user::Listener::from(bound);
+    let access = relay.config.frontend_access();
+    // The library's accept loop spins on a non-blocking listener.
+    listener.set_nonblocking(false)?;
+    let listener_fd = listener.as_raw_fd();
+    let mut listener = Listener::from(listener);
     crate::service::ready("waiting for the device VM");
     while !relay.is_stopping() {
-        let backend = TunnelBackend::new(relay.clone());
+        let gate = Arc::new(Gate::default());
+        let backend = TunnelBackend::new(relay.clone(), gate.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
             .map_err(|e| Error::Backend(e.to_string()))?;
         info!("waiting for the device VM's VMM on {}", socket.display());
         if let Err(e) = daemon.start(&mut listener) {
-            // accept(2) failed (out of fds, say): the listener itself is fine.
-            warn!("accepting the device VM's VMM: {e}");
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            // Out of descriptors, most likely: try again in a while.
+            warn!("frontend socket {}: {e}", socket.display());
+            std::thread::sleep(Duration::from_millis(100));
             continue;
         }
-        info!("device VM's VMM connected");
-        crate::service::status("device VM connected");
-        match daemon.wait() {
+        let allowed = match gate::accepted_peer(&socket, listener_fd) {
+            Ok(cred) if access.allows_now(&cred) => {
+                info!("the device VM's VMM connected ({cred})");
+                crate::service::status("device VM connected");
+                true
+            }
+            Ok(cred) => {
+                warn!(
+                    "refused a device VM's VMM on {}: {cred} is not allowed ({})",
+                    socket.display(),
+                    access.describe()
+                );
+                false
+            }
+            Err(e) => {
+                warn!(
+                    "refused a connection on the frontend socket {}: its credentials cannot be read: {e}",
+                    socket.display()
+                );
+                false
+            }
+        };
+        gate.decide(allowed);
+        if !allowed {
+            daemon.request_shutdown();
+        }
+        let result = daemon.wait();
+        for handler in daemon.get_epoll_handlers() {
+            handler.send_exit_event();
+        }
+        if !allowed {
+            continue; // it reached nothing of the relay
+        }
+        match result {
             Ok(())
             | Err(vhost_user_backend::Error::HandleRequest(
-                vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+                VhostUserError::Disconnected | VhostUserError::PartialMessage,
             )) => info!("device VM disconnected"),
             Err(e) => warn!("device VM connection ended: {e}"),
         }
