@@ -445,6 +445,39 @@ mod tests {
         }
     }
 
+    /// A region mapped in parts (a sparse mmap around an MSI-X table) shows the file
+    /// at the parts' offsets, at the right place in one range of addresses.
+    #[test]
+    fn map_in_areas() {
+        let page = 4096usize;
+        // SAFETY: creates a memfd with a static, NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"vfu-areas".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a new fd owned by nobody else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut data = vec![0u8; 4 * page];
+        for (i, chunk) in data.chunks_mut(page).enumerate() {
+            chunk[0] = i as u8 + 1;
+        }
+        file.write_all_at(&data, 0).unwrap();
+        // The region starts at page 1 of the file; its pages 0 and 2 are mappable.
+        let mmio = Mmio::map_fd_areas(
+            file.as_raw_fd(),
+            page as u64,
+            3 * page,
+            &[(0, page as u64), (2 * page as u64, page as u64)],
+        )
+        .unwrap();
+        assert_eq!(mmio.len(), 3 * page);
+        assert_eq!(mmio.read8(0), 2);
+        assert_eq!(mmio.read8(2 * page as u64), 4);
+        mmio.write8(2 * page as u64 + 1, 0xab);
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 3 * page as u64 + 1).unwrap();
+        assert_eq!(b, [0xab], "shared with the file");
+        assert!(Mmio::map_fd_areas(file.as_raw_fd(), 0, page, &[(0, 2 * page as u64)]).is_err());
+    }
+
     /// Against a fake sysfs: IDs are read, a missing function is named, and binding to
     /// a driver that is not loaded fails with the exact commands to run.
     #[test]
