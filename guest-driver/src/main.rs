@@ -18,7 +18,7 @@ use clap::{ArgGroup, Parser};
 use log::{error, info};
 
 use vfu_guest::transport::loopback::Loopback;
-use vfu_guest::transport::pci::{find_tunnel, PciOptions, PciTransport};
+use vfu_guest::transport::pci::{find_tunnel, DriverChoice, PciOptions, PciTransport};
 use vfu_guest::transport::Transport;
 use vfu_guest::tunnel::{DriverConfig, ServeSpec, TunnelDriver};
 use vfu_guest::{direct, models};
@@ -37,10 +37,16 @@ struct Args {
     /// Inside a device VM: drive the tunnel device at this PCI address (e.g.
     /// 0000:00:04.0), or `auto` (the one function with the tunnel's PCI ID 1af4:1078, or
     /// a virtio-fs 1af4:105a whose tag starts with "vfu": compatibility mode), through
-    /// uio_pci_generic, binding it if needed; DMA memory comes from hugepages
-    /// (--memory-mib of them must be free).
+    /// the kernel driver --pci-driver names, binding it if needed; DMA memory comes from
+    /// hugepages (--memory-mib of them must be free).
     #[arg(long, value_name = "BDF", requires = "served")]
     pci: Option<String>,
+    /// With --pci: the kernel driver that gives vfu-guest the function: `uio`
+    /// (uio_pci_generic, INTx), `vfio` (vfio-pci in no-IOMMU mode, an MSI-X vector per
+    /// queue on eventfds) or `auto` (the one it is bound to, else vfio when vfio-pci is
+    /// loaded with no-IOMMU mode on, else uio) [default: auto].
+    #[arg(long, value_name = "uio|vfio|auto", requires = "pci")]
+    pci_driver: Option<DriverChoice>,
     /// With --loopback or --pci: serve device NAME (as exported by the relay) with model MODEL.
     #[arg(long = "serve", value_name = "NAME=MODEL", value_parser = ServeSpec::parse, group = "served")]
     serve: Vec<ServeSpec>,
@@ -130,6 +136,7 @@ fn run(args: Args) -> Result<(), String> {
     if let Some(bdf) = args.pci {
         let options = PciOptions {
             memory: args.memory_mib << 20,
+            driver: args.pci_driver.unwrap_or_default(),
             ..PciOptions::default()
         };
         let bdf = if bdf == "auto" {
@@ -140,6 +147,12 @@ fn run(args: Args) -> Result<(), String> {
             bdf
         };
         let transport = PciTransport::open(&bdf, &options).map_err(|e| e.to_string())?;
+        // A console marker for scripts and tests: which driver, which interrupts.
+        println!(
+            "VFU-GUEST TRANSPORT pci={} {}",
+            transport.bdf(),
+            transport.summary()
+        );
         return drive(transport, config, stop);
     }
     let path = args.loopback.unwrap_or_default();
@@ -178,6 +191,34 @@ fn main() -> ExitCode {
 mod tests {
     use super::*;
     use vfu_guest::tunnel::Served;
+
+    /// --pci-driver takes uio, vfio, auto (and the kernel drivers' names), defaults to
+    /// auto, and only goes with --pci.
+    #[test]
+    fn pci_driver_argument() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["vfu-guest", "--pci", "auto", "--serve", "gpio0=gpio"];
+            argv.extend(extra);
+            Args::try_parse_from(argv)
+        };
+        assert_eq!(parse(&[]).unwrap().pci_driver, None, "auto");
+        for (arg, want) in [
+            ("uio", DriverChoice::Uio),
+            ("uio_pci_generic", DriverChoice::Uio),
+            ("vfio", DriverChoice::Vfio),
+            ("vfio-pci", DriverChoice::Vfio),
+            ("auto", DriverChoice::Auto),
+        ] {
+            assert_eq!(
+                parse(&["--pci-driver", arg]).unwrap().pci_driver,
+                Some(want)
+            );
+        }
+        assert!(parse(&["--pci-driver", "igb_uio"]).is_err());
+        assert!(
+            Args::try_parse_from(["vfu-guest", "--list-models", "--pci-driver", "vfio"]).is_err()
+        );
+    }
 
     /// --serve and --bridge mix and repeat; a name given twice is refused before
     /// anything starts; --loopback needs one of them.

@@ -21,7 +21,8 @@
 #   --args LIST         more vfu-guest arguments, comma-separated (vfu.args=)
 #   --cmd LIST          run this instead of vfu-guest, comma-separated; @BDF@ is the
 #                       tunnel's PCI address (vfu.cmd=)
-#   --driver NAME       uio_pci_generic (default), vfio-pci or none (vfu.driver=)
+#   --driver NAME       vfio-pci (/init's default: no-IOMMU mode, MSI-X),
+#                       uio_pci_generic (INTx) or none (vfu.driver=)
 #   --viommu            add a virtual IOMMU (intel-iommu, intel_iommu=on), put the
 #                       tunnel device behind it (iommu_platform=on) and bind it to
 #                       vfio-pci (unless --driver says otherwise); the relay must then
@@ -44,7 +45,7 @@
 # failed or the VM stopped without saying why (see the log).
 set -euo pipefail
 
-usage() { sed -n '2,47p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,45p' "$0" | sed 's/^# \{0,1\}//'; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)

@@ -22,15 +22,23 @@
 # its last line; target/device-vm/current points to the newest image (boot.sh's
 # default).
 #
+# vfio-pci without an IOMMU needs vfio's no-IOMMU mode, which Debian's kernels are
+# built without (CONFIG_VFIO_NOIOMMU is not set): then vfio.ko alone is built again
+# with it, from the kernel's own source and header packages (linux-source-X.Y,
+# linux-headers-*, linux-kbuild-*: same version) with the compiler the kernel was
+# built with (gcc-12), reproducibly, and replaces the stock vfio.ko in the image.
+#
 # Layout of the cache:
 #   debs/                       downloaded kernel packages (apt-get download)
 #   kernel/PKG_VERSION/         the kernel package, unpacked (dpkg-deb -x)
+#   vfio-noiommu/PKG_VERSION/   vfio.ko built with CONFIG_VFIO_NOIOMMU (and the
+#                               source, headers and build tree it came from)
 #   images/KEY/                 vmlinuz, initrd.cpio.gz, manifest.txt (the inputs),
 #                               sha256sums; the three newest are kept
 #   current -> images/KEY       the image built or found last
 set -euo pipefail
 
-usage() { sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,38p' "$0" | sed 's/^# \{0,1\}//'; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -128,6 +136,7 @@ manifest=$(
     echo "init $(sha256sum "$here/init" | cut -d' ' -f1)"
     echo "build-image.sh $(sha256sum "$0" | cut -d' ' -f1)"
     echo "modules uio_pci_generic: $MODULES_UIO; vfio-pci: $MODULES_VFIO"
+    echo "vfio-noiommu tools: gcc-12 $(pkg_version gcc-12), make $(pkg_version make), binutils $(pkg_version binutils)"
     echo "epoch $epoch"
 )
 key=$(printf '%s\n' "$manifest" | sha256sum | cut -c1-16)
@@ -140,23 +149,32 @@ if [ -e "$img/done" ] && ! $force; then
     exit 0
 fi
 
-# Download and unpack the kernel package.
+# Download a package into the cache: fetch_deb NAME VERSION prints the .deb's path.
 deb_dir=$out/debs
 mkdir -p "$deb_dir"
-deb=$(find "$deb_dir" -maxdepth 1 -name "${kpkg}_*.deb" | while read -r f; do
-    [ "$(dpkg-deb -f "$f" Version)" = "$kver_pkg" ] && echo "$f"; done | head -1)
-if [ -z "$deb" ]; then
-    say "downloading $kpkg=$kver_pkg"
-    apt_opts=()
-    [ "$(id -u)" -ne 0 ] || apt_opts=(-o APT::Sandbox::User=root)
-    (cd "$deb_dir" && apt-get download "${apt_opts[@]}" "$kpkg=$kver_pkg") ||
-        die "cannot download $kpkg=$kver_pkg from Debian's package registry (network? run scripts/device-vm/install-deps.sh, which runs apt-get update)"
-    deb=$(find "$deb_dir" -maxdepth 1 -name "${kpkg}_*.deb" | while read -r f; do
-        [ "$(dpkg-deb -f "$f" Version)" = "$kver_pkg" ] && echo "$f"; done | head -1)
-    [ -n "$deb" ] || die "apt-get download left no ${kpkg}_*.deb in $deb_dir"
-else
-    say "kernel package cached: $deb"
-fi
+cached_deb() {
+    find "$deb_dir" -maxdepth 1 -name "${1}_*.deb" | while read -r f; do
+        [ "$(dpkg-deb -f "$f" Version)" = "$2" ] && echo "$f"; done | head -1
+}
+fetch_deb() {
+    local f
+    f=$(cached_deb "$1" "$2")
+    if [ -z "$f" ]; then
+        say "downloading $1=$2"
+        local apt_opts=()
+        [ "$(id -u)" -ne 0 ] || apt_opts=(-o APT::Sandbox::User=root)
+        (cd "$deb_dir" && apt-get download "${apt_opts[@]}" "$1=$2" >&2) ||
+            die "cannot download $1=$2 from Debian's package registry (network? run scripts/device-vm/install-deps.sh, which runs apt-get update)"
+        f=$(cached_deb "$1" "$2")
+        [ -n "$f" ] || die "apt-get download left no ${1}_*.deb in $deb_dir"
+    else
+        say "package cached: $f"
+    fi
+    echo "$f"
+}
+
+# Download and unpack the kernel package.
+deb=$(fetch_deb "$kpkg" "$kver_pkg")
 ktree=$out/kernel/${kpkg}_$kver_pkg
 if [ ! -e "$ktree/.done" ]; then
     say "unpacking $(basename "$deb") into $ktree"
@@ -174,6 +192,76 @@ for d in "$ktree/lib/modules/$kver" "$ktree/usr/lib/modules/$kver"; do
 done
 [ -n "$moddir" ] || die "no lib/modules/$kver in $deb"
 say "kernel $kver"
+
+# vfio with no-IOMMU mode. noiommu_ko: the vfio.ko to put into the image instead of
+# the stock one (empty: the stock one has it, or it cannot be had).
+kconfig=$ktree/boot/config-$kver
+[ -r "$kconfig" ] || die "no boot/config-$kver in $deb"
+noiommu_ko=
+noiommu_param=enable_unsafe_noiommu_mode=1
+if grep -q '^CONFIG_VFIO_NOIOMMU=y' "$kconfig"; then
+    say "vfio: the kernel has CONFIG_VFIO_NOIOMMU=y"
+elif ! grep -q '^CONFIG_VFIO=m' "$kconfig"; then
+    say "WARNING: vfio is not a module of this kernel and has no no-IOMMU mode: vfio-pci will not bind without a vIOMMU"
+    noiommu_param=
+else
+    nbuild=$out/vfio-noiommu/${kpkg}_$kver_pkg
+    if [ ! -e "$nbuild/.done" ]; then
+        for t in make strip x86_64-linux-gnu-gcc-12 tar; do
+            command -v "$t" >/dev/null || die "'$t' not found (building vfio.ko with no-IOMMU mode): run scripts/device-vm/install-deps.sh"
+        done
+        say "vfio: the kernel is built without CONFIG_VFIO_NOIOMMU: building vfio.ko with it"
+        series=$(echo "$kver" | cut -d. -f1-2)
+        hdeb=$(fetch_deb "linux-headers-$kver" "$kver_pkg")
+        debs=("$hdeb" "$(fetch_deb "linux-source-$series" "$kver_pkg")")
+        for dep in $(dpkg-deb -f "$hdeb" Depends | tr ',' '\n' | awk '{ print $1 }' | grep -E '^linux-(headers|kbuild)-'); do
+            debs+=("$(fetch_deb "$dep" "$kver_pkg")")
+        done
+        rm -rf "$nbuild"
+        mkdir -p "$nbuild/root" "$nbuild/src"
+        for d in "${debs[@]}"; do dpkg-deb -x "$d" "$nbuild/root"; done
+        hdr=$nbuild/root/usr/src/linux-headers-$kver
+        common=$(find "$nbuild/root/usr/src" -maxdepth 1 -name 'linux-headers-*-common*' | head -1)
+        tarball=$(find "$nbuild/root/usr/src" -maxdepth 1 -name "linux-source-$series.tar.*" | head -1)
+        [ -d "$hdr" ] && [ -n "$common" ] && [ -n "$tarball" ] ||
+            die "the headers or source of $kver are not where expected under $nbuild/root/usr/src"
+        grep -q 'gcc-12$' "$hdr/.kernelvariables" ||
+            die "$kver was not built with gcc-12 ($(grep '^CC' "$hdr/.kernelvariables")): build-image.sh knows only gcc-12"
+        tar -xf "$tarball" -C "$nbuild/src" --wildcards '*/drivers/vfio/*.[ch]' '*/drivers/vfio/Makefile' \
+            --exclude '*/drivers/vfio/*/*'
+        vsrc=$(find "$nbuild/src" -type d -path '*/drivers/vfio' | head -1)
+        [ -n "$vsrc" ] || die "no drivers/vfio in $tarball"
+        # vfio.ko's objects for this configuration, from its Makefile (vfio-y and
+        # vfio-$(CONFIG_X) lines with X=y).
+        objs=$(awk -v cfg="$kconfig" '
+            BEGIN { while ((getline l < cfg) > 0) if (l ~ /^CONFIG_[A-Z0-9_]+=y$/) { sub(/=y$/, "", l); on[l] = 1 } }
+            /^vfio-y[ \t]*\+?=/ { for (i = 3; i <= NF; i++) print $i }
+            /^vfio-\$\(CONFIG_[A-Z0-9_]+\)/ { c = $1; sub(/^vfio-\$\(/, "", c); sub(/\).*/, "", c); if (c in on) for (i = 3; i <= NF; i++) print $i }
+        ' "$vsrc/Makefile" | tr '\n' ' ')
+        build=$nbuild/build
+        mkdir -p "$build"
+        cp "$vsrc"/*.c "$vsrc"/*.h "$build/"
+        printf 'obj-m := vfio.o\nvfio-y := %s\nccflags-y := -DCONFIG_VFIO_NOIOMMU=1\n' "$objs" >"$build/Kbuild"
+        say "make -C $common O=$hdr M=$build modules (vfio-y: $objs)"
+        # No BTF (needs pahole); paths mapped so that the module does not depend on
+        # where the cache is.
+        make -s -C "$common" O="$hdr" M="$build" ARCH=x86 KERNELRELEASE="$kver" \
+            CC=x86_64-linux-gnu-gcc-12 CONFIG_DEBUG_INFO_BTF_MODULES= \
+            KCFLAGS="-ffile-prefix-map=$build/=drivers/vfio/ -ffile-prefix-map=$nbuild/root/=/" \
+            -j2 modules >&2 || die "building vfio.ko with CONFIG_VFIO_NOIOMMU failed"
+        strip --strip-debug -o "$nbuild/vfio.ko" "$build/vfio.ko"
+        stock=$(find "$moddir/kernel/drivers/vfio" -maxdepth 1 -name 'vfio.ko*' | head -1)
+        [ "$(modinfo -F vermagic "$nbuild/vfio.ko")" = "$(modinfo -F vermagic "$stock")" ] ||
+            die "the vfio.ko built does not match the kernel (vermagic $(modinfo -F vermagic "$nbuild/vfio.ko"))"
+        modinfo -F parm "$nbuild/vfio.ko" | grep -q '^enable_unsafe_noiommu_mode:' ||
+            die "the vfio.ko built has no enable_unsafe_noiommu_mode parameter"
+        # Only the module is kept; the packages stay in debs/.
+        rm -rf "$nbuild/root" "$nbuild/src" "$build"
+        touch "$nbuild/.done"
+    fi
+    noiommu_ko=$nbuild/vfio.ko
+    say "vfio: no-IOMMU vfio.ko $noiommu_ko (sha256 $(sha256sum "$noiommu_ko" | cut -d' ' -f1))"
+fi
 
 # Staging tree.
 tmp=$out/images/$key.tmp
@@ -219,6 +307,14 @@ visit() {
     done
     order+=("$m")
 }
+unpack_module() { # $1: file under $moddir, $2: decompressed file under the image's
+    case "$1" in
+    *.xz) xz -dc "$moddir/$1" >"$root/lib/modules/$kver/$2" ;;
+    *.zst) zstd -qdc "$moddir/$1" >"$root/lib/modules/$kver/$2" ;;
+    *.gz) gzip -dc "$moddir/$1" >"$root/lib/modules/$kver/$2" ;;
+    *) cp "$moddir/$1" "$root/lib/modules/$kver/$2" ;;
+    esac
+}
 write_list() { # $1: list name, rest: root modules
     local name=$1 m rel
     shift
@@ -234,14 +330,17 @@ write_list() { # $1: list name, rest: root modules
         if [ ! -e "$root/lib/modules/$kver/$rel" ]; then
             mkdir -p "$(dirname "$root/lib/modules/$kver/$rel")"
             case "${modfile[$m]}" in
-            *.xz) xz -dc "$moddir/${modfile[$m]}" >"$root/lib/modules/$kver/$rel" ;;
-            *.zst) zstd -qdc "$moddir/${modfile[$m]}" >"$root/lib/modules/$kver/$rel" ;;
-            *.gz) gzip -dc "$moddir/${modfile[$m]}" >"$root/lib/modules/$kver/$rel" ;;
-            *) cp "$moddir/${modfile[$m]}" "$root/lib/modules/$kver/$rel" ;;
+            */vfio.ko*) if [ -n "$noiommu_ko" ]; then cp "$noiommu_ko" "$root/lib/modules/$kver/$rel"; else unpack_module "${modfile[$m]}" "$rel"; fi ;;
+            *) unpack_module "${modfile[$m]}" "$rel" ;;
             esac
             chmod 0644 "$root/lib/modules/$kver/$rel"
         fi
-        echo "$m $rel" >>"$root/lib/modules/vfu/$name.list"
+        # Module parameters follow the file: vfio's no-IOMMU mode.
+        if [ "$m" = vfio ] && [ -n "$noiommu_param" ]; then
+            echo "$m $rel $noiommu_param" >>"$root/lib/modules/vfu/$name.list"
+        else
+            echo "$m $rel" >>"$root/lib/modules/vfu/$name.list"
+        fi
     done
     say "modules for $name: ${order[*]}"
 }
@@ -254,7 +353,10 @@ for f in modules.order modules.builtin modules.builtin.modinfo; do
 done
 depmod -b "$root" "$kver" || die "depmod -b $root $kver failed"
 
-printf '%s\nkernel-release %s\n' "$manifest" "$kver" >"$root/etc/vfu-image"
+noiommu_line="vfio.ko stock"
+[ -z "$noiommu_ko" ] || noiommu_line="vfio.ko built with CONFIG_VFIO_NOIOMMU, sha256 $(sha256sum "$noiommu_ko" | cut -d' ' -f1)"
+manifest=$(printf '%s\nkernel-release %s\n%s' "$manifest" "$kver" "$noiommu_line")
+printf '%s\n' "$manifest" >"$root/etc/vfu-image"
 chmod 0644 "$root/etc/vfu-image"
 
 # The archive: sorted, one time stamp, owned by root, gzip without name or time.
@@ -263,7 +365,7 @@ find "$root" -exec touch -h -d "@$epoch" {} +
     cpio --null --create --format=newc --owner=0:0 --reproducible --quiet) |
     gzip -9 -n >"$tmp/initrd.cpio.gz"
 install -m 0644 "$vmlinuz" "$tmp/vmlinuz"
-printf '%s\nkernel-release %s\n' "$manifest" "$kver" >"$tmp/manifest.txt"
+printf '%s\n' "$manifest" >"$tmp/manifest.txt"
 (cd "$tmp" && sha256sum vmlinuz initrd.cpio.gz >sha256sums)
 rm -rf "$root"
 touch "$tmp/done"

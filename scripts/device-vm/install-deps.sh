@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building and booting the device VM needs, from Debian's packages:
 # QEMU 10.0 (qemu-system-x86, from bookworm-backports on Debian 12), busybox-static,
-# cpio, kmod (depmod, modinfo), xz-utils, gzip and file. Idempotent: when everything
+# cpio, kmod (depmod, modinfo), xz-utils, gzip, file, and make, gcc-12 and binutils
+# (build-image.sh builds vfio.ko with no-IOMMU mode for Debian's kernel). Idempotent: when everything
 # is there already it changes nothing and needs no network.
 #
 #   scripts/device-vm/install-deps.sh [--check] [--with-shellcheck]
@@ -37,7 +38,7 @@ die() { printf 'install-deps: ERROR: %s\n' "$*" >&2; exit 1; }
 # The QEMU we need: 10.0 or later (vhost-user-fs-pci with many queues, memfd backends).
 QEMU_MIN=10.0
 # Plain packages from the release itself.
-BASE_PKGS=(busybox-static cpio kmod xz-utils gzip file)
+BASE_PKGS=(busybox-static cpio kmod xz-utils gzip file make gcc-12 binutils)
 $with_shellcheck && BASE_PKGS+=(shellcheck)
 
 # Prints the installed version of package $1, or nothing.

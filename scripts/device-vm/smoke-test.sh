@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Boots the device VM under TCG against a real vfu-relay and checks that /init gets
-# the tunnel device (vhost-user-fs-pci, PCI id 1af4:105a) bound to uio_pci_generic,
-# runs the image's static vfu-guest and powers off with its status.
+# the tunnel device (vhost-user-fs-pci, PCI id 1af4:105a) bound to vfio-pci in no-IOMMU
+# mode (/init's default), runs the image's static vfu-guest and powers off with its
+# status.
 # It does not serve devices (no client traffic): that is the end-to-end test's job.
 #
 #   scripts/device-vm/smoke-test.sh [--relay PATH] [--image DIR] [--timeout SECONDS]
@@ -14,7 +15,7 @@
 # Prints "device-vm smoke test: passed" and exits 0, or says what went wrong.
 set -euo pipefail
 
-usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
@@ -63,7 +64,8 @@ if [ "$status" -ne 0 ]; then
     die "boot.sh exited with $status"
 fi
 console=$(tr -d '\r' <"$dir/console.log")
-for want in 'VFU-INIT READY bdf=[0-9a-f:.]+ driver=uio_pci_generic' \
+for want in 'VFU-INIT READY bdf=[0-9a-f:.]+ driver=vfio-pci' \
+    'is /dev/vfio/noiommu-[0-9]+ \(no-IOMMU\)' \
     'hugetlbfs mounted on /dev/hugepages' \
     '^gpio$' \
     'VFU-GUEST EXIT status=0' 'VFU-INIT POWEROFF'; do

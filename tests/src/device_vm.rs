@@ -4,7 +4,7 @@
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Booting under TCG and starting vfu-guest takes ~5 s here; CI machines may be slower.
 pub const BOOT: Duration = Duration::from_secs(120);
@@ -24,10 +24,27 @@ pub struct DeviceVm {
 
 impl DeviceVm {
     /// Boots the image connected to the relay's frontend `socket`, serving `serve`
-    /// (`NAME=MODEL,...`); the console goes to `log`.
+    /// (`NAME=MODEL,...`) through /init's default PCI driver; the console goes to
+    /// `log`.
     pub fn boot(image: &Path, socket: &Path, log: &Path, serve: &str) -> Self {
+        Self::boot_with_driver(image, socket, log, serve, None)
+    }
+
+    /// [`DeviceVm::boot`] with the tunnel device bound to `driver` (`uio_pci_generic`
+    /// or `vfio-pci`, /init's `vfu.driver=`).
+    pub fn boot_with_driver(
+        image: &Path,
+        socket: &Path,
+        log: &Path,
+        serve: &str,
+        driver: Option<&str>,
+    ) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/device-vm/boot.sh");
-        let child = Command::new(script)
+        let mut cmd = Command::new(script);
+        if let Some(d) = driver {
+            cmd.args(["--driver", d]);
+        }
+        let child = cmd
             .args(["--image", &image.display().to_string()])
             .args(["--socket", &socket.display().to_string()])
             .args(["--serve", serve, "--timeout", "600", "--quiet"])
@@ -47,6 +64,30 @@ impl DeviceVm {
     /// What the VM printed so far.
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The console lines that start with `prefix` (markers such as
+    /// `VFU-GUEST TRANSPORT`), without their line endings.
+    pub fn markers(&self, prefix: &str) -> Vec<String> {
+        self.console()
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .filter(|l| l.starts_with(prefix))
+            .collect()
+    }
+
+    /// Waits up to `timeout` for the `n`th console line starting with `prefix`.
+    pub fn wait_for_marker(&self, prefix: &str, n: usize, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = self.markers(prefix).into_iter().nth(n - 1) {
+                return Some(line);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -42,6 +42,46 @@ enum DirectUse {
     Answered,
 }
 
+/// Why the engine thread woke up, counted since it started: the proof that the
+/// device's interrupts arrive (a driver whose interrupts are lost still works, on the
+/// wait timeouts alone, 200 ms at a time).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Wakeups {
+    /// Queue interrupts acknowledged, by the queue index the fd is watched with.
+    pub interrupts: std::collections::BTreeMap<u16, u64>,
+    /// Waits that ended with nothing to do (the timeout).
+    pub timeouts: u64,
+}
+
+impl Wakeups {
+    /// All queue interrupts.
+    pub fn total_interrupts(&self) -> u64 {
+        self.interrupts.values().sum()
+    }
+}
+
+impl std::fmt::Display for Wakeups {
+    /// `interrupts=N timeouts=M by-queue=Q:N,...`
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let by_queue: Vec<String> = self
+            .interrupts
+            .iter()
+            .map(|(q, n)| format!("{q}:{n}"))
+            .collect();
+        write!(
+            f,
+            "interrupts={} timeouts={} by-queue={}",
+            self.total_interrupts(),
+            self.timeouts,
+            if by_queue.is_empty() {
+                "-".to_string()
+            } else {
+                by_queue.join(",")
+            }
+        )
+    }
+}
+
 /// Transport, queue pairs, and the answers channel threads wait for.
 pub struct Io<T: Transport> {
     pub(super) transport: T,
@@ -66,6 +106,8 @@ pub struct Io<T: Transport> {
     /// Answers found for channel threads, handed over once the lock is released (a
     /// thread woken while the lock is held would only block on it again).
     answers: Vec<Answer>,
+    /// Why the engine thread woke up.
+    pub(super) wakeups: Wakeups,
 }
 
 /// An answer a channel thread waits for.
@@ -110,6 +152,7 @@ impl<T: Transport> Io<T> {
             waiters: HashMap::new(),
             direct_use,
             answers: Vec::new(),
+            wakeups: Wakeups::default(),
         })
     }
 
@@ -215,6 +258,9 @@ impl<T: Transport> Io<T> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
+        if n == 0 {
+            self.wakeups.timeouts += 1;
+        }
         Ok(self.acknowledge(&events[..n]))
     }
 
@@ -232,6 +278,7 @@ impl<T: Transport> Io<T> {
             } else {
                 // The token is the queue index.
                 self.transport.ack_interrupt(data as u16);
+                *self.wakeups.interrupts.entry(data as u16).or_default() += 1;
             }
         }
         others

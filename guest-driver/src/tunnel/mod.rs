@@ -21,7 +21,7 @@ mod worker;
 pub use channel_server::{ChannelServer, Outlet, OutletError};
 pub use channels::{check_name, ServeSpec, Served};
 pub use dma::{DmaPort, TunnelDma};
-pub use io::ThreadPort;
+pub use io::{ThreadPort, Wakeups};
 pub use model_channel::ModelChannel;
 
 use std::os::fd::{AsRawFd, RawFd};
@@ -221,6 +221,9 @@ impl<T: Transport + 'static> TunnelDriver<T> {
             };
             let io = self.io.clone();
             let mut io = io.lock().unwrap_or_else(|p| p.into_inner());
+            if n == 0 {
+                io.wakeups.timeouts += 1;
+            }
             for token in io.acknowledge(&events[..n]) {
                 let channel = (token & !MODEL_TOKEN) as u32;
                 let out = self.channels.service(channel, &mut *io, &mut spawn);
@@ -237,7 +240,13 @@ impl<T: Transport + 'static> TunnelDriver<T> {
             drop(io);
             answers.into_iter().for_each(io::Answer::deliver);
         }
+        println!("VFU-GUEST WAKEUPS {}", self.lock().wakeups);
         Ok(())
+    }
+
+    /// Why the engine thread woke up so far.
+    pub fn wakeups(&self) -> Wakeups {
+        self.lock().wakeups.clone()
     }
 
     /// Keeps the epoll set in step with the event fds of the servers on this thread
@@ -319,7 +328,14 @@ impl<T: Transport + 'static> TunnelDriver<T> {
                 if !self.up {
                     debug!("message before the HELLO reply; handled anyway");
                 }
-                self.channels.handle(channel, tag, body, io, spawn)
+                let session_end = matches!(body, Body::SessionEnd);
+                let replies = self.channels.handle(channel, tag, body, io, spawn);
+                if session_end {
+                    // A console marker when a client goes away: how the engine was woken
+                    // while it was served (tests read it to tell interrupts from polling).
+                    println!("VFU-GUEST WAKEUPS {}", io.wakeups);
+                }
+                replies
             }
         };
         send_all(io, replies)

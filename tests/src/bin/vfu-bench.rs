@@ -133,64 +133,96 @@ fn run(rounds: usize, writes: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Round trips through a real device VM, the loopback device VM and the direct server,
-/// in one run, unpinned.
+/// Round trips through a real device VM with the tunnel on each PCI driver (one VM after
+/// the other), the loopback device VM and the direct server, in one run, unpinned.
 fn device_vm(rounds: usize, writes: usize) -> Result<(), String> {
-    use vfu_tests::device_vm::{image, DeviceVm};
+    use vfu_tests::device_vm::image;
     let image = image().ok_or(
         "no device-VM image: run scripts/device-vm/build-image.sh and set \
          VFU_DEVICE_VM_IMAGE=target/device-vm/current",
     )?;
     let scratch = Scratch::new("bench-vm");
     let frontend = scratch.join("frontend.sock");
-    let vm_frontend = scratch.join("vm-frontend.sock");
     let relayed = scratch.join("gpio0.sock");
-    let in_vm = scratch.join("vm-gpio0.sock");
     let direct = scratch.join("direct.sock");
     let _relay = start_relay_on(None, &frontend, &[("gpio0", &relayed)]);
     let _guest = start_loopback_guest_on(None, &frontend, &[("gpio0", "gpio")]);
     let _direct = start_direct_on(None, &direct, "gpio");
-    let _vm_relay = vfu_tests::start_relay_with(
-        None,
-        &vm_frontend,
-        &[("gpio0", &in_vm)],
-        &["--shm-size-mib", "0"],
-    );
-    if !wait_for_socket(&vm_frontend, Duration::from_secs(10)) {
+    if !wait_for_socket(&relayed, Duration::from_secs(10)) {
         return Err("relay did not start".into());
     }
-    let vm = DeviceVm::boot(
-        &image,
-        &vm_frontend,
-        &scratch.join("console.log"),
-        "gpio0=gpio",
-    );
-    let _ = vfu_tests::connect_served(&in_vm, vfu_tests::device_vm::BOOT);
     println!("vfu-bench device-vm: {rounds} REGION_READ round trips (1 byte, gpio BAR2) and {writes} posted 1-byte REGION_WRITEs per path, unpinned");
     println!();
     println!("| path | p50 us | p99 us | posted writes/s | p50 vs direct |");
     println!("|---|---:|---:|---:|---:|");
     let d = measure(&direct, rounds, writes)?;
     let l = measure(&relayed, rounds, writes)?;
-    let v =
-        measure(&in_vm, rounds, writes).map_err(|e| format!("{e}; console:\n{}", vm.console()))?;
-    for (path, f) in [
-        ("direct", &d),
-        ("relayed, loopback device VM", &l),
-        (
-            "relayed, QEMU TCG device VM (vhost-user-fs-pci, uio_pci_generic)",
-            &v,
-        ),
+    let mut rows = vec![
+        ("direct".to_string(), d),
+        ("relayed, loopback device VM".to_string(), l),
+    ];
+    for (driver, what) in [
+        ("uio_pci_generic", "uio_pci_generic, INTx"),
+        ("vfio-pci", "vfio-pci no-IOMMU, MSI-X"),
     ] {
+        let f = in_device_vm(&image, &scratch, driver, rounds, writes)?;
+        rows.push((
+            format!("relayed, QEMU TCG device VM (vhost-user-fs-pci, {what})"),
+            f,
+        ));
+    }
+    let base = rows[0].1.lat.p50;
+    for (path, f) in &rows {
         println!(
             "| {path} | {:.1} | {:.1} | {:.0} | {:.2}x |",
             f.lat.p50,
             f.lat.p99,
             f.writes_per_s,
-            f.lat.p50 / d.lat.p50
+            f.lat.p50 / base
         );
     }
     Ok(())
+}
+
+/// Boots a device VM (and a relay for it) with the tunnel bound to `driver`, measures
+/// through it, and stops both.
+fn in_device_vm(
+    image: &Path,
+    scratch: &Scratch,
+    driver: &str,
+    rounds: usize,
+    writes: usize,
+) -> Result<Figures, String> {
+    use vfu_tests::device_vm::{DeviceVm, BOOT};
+    let frontend = scratch.join(&format!("vm-{driver}.sock"));
+    let in_vm = scratch.join(&format!("vm-{driver}-gpio0.sock"));
+    let _relay = vfu_tests::start_relay_with(
+        None,
+        &frontend,
+        &[("gpio0", &in_vm)],
+        &["--shm-size-mib", "0"],
+    );
+    if !wait_for_socket(&frontend, Duration::from_secs(10)) {
+        return Err("relay did not start".into());
+    }
+    let vm = DeviceVm::boot_with_driver(
+        image,
+        &frontend,
+        &scratch.join(&format!("console-{driver}.log")),
+        "gpio0=gpio",
+        Some(driver),
+    );
+    let _ = vfu_tests::connect_served(&in_vm, BOOT);
+    let transport = vm
+        .wait_for_marker("VFU-GUEST TRANSPORT", 1, BOOT)
+        .unwrap_or_default();
+    if !transport.contains(&format!("driver={driver}")) {
+        return Err(format!(
+            "the device VM did not drive the tunnel through {driver}; console:\n{}",
+            vm.console()
+        ));
+    }
+    measure(&in_vm, rounds, writes).map_err(|e| format!("{e}; console:\n{}", vm.console()))
 }
 
 fn main() -> ExitCode {

@@ -5,6 +5,8 @@ use thiserror::Error;
 
 /// PCI capability ID of vendor-specific capabilities, which virtio uses.
 const CAP_VENDOR: u8 = 0x09;
+/// PCI capability ID of MSI-X.
+const CAP_MSIX: u8 = 0x11;
 /// Capabilities pointer in the configuration space header.
 const CAP_POINTER: usize = 0x34;
 /// Status register bit: the capability list exists.
@@ -37,6 +39,50 @@ pub struct SharedMemoryCap {
     pub range: BarRange,
 }
 
+/// The MSI-X capability: how many vectors, and where the table and the pending bit
+/// array lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MsixCap {
+    /// Vectors in the table.
+    pub table_size: u16,
+    /// The table: 16 bytes per vector.
+    pub table: BarRange,
+    /// The pending bit array: a bit per vector, in 64-bit words.
+    pub pba: BarRange,
+}
+
+impl MsixCap {
+    /// Decodes the capability at `at` (message control, table and PBA offset/BIR).
+    fn decode(space: &[u8], at: usize) -> Option<Self> {
+        let control = u16_at(space, at + 2)?;
+        let table = u32_at(space, at + 4)?;
+        let pba = u32_at(space, at + 8)?;
+        let table_size = (control & 0x7ff) + 1;
+        Some(Self {
+            table_size,
+            table: BarRange {
+                bar: (table & 7) as u8,
+                offset: u64::from(table & !7),
+                len: 16 * u64::from(table_size),
+            },
+            pba: BarRange {
+                bar: (pba & 7) as u8,
+                offset: u64::from(pba & !7),
+                len: 8 * u64::from(table_size.div_ceil(64)),
+            },
+        })
+    }
+}
+
+impl BarRange {
+    /// Whether the two ranges share a byte of the same BAR.
+    pub fn overlaps(&self, other: &BarRange) -> bool {
+        self.bar == other.bar
+            && self.offset < other.offset.saturating_add(other.len)
+            && other.offset < self.offset.saturating_add(self.len)
+    }
+}
+
 /// Where the virtio structures of a modern virtio-pci device lie.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VirtioCaps {
@@ -52,6 +98,8 @@ pub struct VirtioCaps {
     pub device: Option<BarRange>,
     /// Shared memory regions.
     pub shared_memory: Vec<SharedMemoryCap>,
+    /// The MSI-X capability, if the function has one.
+    pub msix: Option<MsixCap>,
 }
 
 /// Why a configuration space is not that of a modern virtio-pci device.
@@ -101,6 +149,7 @@ impl VirtioCaps {
         }
         let (mut common, mut notify, mut isr, mut device) = (None, None, None, None);
         let mut shared_memory = Vec::new();
+        let mut msix = None;
         let mut at = usize::from(space[CAP_POINTER] & 0xfc);
         // Each capability is at least 4 bytes in the 192 bytes after the header.
         let mut budget = 48;
@@ -110,6 +159,9 @@ impl VirtioCaps {
             }
             budget -= 1;
             let (id, next, cap_len) = (space[at], space[at + 1], usize::from(space[at + 2]));
+            if id == CAP_MSIX && msix.is_none() {
+                msix = MsixCap::decode(space, at);
+            }
             if id == CAP_VENDOR && cap_len >= 16 && at + cap_len <= space.len() {
                 let cfg_type = space[at + 3];
                 let bar = space[at + 4];
@@ -154,6 +206,7 @@ impl VirtioCaps {
             isr: isr.ok_or(CapsError::Missing("ISR"))?,
             device,
             shared_memory,
+            msix,
         })
     }
 }
@@ -168,7 +221,8 @@ mod tests {
     /// with a 64-bit offset and length is read whole.
     #[test]
     fn parses_qemu_layout() {
-        let msix = (0x11u8, vec![0u8; 10]);
+        // MSI-X: 3 vectors, table at BAR 1 + 0, PBA at BAR 1 + 0x800.
+        let msix = (0x11u8, vec![2, 0, 1, 0, 0, 0, 1, 8, 0, 0]);
         let s = space(&[
             msix,
             vcap(COMMON_CFG, 4, 0, 0, 0x38, &[]),
@@ -190,6 +244,23 @@ mod tests {
         assert_eq!(caps.device.unwrap().offset, 0x2000);
         assert_eq!(caps.notify.offset, 0x3000);
         assert_eq!(caps.notify_multiplier, 4);
+        assert_eq!(
+            caps.msix,
+            Some(MsixCap {
+                table_size: 3,
+                table: BarRange {
+                    bar: 1,
+                    offset: 0,
+                    len: 48
+                },
+                pba: BarRange {
+                    bar: 1,
+                    offset: 0x800,
+                    len: 8
+                },
+            })
+        );
+        assert!(!caps.msix.unwrap().table.overlaps(&caps.common));
         assert_eq!(
             caps.shared_memory,
             vec![SharedMemoryCap {

@@ -163,6 +163,12 @@ impl HugeMemory {
         unsafe { SharedMemory::new(&self.chunks) }
     }
 
+    /// `(local pointer, length, physical address)` of each physically contiguous run:
+    /// the device addresses when there is no IOMMU.
+    pub fn physical_runs(&self) -> &[(*mut u8, usize, u64)] {
+        &self.chunks
+    }
+
     /// Physically contiguous runs.
     pub fn runs(&self) -> usize {
         self.chunks.len()

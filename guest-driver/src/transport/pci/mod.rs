@@ -1,13 +1,20 @@
 //! The tunnel device as a modern virtio-pci function inside a real device VM, driven
-//! from userspace through `uio_pci_generic` (no IOMMU): registers through the mmapped
-//! BARs the virtio capabilities point to, DMA memory from hugepages with physical
-//! addresses, and INTx through the UIO device (virtio 1.2, section 4.1).
+//! from userspace without an IOMMU (virtio 1.2, section 4.1): registers through the
+//! mmapped BARs the virtio capabilities point to, and DMA memory from hugepages with
+//! physical addresses. Two kernel drivers give the function to userspace:
+//!
+//! - `uio_pci_generic`: BARs and configuration space through sysfs, one INTx for every
+//!   queue through the UIO device (acknowledged through the ISR, unmasked through the
+//!   command register);
+//! - `vfio-pci` in no-IOMMU mode ([`vfio`]): BARs and configuration space through the
+//!   VFIO device, an MSI-X vector per queue signalled on its own eventfd.
 
 mod caps;
 mod hugepages;
 mod sysfs;
+pub mod vfio;
 
-pub use caps::{BarRange, CapsError, VirtioCaps};
+pub use caps::{BarRange, CapsError, MsixCap, VirtioCaps};
 pub use hugepages::{HugeMemory, HugeMemoryError};
 pub use sysfs::{parse_bdf, Mmio, PciDevice, PciError, UIO_DRIVER};
 
@@ -19,6 +26,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{info, warn};
+use vmm_sys_util::eventfd::EventFd;
+
+use vfio::{IommuModel, NoIommu, VfioDevice, VfioFacts, VFIO_DRIVER};
 
 use super::{Transport, TransportError};
 use crate::virtqueue::SharedMemory;
@@ -164,6 +174,74 @@ fn setup(step: &'static str) -> impl FnOnce(String) -> TransportError {
     move |reason| TransportError::Setup { step, reason }
 }
 
+/// The kernel driver that gives vfu-guest the function.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PciDriver {
+    /// `uio_pci_generic`: INTx.
+    Uio,
+    /// `vfio-pci` in no-IOMMU mode: MSI-X on eventfds.
+    Vfio,
+}
+
+impl PciDriver {
+    /// The kernel driver's name.
+    pub fn kernel_name(self) -> &'static str {
+        match self {
+            PciDriver::Uio => UIO_DRIVER,
+            PciDriver::Vfio => VFIO_DRIVER,
+        }
+    }
+}
+
+/// What `--pci-driver` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DriverChoice {
+    /// uio_pci_generic.
+    Uio,
+    /// vfio-pci (no-IOMMU).
+    Vfio,
+    /// The driver the function is bound to if it is one of the two; else vfio-pci when
+    /// it is loaded with no-IOMMU mode on; else uio_pci_generic.
+    #[default]
+    Auto,
+}
+
+impl std::str::FromStr for DriverChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "uio" | UIO_DRIVER => Ok(Self::Uio),
+            "vfio" | VFIO_DRIVER => Ok(Self::Vfio),
+            "auto" => Ok(Self::Auto),
+            _ => Err(format!("{s:?}: expected uio, vfio or auto")),
+        }
+    }
+}
+
+/// The driver `choice` comes to for a function bound now to `bound`, and why.
+pub fn choose_driver(
+    choice: DriverChoice,
+    bound: Option<&str>,
+    vfio: &VfioFacts,
+    bdf: &str,
+) -> (PciDriver, String) {
+    match choice {
+        DriverChoice::Uio => (PciDriver::Uio, "asked for (--pci-driver uio)".into()),
+        DriverChoice::Vfio => (PciDriver::Vfio, "asked for (--pci-driver vfio)".into()),
+        DriverChoice::Auto => match bound {
+            Some(VFIO_DRIVER) => (PciDriver::Vfio, format!("{bdf} is bound to it")),
+            Some(UIO_DRIVER) => (PciDriver::Uio, format!("{bdf} is bound to it")),
+            _ => match vfio.usable(bdf) {
+                Ok(()) => (
+                    PciDriver::Vfio,
+                    "vfio-pci is loaded with no-IOMMU mode on".into(),
+                ),
+                Err(e) => (PciDriver::Uio, format!("vfio-pci is not usable: {e}")),
+            },
+        },
+    }
+}
+
 /// Where to find things on the system (a test may point these elsewhere).
 #[derive(Debug, Clone)]
 pub struct PciOptions {
@@ -173,6 +251,8 @@ pub struct PciOptions {
     pub dev: std::path::PathBuf,
     /// Bytes of hugepage memory for rings and buffers.
     pub memory: usize,
+    /// The kernel driver to drive the function through.
+    pub driver: DriverChoice,
 }
 
 impl Default for PciOptions {
@@ -181,6 +261,79 @@ impl Default for PciOptions {
             sysfs: "/sys".into(),
             dev: "/dev".into(),
             memory: 64 << 20,
+            driver: DriverChoice::Auto,
+        }
+    }
+}
+
+/// How the function's configuration space and BARs are reached.
+enum Access {
+    Sysfs,
+    Vfio(VfioDevice),
+}
+
+impl Access {
+    fn config(&self, device: &PciDevice) -> Result<Vec<u8>, String> {
+        match self {
+            Access::Sysfs => device.config().map_err(|e| e.to_string()),
+            Access::Vfio(v) => v.read_config(4096).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn write_config(&self, device: &PciDevice, offset: u64, data: &[u8]) -> Result<(), String> {
+        match self {
+            Access::Sysfs => device.write_config(offset, data).map_err(|e| e.to_string()),
+            Access::Vfio(v) => v.write_config(offset, data).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Maps a BAR; with VFIO, `ranges` (the structures used in it) must lie in its
+    /// mmappable parts.
+    fn map_bar(&self, device: &PciDevice, bar: u8, ranges: &[BarRange]) -> Result<Mmio, String> {
+        match self {
+            Access::Sysfs => device.map_bar(bar).map_err(|e| e.to_string()),
+            Access::Vfio(v) => {
+                let (mmio, info) = v.map_bar(bar).map_err(|e| e.to_string())?;
+                match ranges
+                    .iter()
+                    .find(|r| r.bar == bar && !info.mappable(r.offset, r.len))
+                {
+                    Some(r) => Err(format!(
+                        "BAR {bar}: {r:?} is not in a part VFIO lets us mmap ({:?})",
+                        info.mmap
+                    )),
+                    None => Ok(mmio),
+                }
+            }
+        }
+    }
+}
+
+/// How the device interrupts the driver.
+enum Interrupts {
+    /// uio_pci_generic: one INTx for every queue.
+    Intx {
+        uio: File,
+        /// The configuration space: uio_pci_generic masks INTx (the command
+        /// register's Interrupt Disable bit) on each interrupt, and the driver unmasks
+        /// it here.
+        config: File,
+        isr: Regs,
+    },
+    /// vfio-pci: MSI-X, queue `i` on vector `i % vectors.len()`, each vector on its
+    /// eventfd.
+    Msix {
+        vectors: Vec<EventFd>,
+        // Last: closing it turns MSI-X off and releases the function.
+        _vfio: VfioDevice,
+    },
+}
+
+impl Interrupts {
+    fn vector_of(&self, queue: u16) -> u16 {
+        match self {
+            Interrupts::Intx { .. } => NO_VECTOR,
+            Interrupts::Msix { vectors, .. } => queue % vectors.len() as u16,
         }
     }
 }
@@ -191,15 +344,12 @@ pub struct PciTransport {
     memory: SharedMemory,
     _huge: HugeMemory,
     device: PciDevice,
+    driver: PciDriver,
     common: Regs,
     notify: Regs,
     notify_multiplier: u32,
-    isr: Regs,
     shm: Option<(*mut u8, usize)>,
-    uio: File,
-    /// The configuration space: uio_pci_generic masks INTx (the command register's
-    /// Interrupt Disable bit) on each interrupt, and the driver unmasks it here.
-    config: File,
+    irq: Interrupts,
     /// Notification address of each queue set up.
     notify_at: Vec<Option<u64>>,
     device_features: u64,
@@ -212,8 +362,9 @@ pub struct PciTransport {
 unsafe impl Send for PciTransport {}
 
 impl PciTransport {
-    /// Opens the virtio-pci function at `bdf`, binds it to uio_pci_generic if it is not
-    /// (or says exactly how to), resets it and reads its features.
+    /// Opens the virtio-pci function at `bdf` through the driver `options.driver`
+    /// comes to, binding it if it is not (or saying exactly how to), resets it and
+    /// reads its features.
     pub fn open(bdf: &str, options: &PciOptions) -> Result<Self, TransportError> {
         let connect = |e: String| TransportError::Connect {
             what: format!("PCI function {bdf}"),
@@ -241,27 +392,73 @@ impl PciTransport {
                 ),
             }
         }
-        device.bind_uio().map_err(|e| connect(e.to_string()))?;
-        let config = device.config().map_err(|e| connect(e.to_string()))?;
+        let facts = VfioFacts::read(&options.sysfs, device.bdf());
+        let (driver, why) = choose_driver(
+            options.driver,
+            device.driver().as_deref(),
+            &facts,
+            device.bdf(),
+        );
+        info!(
+            "{}: driving it through {} ({why})",
+            device.bdf(),
+            driver.kernel_name()
+        );
+        let model = NoIommu;
+        let access = match driver {
+            PciDriver::Uio => {
+                device.bind_uio().map_err(|e| connect(e.to_string()))?;
+                Access::Sysfs
+            }
+            PciDriver::Vfio => {
+                // Refuse before binding what could not work after it.
+                if device.driver().as_deref() != Some(VFIO_DRIVER) {
+                    facts
+                        .usable(device.bdf())
+                        .map_err(|e| connect(e.to_string()))?;
+                }
+                device
+                    .bind(
+                        VFIO_DRIVER,
+                        "modprobe vfio enable_unsafe_noiommu_mode=1 && modprobe vfio-pci",
+                    )
+                    .map_err(|e| connect(e.to_string()))?;
+                Access::Vfio(
+                    VfioDevice::open(&options.sysfs, &options.dev, device.bdf(), &model)
+                        .map_err(|e| connect(e.to_string()))?,
+                )
+            }
+        };
+        let config = access.config(&device).map_err(connect)?;
         let caps = VirtioCaps::parse(&config).map_err(|e| {
             connect(format!(
                 "{e} (the capabilities need 256 bytes of config space: run as root)"
             ))
         })?;
         // Memory decoding and bus mastering on (uio_pci_generic leaves them to us);
-        // INTx allowed.
-        let cmd = u16::from_le_bytes([config[4], config[5]]);
-        let cmd = (cmd | CMD_MEMORY | CMD_BUS_MASTER) & !CMD_INTX_DISABLE;
-        device
-            .write_config(4, &cmd.to_le_bytes())
-            .map_err(|e| connect(e.to_string()))?;
+        // INTx allowed with uio (with vfio, the driver does not use INTx).
+        let cmd = u16::from_le_bytes([config[4], config[5]]) | CMD_MEMORY | CMD_BUS_MASTER;
+        let cmd = match driver {
+            PciDriver::Uio => cmd & !CMD_INTX_DISABLE,
+            PciDriver::Vfio => cmd,
+        };
+        access
+            .write_config(&device, 4, &cmd.to_le_bytes())
+            .map_err(connect)?;
 
+        let mut used = vec![caps.common, caps.notify, caps.isr];
+        used.extend(
+            caps.shared_memory
+                .iter()
+                .filter(|s| s.id == 0)
+                .map(|s| s.range),
+        );
         let mut bars: [Option<Arc<Mmio>>; 6] = Default::default();
         let mut regs = |r: BarRange, min_len: u64| -> Result<Regs, TransportError> {
             let slot = &mut bars[usize::from(r.bar)];
             if slot.is_none() {
                 *slot = Some(Arc::new(
-                    device.map_bar(r.bar).map_err(|e| connect(e.to_string()))?,
+                    access.map_bar(&device, r.bar, &used).map_err(connect)?,
                 ));
             }
             let bar = slot.clone().expect("just mapped");
@@ -301,6 +498,7 @@ impl PciTransport {
             std::thread::sleep(Duration::from_millis(1));
         }
         common_regs.write8(common::DEVICE_STATUS, ACKNOWLEDGE | DRIVER);
+        // No configuration-change interrupts: the driver does not use them.
         common_regs.write16(common::CONFIG_MSIX_VECTOR, NO_VECTOR);
         let mut device_features = 0u64;
         for half in 0..2u32 {
@@ -311,45 +509,112 @@ impl PciTransport {
         common_regs.write16(common::QUEUE_SELECT, 0);
         let max_queue_size = common_regs.read16(common::QUEUE_SIZE);
 
-        let uio_node = device
-            .uio_node(&options.dev)
-            .map_err(|e| connect(e.to_string()))?;
-        let uio = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&uio_node)
-            .map_err(|e| connect(format!("{}: {e}", uio_node.display())))?;
-        let config_file = device.open_config().map_err(|e| connect(e.to_string()))?;
         let huge = HugeMemory::allocate(options.memory)
             .map_err(|e| TransportError::Memory(std::io::Error::other(e.to_string())))?;
-        // SAFETY: `memory` is dropped before `_huge` (field order).
-        let memory = unsafe { huge.shared() };
+        let (irq, memory, node) = match access {
+            Access::Sysfs => {
+                let uio_node = device
+                    .uio_node(&options.dev)
+                    .map_err(|e| connect(e.to_string()))?;
+                let uio = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+                    .open(&uio_node)
+                    .map_err(|e| connect(format!("{}: {e}", uio_node.display())))?;
+                let config_file = device.open_config().map_err(|e| connect(e.to_string()))?;
+                // SAFETY: `memory` is dropped before `_huge` (field order).
+                let memory = unsafe { huge.shared() };
+                let irq = Interrupts::Intx {
+                    uio,
+                    config: config_file,
+                    isr,
+                };
+                (irq, memory, uio_node.display().to_string())
+            }
+            Access::Vfio(vfio) => {
+                let msix = vfio.msix_info().map_err(|e| connect(e.to_string()))?;
+                let available = vfio::msix_vectors(caps.msix.as_ref(), &msix, &used)
+                    .map_err(|e| connect(e.to_string()))?;
+                // A vector per queue (the configuration vector stays NO_VECTOR);
+                // queues share vectors round-robin if there are fewer.
+                let n = available.min(queues.max(1));
+                let vectors = (0..n)
+                    .map(|_| EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| connect(format!("eventfd: {e}")))?;
+                let fds: Vec<RawFd> = vectors.iter().map(|e| e.as_raw_fd()).collect();
+                vfio.set_msix(&fds).map_err(|e| connect(e.to_string()))?;
+                let runs = model
+                    .dma_runs(vfio.container(), &huge)
+                    .map_err(|e| connect(e.to_string()))?;
+                // SAFETY: every run lies in `huge`'s mapping, and `memory` is dropped
+                // before `_huge` (field order).
+                let memory = unsafe { SharedMemory::new(&runs) };
+                let node = format!(
+                    "{}, {} of {available} MSI-X vectors",
+                    model.name(),
+                    vectors.len()
+                );
+                (
+                    Interrupts::Msix {
+                        vectors,
+                        _vfio: vfio,
+                    },
+                    memory,
+                    node,
+                )
+            }
+        };
         info!(
-            "{}: virtio device {vendor:04x}:{id:04x} on {UIO_DRIVER} ({}), {queues} queues of up to \
+            "{}: virtio device {vendor:04x}:{id:04x} on {} ({node}), {queues} queues of up to \
              {max_queue_size}, features {device_features:#x}, {} MiB of hugepages in {} run(s){}",
             device.bdf(),
-            uio_node.display(),
+            driver.kernel_name(),
             huge.len() >> 20,
             huge.runs(),
-            if shm.is_some() { ", shared memory region 0" } else { "" }
+            if shm.is_some() {
+                ", shared memory region 0"
+            } else {
+                ""
+            }
         );
         Ok(Self {
             memory,
             _huge: huge,
             device,
+            driver,
             common: common_regs,
             notify,
             notify_multiplier: caps.notify_multiplier,
-            isr,
             shm,
-            uio,
-            config: config_file,
+            irq,
             notify_at: vec![None; usize::from(queues)],
             device_features,
             queues,
             max_queue_size,
         })
+    }
+
+    /// The driver in use and how the device interrupts, as `key=value` words:
+    /// `driver=uio_pci_generic interrupts=intx` or
+    /// `driver=vfio-pci interrupts=msix vectors=N`.
+    pub fn summary(&self) -> String {
+        match &self.irq {
+            Interrupts::Intx { .. } => {
+                format!("driver={} interrupts=intx", self.driver.kernel_name())
+            }
+            Interrupts::Msix { vectors, .. } => format!(
+                "driver={} interrupts=msix vectors={}",
+                self.driver.kernel_name(),
+                vectors.len()
+            ),
+        }
+    }
+
+    /// The function's address.
+    pub fn bdf(&self) -> &str {
+        self.device.bdf()
     }
 
     fn status(&self) -> u8 {
@@ -365,10 +630,13 @@ impl PciTransport {
     /// uio_pci_generic sets in its interrupt handler.
     fn unmask_intx(&self) {
         use std::os::unix::fs::FileExt;
+        let Interrupts::Intx { config, .. } = &self.irq else {
+            return;
+        };
         let mut high = [0u8; 1];
-        if self.config.read_exact_at(&mut high, 5).is_ok() && high[0] & 0x04 != 0 {
+        if config.read_exact_at(&mut high, 5).is_ok() && high[0] & 0x04 != 0 {
             high[0] &= !0x04;
-            if let Err(e) = self.config.write_all_at(&high, 5) {
+            if let Err(e) = config.write_all_at(&high, 5) {
                 warn!("{}: unmasking INTx: {e}", self.device.bdf());
             }
         }
@@ -440,7 +708,15 @@ impl Transport for PciTransport {
             ));
         }
         self.common.write16(common::QUEUE_SIZE, size);
-        self.common.write16(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
+        let vector = self.irq.vector_of(index);
+        self.common.write16(common::QUEUE_MSIX_VECTOR, vector);
+        let accepted = self.common.read16(common::QUEUE_MSIX_VECTOR);
+        if vector != NO_VECTOR && accepted != vector {
+            return Err(self.fail(
+                "queue setup",
+                format!("queue {index}: the device did not take MSI-X vector {vector} (reads {accepted:#x})"),
+            ));
+        }
         self.common.write64(common::QUEUE_DESC, desc);
         self.common.write64(common::QUEUE_DRIVER, avail);
         self.common.write64(common::QUEUE_DEVICE, used);
@@ -473,19 +749,34 @@ impl Transport for PciTransport {
         }
     }
 
-    fn interrupt_fd(&self, _index: u16) -> RawFd {
-        // One INTx for every queue.
-        self.uio.as_raw_fd()
+    fn interrupt_fd(&self, index: u16) -> RawFd {
+        match &self.irq {
+            // One INTx for every queue.
+            Interrupts::Intx { uio, .. } => uio.as_raw_fd(),
+            Interrupts::Msix { vectors, .. } => {
+                vectors[usize::from(self.irq.vector_of(index))].as_raw_fd()
+            }
+        }
     }
 
-    fn ack_interrupt(&self, _index: u16) {
-        let mut count = [0u8; 4];
-        let _ = std::io::Read::read(&mut &self.uio, &mut count);
-        // Reading the ISR status acknowledges the device's interrupt and lowers INTx;
-        // then INTx is unmasked again (uio_pci_generic masks it in its handler, and has
-        // no irqcontrol: writes to the UIO device do not unmask).
-        let _ = self.isr.read8(0);
-        self.unmask_intx();
+    fn ack_interrupt(&self, index: u16) {
+        match &self.irq {
+            Interrupts::Intx { uio, isr, .. } => {
+                let mut count = [0u8; 4];
+                let _ = std::io::Read::read(&mut &*uio, &mut count);
+                // Reading the ISR status acknowledges the device's interrupt and lowers
+                // INTx; then INTx is unmasked again (uio_pci_generic masks it in its
+                // handler, and has no irqcontrol: writes to the UIO device do not
+                // unmask).
+                let _ = isr.read8(0);
+                self.unmask_intx();
+            }
+            // MSI-X is edge-triggered and needs no acknowledgement at the device:
+            // clearing the eventfd is all.
+            Interrupts::Msix { vectors, .. } => {
+                let _ = vectors[usize::from(self.irq.vector_of(index))].read();
+            }
+        }
     }
 
     fn shared_memory(&self) -> Option<(*mut u8, usize)> {
@@ -515,6 +806,49 @@ mod tests {
         let mut bar = vec![0u8; 0x4000];
         bar[0x2000..0x2000 + tag.len()].copy_from_slice(tag.as_bytes());
         std::fs::write(dir.join("resource4"), bar).unwrap();
+    }
+
+    /// `--pci-driver auto` keeps the driver the function is bound to, else takes vfio
+    /// when it is usable, else uio, and says why; explicit choices are kept.
+    #[test]
+    fn driver_choice() {
+        let bdf = "0000:00:03.0";
+        let usable = VfioFacts {
+            driver_loaded: true,
+            noiommu: Some(true),
+            group: None,
+        };
+        let off = VfioFacts {
+            noiommu: Some(false),
+            ..usable.clone()
+        };
+        let auto = DriverChoice::Auto;
+        assert_eq!(choose_driver(auto, None, &usable, bdf).0, PciDriver::Vfio);
+        assert_eq!(
+            choose_driver(auto, Some("virtio-pci"), &usable, bdf).0,
+            PciDriver::Vfio
+        );
+        let (d, why) = choose_driver(auto, None, &off, bdf);
+        assert_eq!(d, PciDriver::Uio);
+        assert!(why.contains("no-IOMMU mode is not enabled"), "{why}");
+        assert_eq!(
+            choose_driver(auto, Some(UIO_DRIVER), &usable, bdf).0,
+            PciDriver::Uio
+        );
+        assert_eq!(
+            choose_driver(auto, Some(VFIO_DRIVER), &off, bdf).0,
+            PciDriver::Vfio
+        );
+        assert_eq!(
+            choose_driver(DriverChoice::Vfio, None, &off, bdf).0,
+            PciDriver::Vfio
+        );
+        assert_eq!(
+            choose_driver(DriverChoice::Uio, None, &usable, bdf).0,
+            PciDriver::Uio
+        );
+        assert_eq!("vfio".parse::<DriverChoice>(), Ok(DriverChoice::Vfio));
+        assert!("vfio-noiommu".parse::<DriverChoice>().is_err());
     }
 
     /// `--pci auto` takes the virtio-fs function tagged "vfu..." and leaves a real

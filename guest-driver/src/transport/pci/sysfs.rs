@@ -2,7 +2,7 @@
 //! BARs (mmapped resource files) and its UIO device.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -29,11 +29,11 @@ pub enum PciError {
         /// Why.
         source: std::io::Error,
     },
-    /// The function is not bound to uio_pci_generic and could not be bound here.
+    /// The function is not bound to the driver wanted and could not be bound here.
     #[error(
-        "{bdf} is bound to {driver:?}, not {UIO_DRIVER}, and binding it failed ({reason}); as root run:\n  \
-         modprobe {UIO_DRIVER}\n  \
-         echo {UIO_DRIVER} > /sys/bus/pci/devices/{bdf}/driver_override\n  \
+        "{bdf} is bound to {driver:?}, not {wanted}, and binding it failed ({reason}); as root run:\n  \
+         {load}\n  \
+         echo {wanted} > /sys/bus/pci/devices/{bdf}/driver_override\n  \
          echo {bdf} > /sys/bus/pci/devices/{bdf}/driver/unbind   # if bound\n  \
          echo {bdf} > /sys/bus/pci/drivers_probe"
     )]
@@ -42,6 +42,10 @@ pub enum PciError {
         bdf: String,
         /// Its driver, if any.
         driver: Option<String>,
+        /// The driver wanted.
+        wanted: &'static str,
+        /// The command that loads it.
+        load: &'static str,
         /// What failed.
         reason: String,
     },
@@ -180,19 +184,27 @@ impl PciDevice {
     /// Binds the function to uio_pci_generic (driver_override, unbind, probe) unless it
     /// is already; says exactly what it did.
     pub fn bind_uio(&self) -> Result<(), PciError> {
+        self.bind(UIO_DRIVER, "modprobe uio_pci_generic")
+    }
+
+    /// Binds the function to `driver` (driver_override, unbind, probe) unless it is
+    /// already; `load` is the command that loads the driver, for the error message.
+    pub fn bind(&self, driver: &'static str, load: &'static str) -> Result<(), PciError> {
         let before = self.driver();
-        if before.as_deref() == Some(UIO_DRIVER) {
+        if before.as_deref() == Some(driver) {
             return Ok(());
         }
         let fail = |reason: String| PciError::NotBound {
             bdf: self.bdf.clone(),
             driver: before.clone(),
+            wanted: driver,
+            load,
             reason,
         };
-        if !self.sysfs.join("bus/pci/drivers").join(UIO_DRIVER).exists() {
-            return Err(fail(format!("the {UIO_DRIVER} module is not loaded")));
+        if !self.sysfs.join("bus/pci/drivers").join(driver).exists() {
+            return Err(fail(format!("the {driver} module is not loaded")));
         }
-        self.write(&self.dir.join("driver_override"), UIO_DRIVER)
+        self.write(&self.dir.join("driver_override"), driver)
             .map_err(fail)?;
         if let Some(old) = &before {
             info!("{}: unbinding from {old}", self.bdf);
@@ -202,11 +214,13 @@ impl PciDevice {
         self.write(&self.sysfs.join("bus/pci/drivers_probe"), &self.bdf)
             .map_err(fail)?;
         match self.driver() {
-            Some(d) if d == UIO_DRIVER => {
-                info!("{}: bound to {UIO_DRIVER} (driver_override)", self.bdf);
+            Some(d) if d == driver => {
+                info!("{}: bound to {driver} (driver_override)", self.bdf);
                 Ok(())
             }
-            other => Err(fail(format!("after probing it is bound to {other:?}"))),
+            other => Err(fail(format!(
+                "after probing it is bound to {other:?} (dmesg says why)"
+            ))),
         }
     }
 
@@ -294,15 +308,24 @@ macro_rules! accessors {
 
 impl Mmio {
     fn map(file: &File, len: usize) -> std::io::Result<Self> {
-        // SAFETY: maps a resource file we opened read-write; the result is checked.
+        Self::map_fd(file.as_raw_fd(), 0, len)
+    }
+
+    /// Maps `len` bytes of `fd` at `offset` read-write (a resource file, or a VFIO
+    /// device fd at a region's offset).
+    pub(super) fn map_fd(fd: RawFd, offset: u64, len: usize) -> std::io::Result<Self> {
+        let offset = libc::off_t::try_from(offset)
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new shared mapping of an fd the caller opened read-write, at an
+        // address the kernel picks; the result is checked.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
+                fd,
+                offset,
             )
         };
         if ptr == libc::MAP_FAILED {
@@ -312,6 +335,62 @@ impl Mmio {
             ptr: ptr as *mut u8,
             len,
         })
+    }
+
+    /// Reserves `len` bytes of address space and maps only `areas` (offset, length
+    /// inside the region) of `fd` at `offset` into it; the rest stays inaccessible
+    /// (PROT_NONE), so callers must keep their accesses inside the areas.
+    pub(super) fn map_fd_areas(
+        fd: RawFd,
+        offset: u64,
+        len: usize,
+        areas: &[(u64, u64)],
+    ) -> std::io::Result<Self> {
+        // SAFETY: an anonymous, inaccessible reservation at an address the kernel
+        // picks; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        // From here on, dropping `mmio` unmaps the whole reservation.
+        let mmio = Self {
+            ptr: ptr as *mut u8,
+            len,
+        };
+        for &(at, size) in areas {
+            let inside = at.checked_add(size).is_some_and(|end| end <= len as u64);
+            let file_off = offset
+                .checked_add(at)
+                .and_then(|o| libc::off_t::try_from(o).ok());
+            let (true, Some(file_off)) = (inside, file_off) else {
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+            };
+            // SAFETY: replaces pages of our own reservation (checked to lie inside it)
+            // with a shared mapping of the fd; the result is checked.
+            let p = unsafe {
+                libc::mmap(
+                    mmio.ptr.add(at as usize) as *mut libc::c_void,
+                    size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    file_off,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(mmio)
     }
 
     /// Where it is mapped (for memory the driver reads with volatile copies, like a
@@ -364,6 +443,39 @@ mod tests {
         ] {
             assert!(parse_bdf(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A region mapped in parts (a sparse mmap around an MSI-X table) shows the file
+    /// at the parts' offsets, at the right place in one range of addresses.
+    #[test]
+    fn map_in_areas() {
+        let page = 4096usize;
+        // SAFETY: creates a memfd with a static, NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"vfu-areas".as_ptr(), libc::MFD_CLOEXEC) };
+        assert!(fd >= 0);
+        // SAFETY: `fd` is a new fd owned by nobody else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let mut data = vec![0u8; 4 * page];
+        for (i, chunk) in data.chunks_mut(page).enumerate() {
+            chunk[0] = i as u8 + 1;
+        }
+        file.write_all_at(&data, 0).unwrap();
+        // The region starts at page 1 of the file; its pages 0 and 2 are mappable.
+        let mmio = Mmio::map_fd_areas(
+            file.as_raw_fd(),
+            page as u64,
+            3 * page,
+            &[(0, page as u64), (2 * page as u64, page as u64)],
+        )
+        .unwrap();
+        assert_eq!(mmio.len(), 3 * page);
+        assert_eq!(mmio.read8(0), 2);
+        assert_eq!(mmio.read8(2 * page as u64), 4);
+        mmio.write8(2 * page as u64 + 1, 0xab);
+        let mut b = [0u8; 1];
+        file.read_exact_at(&mut b, 3 * page as u64 + 1).unwrap();
+        assert_eq!(b, [0xab], "shared with the file");
+        assert!(Mmio::map_fd_areas(file.as_raw_fd(), 0, page, &[(0, 2 * page as u64)]).is_err());
     }
 
     /// Against a fake sysfs: IDs are read, a missing function is named, and binding to
