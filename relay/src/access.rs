@@ -9,7 +9,6 @@
 //! - [`drop_privileges`]: setgroups, setgid, setuid, and a check that root cannot be
 //!   regained.
 
-use std::ffi::{CStr, CString};
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
@@ -398,132 +397,53 @@ pub fn peer_cred_of(fd: RawFd) -> std::io::Result<PeerCred> {
     })
 }
 
-/// Calls a reentrant getpw*/getgr* function with a growing buffer: `call` returns its
-/// errno (0 on success) and sets whether an entry was found.
-fn with_buffer<T>(
-    name: &str,
-    mut call: impl FnMut(&mut [u8]) -> (i32, Option<T>),
-) -> Result<Option<T>, AccessError> {
-    let mut size = 1024;
-    loop {
-        let mut buf = vec![0u8; size];
-        match call(&mut buf) {
-            (0, found) => return Ok(found),
-            (libc::ERANGE, _) if size < 1 << 20 => size *= 4,
-            // "Not found" as some C libraries say it.
-            (libc::ENOENT | libc::ESRCH | libc::EBADF | libc::EPERM, _) => return Ok(None),
-            (e, _) => {
-                return Err(AccessError::Lookup {
-                    name: name.to_string(),
-                    reason: std::io::Error::from_raw_os_error(e).to_string(),
-                })
-            }
-        }
+/// An answer of the user database: `Ok(None)` for "no such entry", which some C
+/// libraries say with an errno.
+fn found<T>(name: &str, answer: nix::Result<Option<T>>) -> Result<Option<T>, AccessError> {
+    use nix::errno::Errno;
+    match answer {
+        Ok(entry) => Ok(entry),
+        Err(Errno::ENOENT | Errno::ESRCH | Errno::EBADF | Errno::EPERM) => Ok(None),
+        Err(e) => Err(AccessError::Lookup {
+            name: name.to_string(),
+            reason: e.desc().to_string(),
+        }),
     }
-}
-
-fn c_name(name: &str, user: bool) -> Result<CString, AccessError> {
-    CString::new(name).map_err(|_| {
-        if user {
-            AccessError::UnknownUser(name.to_string())
-        } else {
-            AccessError::UnknownGroup(name.to_string())
-        }
-    })
 }
 
 /// The uid and primary gid of user `name`, if it exists.
 pub fn lookup_user(name: &str) -> Result<Option<(u32, u32)>, AccessError> {
-    let cname = c_name(name, true)?;
-    with_buffer(name, |buf| {
-        // SAFETY: an all-zero passwd is a valid out-parameter.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: getpwnam_r with a NUL-terminated name, an out-parameter and a buffer
-        // of `buf.len()` bytes, all owned here; `result` points to `pw` or is null.
-        let rc = unsafe {
-            libc::getpwnam_r(
-                cname.as_ptr(),
-                &mut pw,
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-                &mut result,
-            )
-        };
-        (rc, (!result.is_null()).then_some((pw.pw_uid, pw.pw_gid)))
-    })
+    if name.contains('\0') {
+        return Err(AccessError::UnknownUser(name.to_string()));
+    }
+    let user = found(name, nix::unistd::User::from_name(name))?;
+    Ok(user.map(|u| (u.uid.as_raw(), u.gid.as_raw())))
 }
 
 /// The primary gid of user `uid`, if it has an entry.
 pub fn lookup_uid(uid: u32) -> Result<Option<u32>, AccessError> {
-    with_buffer(&uid.to_string(), |buf| {
-        // SAFETY: as in lookup_user.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: getpwuid_r with an out-parameter and a buffer owned here.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut pw,
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-                &mut result,
-            )
-        };
-        (rc, (!result.is_null()).then_some(pw.pw_gid))
-    })
+    let user = found(
+        &uid.to_string(),
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+    )?;
+    Ok(user.map(|u| u.gid.as_raw()))
 }
 
 /// The gid of group `name`, if it exists.
 pub fn lookup_group(name: &str) -> Result<Option<u32>, AccessError> {
-    let cname = c_name(name, false)?;
-    with_buffer(name, |buf| {
-        // SAFETY: an all-zero group is a valid out-parameter.
-        let mut gr: libc::group = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::group = std::ptr::null_mut();
-        // SAFETY: getgrnam_r with a NUL-terminated name, an out-parameter and a buffer
-        // owned here.
-        let rc = unsafe {
-            libc::getgrnam_r(
-                cname.as_ptr(),
-                &mut gr,
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-                &mut result,
-            )
-        };
-        (rc, (!result.is_null()).then_some(gr.gr_gid))
-    })
+    if name.contains('\0') {
+        return Err(AccessError::UnknownGroup(name.to_string()));
+    }
+    let group = found(name, nix::unistd::Group::from_name(name))?;
+    Ok(group.map(|g| g.gid.as_raw()))
 }
 
 /// The name of user `uid`, for messages.
 pub fn user_name(uid: u32) -> Option<String> {
-    with_buffer(&uid.to_string(), |buf| {
-        // SAFETY: as in lookup_user.
-        let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
-        let mut result: *mut libc::passwd = std::ptr::null_mut();
-        // SAFETY: getpwuid_r with an out-parameter and a buffer owned here; pw_name
-        // points into `buf`, which outlives its use below.
-        let rc = unsafe {
-            libc::getpwuid_r(
-                uid,
-                &mut pw,
-                buf.as_mut_ptr() as *mut libc::c_char,
-                buf.len(),
-                &mut result,
-            )
-        };
-        let name = (!result.is_null() && !pw.pw_name.is_null())
-            // SAFETY: a found entry's pw_name is a NUL-terminated string in `buf`.
-            .then(|| {
-                unsafe { CStr::from_ptr(pw.pw_name) }
-                    .to_string_lossy()
-                    .into_owned()
-            });
-        (rc, name)
-    })
-    .ok()
-    .flatten()
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 /// Why dropping privileges failed.
@@ -554,14 +474,11 @@ pub enum DropError {
     Check(String),
 }
 
-fn check(call: &'static str, rc: libc::c_int) -> Result<(), DropError> {
-    if rc != 0 {
-        return Err(DropError::Call {
-            call,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+fn call<T>(call: &'static str, result: nix::Result<T>) -> Result<T, DropError> {
+    result.map_err(|e| DropError::Call {
+        call,
+        source: std::io::Error::from(e),
+    })
 }
 
 /// Becomes user `uid` and group `gid` for good: `setgroups([])`, `setgid`, `setuid`, in
@@ -572,56 +489,50 @@ fn check(call: &'static str, rc: libc::c_int) -> Result<(), DropError> {
 /// before it starts any thread all the same. A relay that is not root may only "drop"
 /// to the ids it has (nothing to do).
 pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), DropError> {
-    // SAFETY: getters cannot fail.
-    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    use nix::unistd::{self, Gid, Uid};
+    let (euid, egid) = (unistd::geteuid().as_raw(), unistd::getegid().as_raw());
     if euid != 0 {
-        // SAFETY: as above.
-        let (ruid, rgid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let (ruid, rgid) = (unistd::getuid().as_raw(), unistd::getgid().as_raw());
         if (euid, ruid, egid, rgid) == (uid, uid, gid, gid) {
             return Ok(());
         }
         return Err(DropError::NotRoot { uid, gid, euid });
     }
-    // SAFETY: setgroups with size 0 reads no list.
-    check("setgroups([])", unsafe {
-        libc::setgroups(0, std::ptr::null())
-    })?;
-    // SAFETY: plain system calls on ids.
-    check("setgid", unsafe { libc::setgid(gid) })?;
-    // SAFETY: as above.
-    check("setuid", unsafe { libc::setuid(uid) })?;
-    let (mut r, mut e, mut s) = (0, 0, 0);
-    // SAFETY: getresuid writes three uids into locals.
-    check("getresuid", unsafe {
-        libc::getresuid(&mut r, &mut e, &mut s)
-    })?;
+    call("setgroups([])", unistd::setgroups(&[]))?;
+    call("setgid", unistd::setgid(Gid::from_raw(gid)))?;
+    call("setuid", unistd::setuid(Uid::from_raw(uid)))?;
+    let ids = call("getresuid", unistd::getresuid())?;
+    let (r, e, s) = (
+        ids.real.as_raw(),
+        ids.effective.as_raw(),
+        ids.saved.as_raw(),
+    );
     if (r, e, s) != (uid, uid, uid) {
         return Err(DropError::Check(format!("uids are {r}/{e}/{s}, not {uid}")));
     }
-    let (mut r, mut e, mut s) = (0, 0, 0);
-    // SAFETY: getresgid writes three gids into locals.
-    check("getresgid", unsafe {
-        libc::getresgid(&mut r, &mut e, &mut s)
-    })?;
+    let ids = call("getresgid", unistd::getresgid())?;
+    let (r, e, s) = (
+        ids.real.as_raw(),
+        ids.effective.as_raw(),
+        ids.saved.as_raw(),
+    );
     if (r, e, s) != (gid, gid, gid) {
         return Err(DropError::Check(format!("gids are {r}/{e}/{s}, not {gid}")));
     }
-    // SAFETY: getgroups with size 0 only counts.
-    let groups = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
-    if groups != 0 {
+    let groups = call("getgroups", unistd::getgroups())?;
+    if !groups.is_empty() {
         return Err(DropError::Check(format!(
-            "{groups} supplementary groups are left"
+            "{} supplementary groups are left",
+            groups.len()
         )));
     }
     if uid != 0 {
-        // SAFETY: as above; this must fail.
-        if unsafe { libc::setuid(0) } == 0 {
+        if unistd::setuid(Uid::from_raw(0)).is_ok() {
             return Err(DropError::Check(
                 "setuid(0) succeeded: root can be regained".into(),
             ));
         }
-        // SAFETY: as above; this must fail too unless gid is 0 already.
-        if gid != 0 && unsafe { libc::setgid(0) } == 0 {
+        if gid != 0 && unistd::setgid(Gid::from_raw(0)).is_ok() {
             return Err(DropError::Check("setgid(0) succeeded".into()));
         }
     }
