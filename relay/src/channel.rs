@@ -688,7 +688,9 @@ impl Channel {
             (PendingKind::SetIrqs { index, change }, Ok(Reply::DeviceSetIrqs)) => {
                 apply_irq_change(&mut client.irq_fds, index, change);
             }
-            (PendingKind::DmaMap { id, .. }, Ok(Reply::DmaMap)) => client.dma.commit(id),
+            (PendingKind::DmaMap { address, id }, Ok(Reply::DmaMap)) => {
+                client.dma.commit(address, id)
+            }
             (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
             (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
