@@ -29,7 +29,7 @@ use crate::control::{DeviceInfo, Served};
 use crate::dma::{DmaError, DmaTable, Region, WindowMap};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
-use crate::version::negotiate;
+use crate::version::{negotiate, MIN_CLIENT_DATA_XFER_SIZE};
 
 /// Whether the device VM serves this channel's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -624,7 +624,8 @@ impl Channel {
 
     /// A vfio-user message from the device VM on this channel.
     pub fn on_device_message(&self, relay: &Relay, frame: VfioUserFrame) -> SendOutcome {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let Some(client) = st.client.as_mut() else {
             debug!("{}: device message with no client; dropped", self.name);
             return SendOutcome::Done;
@@ -691,7 +692,9 @@ impl Channel {
             (PendingKind::DmaMap { address, id }, Ok(Reply::DmaMap)) => {
                 client.dma.commit(address, id)
             }
-            (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
+            (kind @ (PendingKind::DmaMap { .. } | PendingKind::Version(_)), _) => {
+                undo(relay, client, kind)
+            }
             (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
                 // client hears back. If the device VM's VMM does not confirm that, the
@@ -997,11 +1000,20 @@ fn window_for(relay: &Relay, name: &str, fd: Option<&OwnedFd>, m: &DmaMap) -> (O
 /// Checks a request against what the relay itself allows, before it goes anywhere.
 fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<(), u32> {
     let einval = libc::EINVAL as u32;
-    if !client.versioned && !matches!(request, Request::Version(_)) {
+    // VERSION first, and once: a second one would renegotiate limits in force (a
+    // refused VERSION may be sent again).
+    if client.versioned == matches!(request, Request::Version(_)) {
         return Err(einval);
     }
     match request {
         r if r.command().is_server_to_client() => Err(einval),
+        // The relay speaks 0.x; it would chunk the device's DMA toward a client that
+        // takes less than a page per message into that many messages.
+        Request::Version(v) => match v.capabilities {
+            _ if v.major != 0 => Err(einval),
+            Some(c) if c.max_data_xfer_size() < MIN_CLIENT_DATA_XFER_SIZE => Err(einval),
+            _ => Ok(()),
+        },
         // The reply would not fit a tunnel message.
         Request::RegionRead(a) if a.count > relay.limits.max_data_xfer_size => Err(einval),
         Request::MigDataRead(r) if r.size > relay.limits.max_data_xfer_size => Err(einval),
@@ -1102,6 +1114,12 @@ fn undo(relay: &Relay, client: &mut Client, kind: PendingKind) {
         }
         PendingKind::DmaUnmap(id) => {
             release(relay, client.dma.finish_unmap(id));
+        }
+        // A VERSION that failed leaves the client unversioned: it may try again, and
+        // nothing else is forwarded meanwhile.
+        PendingKind::Version(_) => {
+            client.versioned = false;
+            client.caps = Capabilities::default();
         }
         _ => {}
     }
@@ -1378,5 +1396,90 @@ mod migration_tests {
             assert_eq!((h.msg_id, h.error), (id, Some(errno as u32)));
             assert!(ch.lock().client.as_ref().unwrap().pending.is_empty());
         }
+    }
+}
+
+/// VERSION through the relay: first and once, major 0, a transfer size of at least a
+/// page; a VERSION the device refuses leaves the client unversioned.
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+    use std::io::Read;
+    use vfu_proto::vfio_user::{encode_request, RegionAccess};
+
+    fn raw(id: u16, req: &Request) -> RawMessage {
+        let b = encode_request(id, req, false);
+        RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    fn version(major: u16, max_data_xfer_size: Option<u32>) -> Request {
+        Request::Version(Version {
+            major,
+            minor: 0,
+            capabilities: Some(Capabilities {
+                max_data_xfer_size,
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// The errno of the next reply the client reads (None: a success).
+    fn next_errno(peer: &mut UnixStream, id: u16) -> Option<u32> {
+        let mut buf = [0u8; HEADER_SIZE];
+        peer.read_exact(&mut buf).unwrap();
+        let h = Header::decode(&buf).unwrap();
+        assert_eq!(h.msg_id, id);
+        h.error
+    }
+
+    #[test]
+    fn version_first_once_and_bounded() {
+        let relay = pipelined_dma_tests::relay();
+        let mut peer = pipelined_dma_tests::connect(&relay);
+        peer.set_nonblocking(false).unwrap();
+        let ch = &relay.channel(1).unwrap();
+        ch.lock().client.as_mut().unwrap().versioned = false;
+        let einval = Some(libc::EINVAL as u32);
+        let pending = |ch: &Channel| ch.lock().client.as_ref().unwrap().pending.len();
+
+        for (id, req) in [
+            (1, version(0, Some(0))),
+            (2, version(0, Some(4095))),
+            (3, version(1, None)),
+        ] {
+            ch.on_client_message(&relay, raw(id, &req));
+            assert_eq!(next_errno(&mut peer, id), einval, "VERSION {id}");
+            assert_eq!(pending(ch), 0, "refused by the relay itself");
+        }
+        ch.on_client_message(&relay, raw(4, &version(0, Some(4096))));
+        assert_eq!(pending(ch), 1, "forwarded");
+        // A second VERSION, even while the first is in flight.
+        ch.on_client_message(&relay, raw(5, &version(0, None)));
+        assert_eq!(next_errno(&mut peer, 5), einval);
+        // The device refuses the first: the client is not versioned.
+        let relay_id = ch.lock().client.as_ref().unwrap().pending[0].relay_id;
+        let refused = VfioUserFrame {
+            header: Header::error_reply_to(
+                &Header::command(relay_id, Command::Version as u16, 0),
+                libc::EINVAL as u32,
+            ),
+            payload: vec![],
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, refused);
+        assert_eq!(next_errno(&mut peer, 4), einval);
+        let read = Request::RegionRead(RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 4,
+        });
+        ch.on_client_message(&relay, raw(6, &read));
+        assert_eq!(next_errno(&mut peer, 6), einval, "not versioned");
+        ch.on_client_message(&relay, raw(7, &version(0, None)));
+        assert_eq!(pending(ch), 1, "VERSION may be sent again");
     }
 }
