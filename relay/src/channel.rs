@@ -5,7 +5,7 @@
 //! client. Both threads work on a channel under its mutex; the tunnel link's lock is
 //! always taken inside a channel's, never around it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -128,6 +128,11 @@ pub struct ChannelState {
     /// Regions of clients that went away, by the tag of their SESSION_END: their
     /// windows stay until the device VM acknowledges it.
     retired: Vec<(u32, Vec<Region>)>,
+    /// Relay message IDs of requests that were in flight when their client went: the
+    /// device VM's late replies to them are expected and dropped quietly (a client
+    /// that leaves with 1024 requests in flight, again and again, must not fill the
+    /// log). An ID leaves the set when it is given to a new request.
+    abandoned: HashSet<u16>,
     /// Client requests forwarded to the device VM (for `list`).
     requests: u64,
     /// Client connections accepted (for `list`).
@@ -253,6 +258,15 @@ impl Client {
     }
 }
 
+/// The relay's message ID for the next request toward the device VM (`next_id` and
+/// `abandoned` of a [`ChannelState`]).
+fn take_id(next_id: &mut u16, abandoned: &mut HashSet<u16>) -> u16 {
+    let id = *next_id;
+    *next_id = next_id.wrapping_add(1);
+    abandoned.remove(&id);
+    id
+}
+
 impl Channel {
     /// A channel with no client and no device VM yet.
     pub fn new(id: u32, name: String, socket: PathBuf, access: Access) -> Self {
@@ -266,6 +280,7 @@ impl Channel {
                 client: None,
                 next_id: 0,
                 retired: Vec::new(),
+                abandoned: HashSet::new(),
                 requests: 0,
                 connections: 0,
             }),
@@ -344,8 +359,7 @@ impl Channel {
             );
         }
         for (request, slots) in requests {
-            let relay_id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1);
+            let relay_id = take_id(&mut st.next_id, &mut st.abandoned);
             let mut payload = Vec::new();
             request.encode(&mut payload);
             let header = Header::command(relay_id, request.command() as u16, payload.len());
@@ -384,6 +398,8 @@ impl Channel {
             // Windows stay until the device VM says it let go of the memory, those of
             // unmaps still in flight included (take_all holds them).
             let regions = client.dma.take_all();
+            st.abandoned
+                .extend(client.pending.iter().map(|p| p.relay_id));
             client.pending.clear();
             if st.guest == GuestState::Served && relay.link.is_up() {
                 let tag = relay.send_control(self.id, Body::SessionEnd);
@@ -577,8 +593,7 @@ impl Channel {
             }
             _ => PendingKind::Plain,
         };
-        let relay_id = st.next_id;
-        st.next_id = st.next_id.wrapping_add(1);
+        let relay_id = take_id(&mut st.next_id, &mut st.abandoned);
         st.requests += 1;
         let mut forwarded = header;
         forwarded.msg_id = relay_id;
@@ -646,10 +661,17 @@ impl Channel {
             client.pending.iter().position(matches)
         };
         let Some(pos) = found else {
-            warn!(
-                "{}: reply to no request in flight (msg {}, command {}); dropped",
-                self.name, h.msg_id, h.command
-            );
+            if st.abandoned.remove(&h.msg_id) {
+                debug!(
+                    "{}: late reply to a request of a client that left (msg {}); dropped",
+                    self.name, h.msg_id
+                );
+            } else {
+                warn!(
+                    "{}: reply to no request in flight (msg {}, command {}); dropped",
+                    self.name, h.msg_id, h.command
+                );
+            }
             return SendOutcome::Done;
         };
         let pending = client.pending.remove(pos).expect("position is valid");
@@ -948,6 +970,7 @@ impl Channel {
         st.guest = GuestState::Unknown;
         // The frontend took its windows with it; what is left are fds and mappings.
         st.retired.clear();
+        st.abandoned.clear();
         if let Some(client) = st.client.as_mut() {
             client.dma.forget_windows();
         }
@@ -1481,5 +1504,61 @@ mod version_tests {
         assert_eq!(next_errno(&mut peer, 6), einval, "not versioned");
         ch.on_client_message(&relay, raw(7, &version(0, None)));
         assert_eq!(pending(ch), 1, "VERSION may be sent again");
+    }
+}
+
+/// Late replies to the requests of a client that left are recognised (and dropped
+/// quietly), however many there were; the set of such IDs stays bounded.
+#[cfg(test)]
+mod abandoned_tests {
+    use super::*;
+    use vfu_proto::vfio_user::{encode_request, RegionAccess};
+
+    #[test]
+    fn late_replies_of_a_client_that_left() {
+        let relay = pipelined_dma_tests::relay();
+        let ch = &relay.channel(1).unwrap();
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let read = Request::RegionRead(RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 4,
+        });
+        let b = encode_request(9, &read, false);
+        for _ in 0..3 {
+            let msg = RawMessage {
+                header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+                payload: b[HEADER_SIZE..].to_vec(),
+                fds: Vec::new(),
+            };
+            assert_eq!(ch.on_client_message(&relay, msg), SendOutcome::Done);
+        }
+        ch.on_client_disconnected(&relay);
+        assert_eq!(ch.lock().abandoned.len(), 3, "relay IDs 0, 1, 2");
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let late = |id: u16| VfioUserFrame {
+            header: Header::reply_to(&Header::command(id, Command::RegionRead as u16, 0), 0),
+            payload: vec![],
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, late(0));
+        assert!(!ch.lock().abandoned.contains(&0), "recognised once");
+        // A new request takes the next ID (3); ID 1 is forgotten when it comes round.
+        ch.lock().next_id = 1;
+        let msg = RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        };
+        ch.on_client_message(&relay, msg);
+        assert_eq!(
+            ch.lock().abandoned.iter().copied().collect::<Vec<_>>(),
+            vec![2]
+        );
+        ch.fail_pending(&relay, libc::ENODEV as u32);
+        assert!(
+            ch.lock().abandoned.is_empty(),
+            "a device VM that went sends none"
+        );
     }
 }
