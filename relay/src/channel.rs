@@ -24,9 +24,9 @@ use vfu_proto::vfio_user::{
 use vm_memory::VolatileSlice;
 
 use crate::access::Access;
-use crate::client_memory::{self, ClientMapping, Direction};
+use crate::client_memory::{self, Direction};
 use crate::control::{DeviceInfo, Served};
-use crate::dma::{DmaError, DmaTable, Region, WindowMap};
+use crate::dma::{DmaError, DmaTable, Region, WindowMap, MAX_CLIENT_FDS};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::{negotiate, MIN_CLIENT_DATA_XFER_SIZE};
@@ -327,7 +327,8 @@ impl Channel {
                 address: r.iova,
                 size: r.size,
             };
-            let (window, unconfirmed) = window_for(relay, &self.name, r.fd.as_ref(), &m);
+            let fd = r.file.as_ref().map(|f| &f.fd);
+            let (window, unconfirmed) = window_for(relay, &self.name, fd, &m);
             r.window = window;
             r.unconfirmed_window = unconfirmed;
             let slots = window
@@ -497,7 +498,13 @@ impl Channel {
             }
         };
         let fds_ok = || match request {
-            Request::DeviceSetIrqs(_) => check_irq_fds(&msg.fds),
+            Request::DeviceSetIrqs(_) => {
+                let held = irq_fds_held(&client.pending, &client.irq_fds) + client.dma.files_held();
+                if held + msg.fds.len() > MAX_CLIENT_FDS {
+                    return Err(DmaError::TooManyFds.errno());
+                }
+                check_irq_fds(&msg.fds)
+            }
             _ => Ok(()),
         };
         if let Err(errno) = check_request(client, &request, relay).and_then(|()| fds_ok()) {
@@ -563,21 +570,33 @@ impl Channel {
                     );
                     return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
                 }
-                let (window, unconfirmed_window) = window_for(relay, &self.name, fd.as_ref(), m);
+                // One descriptor per file: a map of a file the client mapped before
+                // shares it; a new file counts against the client's descriptors.
+                let (pending, irq_fds) = (&client.pending, &client.irq_fds);
+                let others = || irq_fds_held(pending, irq_fds);
+                let file = match fd.map(|fd| client.dma.file(fd, others, MAX_CLIENT_FDS)) {
+                    Some(Err(e)) => {
+                        warn!(
+                            "{}: DMA region {:#x}: the client holds {MAX_CLIENT_FDS} descriptors already; refused",
+                            self.name, m.address
+                        );
+                        return client.error(&header, e.errno());
+                    }
+                    Some(Ok(file)) => Some(file),
+                    None => None,
+                };
+                let (window, unconfirmed_window) =
+                    window_for(relay, &self.name, file.as_ref().map(|f| &f.fd), m);
                 if let Some(offset) = window {
                     slots.push(Slot::window(offset, m.read, m.write));
                 }
-                let map = fd.as_ref().and_then(|fd| {
-                    ClientMapping::new(fd.as_fd(), m.offset, m.size, m.read, m.write)
-                });
                 let id = client.dma.insert(Region {
                     iova: m.address,
                     size: m.size,
                     read: m.read,
                     write: m.write,
                     fd_offset: m.offset,
-                    fd,
-                    map,
+                    file,
                     window,
                     committed: false,
                     unconfirmed_window,
@@ -1068,6 +1087,22 @@ fn report_fits(f: &DeviceFeature, max: u32) -> bool {
         } => logging_bitmap_len(*length, *page_size).is_some_and(|b| b <= u64::from(max)),
         _ => true,
     }
+}
+
+/// Interrupt eventfds the relay holds for a client: assigned, and in SET_IRQS
+/// requests in flight.
+fn irq_fds_held(pending: &VecDeque<Pending>, irq_fds: &HashMap<(u32, u32), OwnedFd>) -> usize {
+    let in_flight: usize = pending
+        .iter()
+        .map(|p| match &p.kind {
+            PendingKind::SetIrqs {
+                change: IrqChange::Assign { fds, .. },
+                ..
+            } => fds.len(),
+            _ => 0,
+        })
+        .sum();
+    irq_fds.len() + in_flight
 }
 
 /// Checks that every fd of a SET_IRQS is an eventfd, and makes them non-blocking so that
