@@ -991,13 +991,20 @@ fn cases() -> Vec<Case> {
             vec![send(device_get_info(1, 4)), Reply(1, EINVAL), Sane(2)]
         }),
         // ---- Interrupts ----------------------------------------------------------
-        // IRQ indexes past the 5 PCI ones: EINVAL, for GET_IRQ_INFO and SET_IRQS.
+        // IRQ indexes past the 5 PCI ones, for GET_IRQ_INFO and SET_IRQS, and
+        // GET_IRQ_INFO with a short argsz: EINVAL.
         case("irq_bad_index", Dma, || {
             vec![
                 send(irq_info(1, 5)),
                 Reply(1, EINVAL),
                 send(irq_info(2, u32::MAX)),
                 Reply(2, EINVAL),
+                send(cmd(
+                    20,
+                    Command::DeviceGetIrqInfo,
+                    &info_payload(8, pci_irq::MSIX, 16),
+                )),
+                Reply(20, EINVAL),
                 send(set_irqs(3, DATA_NONE | ACTION_TRIGGER, 9, 0, 1, &[])),
                 Reply(3, EINVAL),
                 send_fds(
@@ -1273,6 +1280,49 @@ fn cases() -> Vec<Case> {
             steps.push(Sane(7));
             steps
         }),
+        // 400 copies of 256 KiB each (DMA through windows onto the client's memfd),
+        // pipelined to a device that takes far longer to run them than the client to
+        // send them: while they run, the other devices are served; then every START
+        // is answered, in order, and the last copy is right.
+        case("pipelined_behind_slow_device_operations", Dma, || {
+            let mem = File::from(sealed(2 << 20));
+            mem.write_all_at(&[0xc3; 256 << 10], 0).unwrap();
+            let n = 400u32;
+            let mut steps = vec![
+                send_fds(
+                    map(1, SRC, 1 << 20, 0),
+                    vec![OwnedFd::from(mem.try_clone().unwrap())],
+                ),
+                Reply(1, 0),
+                send_fds(
+                    map(2, DST, 1 << 20, 1 << 20),
+                    vec![OwnedFd::from(mem.try_clone().unwrap())],
+                ),
+                Reply(2, 0),
+            ];
+            steps.extend(start_copy(10, SRC, DST, DST + (512 << 10), 256 << 10));
+            let mut bytes = Vec::new();
+            for i in 0..n {
+                bytes.extend(reg_write(id(100 + i), 0x24, 1, 4));
+            }
+            steps.extend([send(bytes), OthersServed, Reply(14, 0)]);
+            steps.extend((0..n).map(|i| Reply(id(100 + i), 0)));
+            steps.extend([
+                send(read_status(15)),
+                ReplyWith(15, |p| expect_bytes(p, 16, &[1, 0, 0, 0])),
+                Do(Box::new(move || {
+                    let mut got = vec![0u8; 256 << 10];
+                    mem.read_exact_at(&mut got, 1 << 20).unwrap();
+                    if got.iter().all(|&b| b == 0xc3) {
+                        Ok(())
+                    } else {
+                        Err("the destination does not hold the source".into())
+                    }
+                })),
+                Sane(16),
+            ]);
+            steps
+        }),
         // Requests pipelined and then the client hangs up without reading a single
         // reply: the relay drops what was in flight (the runner's checks).
         case("pipelined_then_gone", Gpio, || {
@@ -1313,8 +1363,9 @@ fn cases() -> Vec<Case> {
         }),
         // DEVICE_FEATURE with GET and SET but not PROBE, unknown flag bits, a short
         // argsz; a DMA_LOGGING_REPORT whose bitmap could not cross the tunnel (E2BIG,
-        // refused by the relay); MIG_DATA_READ above max_data_xfer_size and a
-        // MIG_DATA_WRITE whose size disagrees with its data: EINVAL.
+        // refused by the relay); MIG_DATA_READ above max_data_xfer_size or with an
+        // argsz too small for its size, and a MIG_DATA_WRITE whose size disagrees with
+        // its data: EINVAL.
         case("device_feature_and_migration_malformed", Dma, || {
             let feature = |id, argsz: u32, flags: u32, data: &[u8]| {
                 let mut p = Vec::new();
@@ -1344,6 +1395,13 @@ fn cases() -> Vec<Case> {
                 Reply(5, EINVAL),
                 send(cmd(6, Command::MigDataWrite, &mig_write)),
                 Reply(6, EINVAL),
+                send(cmd(60, Command::MigDataRead, &{
+                    let mut p = Vec::new();
+                    put32(&mut p, 8);
+                    put32(&mut p, 16);
+                    p
+                })),
+                Reply(60, EINVAL),
                 Sane(7),
             ]
         }),
