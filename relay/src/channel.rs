@@ -83,8 +83,11 @@ struct Pending {
     deadline: Instant,
     kind: PendingKind,
     /// The client sent the request with NO_REPLY: the relay asked for the reply itself
-    /// (it needs it to commit or release DMA regions) and does not pass it on.
+    /// (to commit or release DMA regions, and to count the request in flight until the
+    /// device is done with it) and does not pass it on.
     silent: bool,
+    /// Payload bytes (counted in [`Client::may_read`]).
+    bytes: usize,
 }
 
 /// The client connected to a channel's socket.
@@ -95,6 +98,8 @@ pub struct Client {
     sock: Arc<UnixStream>,
     writer: MessageWriter,
     pending: VecDeque<Pending>,
+    /// Payload bytes of the requests in `pending`.
+    pending_bytes: usize,
     /// VERSION was forwarded (requests before it are refused).
     versioned: bool,
     /// What the client stated about itself in VERSION.
@@ -172,6 +177,11 @@ const MAX_CLIENT_BACKLOG: usize = 16 << 20;
 /// reading the client until replies come back (back-pressure, bounded state).
 pub const MAX_IN_FLIGHT: usize = 1024;
 
+/// Most payload bytes of one client's requests in flight: what the device VM may have
+/// to hold for the client's device at once (posted writes included: the relay asks
+/// for their replies itself), whatever the device's pace.
+pub const MAX_IN_FLIGHT_BYTES: usize = 8 << 20;
+
 impl Client {
     /// A freshly accepted client; `sock` is non-blocking.
     pub fn new(sock: Arc<UnixStream>) -> Self {
@@ -182,6 +192,7 @@ impl Client {
                 max_msg_fds: 1,
             }),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             versioned: false,
             caps: Capabilities::default(),
             remote: RemoteDma::default(),
@@ -237,7 +248,28 @@ impl Client {
 
     /// Whether the switch may read another request: few enough in flight.
     pub fn may_read(&self) -> bool {
-        self.pending.len() < MAX_IN_FLIGHT
+        self.pending.len() < MAX_IN_FLIGHT && self.pending_bytes < MAX_IN_FLIGHT_BYTES
+    }
+
+    /// Whether a paused client may be read again: half of what may be in flight is
+    /// back.
+    fn may_resume(&self) -> bool {
+        self.pending.len() <= MAX_IN_FLIGHT / 2 && self.pending_bytes <= MAX_IN_FLIGHT_BYTES / 2
+    }
+
+    fn push_pending(&mut self, p: Pending) {
+        self.pending_bytes += p.bytes;
+        self.pending.push_back(p);
+    }
+
+    fn remove_pending(&mut self, pos: usize) -> Option<Pending> {
+        let p = self.pending.remove(pos)?;
+        self.pending_bytes -= p.bytes;
+        Some(p)
+    }
+
+    fn pop_pending(&mut self) -> Option<Pending> {
+        self.remove_pending(0)
     }
 
     /// The earliest deadline of a request in flight, or of a DMA command sent to the
@@ -376,12 +408,13 @@ impl Channel {
                 warn!("{}: restoring {}: {e}", self.name, request.command().name());
                 continue;
             }
-            client.pending.push_back(Pending {
+            client.push_pending(Pending {
                 header,
                 relay_id,
                 deadline: Instant::now() + relay.config.request_timeout(),
                 kind: PendingKind::Restore,
                 silent: true,
+                bytes: 0,
             });
         }
     }
@@ -402,6 +435,7 @@ impl Channel {
             st.abandoned
                 .extend(client.pending.iter().map(|p| p.relay_id));
             client.pending.clear();
+            client.pending_bytes = 0;
             if st.guest == GuestState::Served && relay.link.is_up() {
                 let tag = relay.send_control(self.id, Body::SessionEnd);
                 st.retired.push((tag, regions));
@@ -425,7 +459,7 @@ impl Channel {
         if let Some(client) = st.client.as_mut() {
             // The regions of requests in flight stay in the DMA table: they go with
             // the session, once the device VM has let go of them.
-            while let Some(p) = client.pending.pop_front() {
+            while let Some(p) = client.pop_pending() {
                 if !p.silent {
                     let _ = client.send(encode_error_reply(&p.header, libc::ENODEV as u32), vec![]);
                 }
@@ -616,13 +650,13 @@ impl Channel {
         st.requests += 1;
         let mut forwarded = header;
         forwarded.msg_id = relay_id;
-        // DMA maps and unmaps change the relay's own state when the reply comes: the
-        // relay always asks for it.
-        let silent = header.no_reply
-            && matches!(kind, PendingKind::DmaMap { .. } | PendingKind::DmaUnmap(_));
-        if silent {
-            forwarded.no_reply = false;
-        }
+        // The relay always asks for the reply: DMA maps and unmaps change its own state
+        // when it comes, and a posted request is in flight until the device is done
+        // with it (a client posting faster than its device works is held back, not
+        // queued in the device VM without bound).
+        let silent = header.no_reply;
+        forwarded.no_reply = false;
+        let bytes = msg.payload.len();
         let frame = VfioUserFrame {
             header: forwarded,
             payload: msg.payload,
@@ -644,15 +678,14 @@ impl Channel {
             client.versioned = true;
             client.caps = v.capabilities.unwrap_or_default();
         }
-        if !header.no_reply || silent {
-            client.pending.push_back(Pending {
-                header,
-                relay_id,
-                deadline: Instant::now() + relay.config.request_timeout(),
-                kind,
-                silent,
-            });
-        }
+        client.push_pending(Pending {
+            header,
+            relay_id,
+            deadline: Instant::now() + relay.config.request_timeout(),
+            kind,
+            silent,
+            bytes,
+        });
         SendOutcome::Done
     }
 
@@ -693,11 +726,8 @@ impl Channel {
             }
             return SendOutcome::Done;
         };
-        let pending = client.pending.remove(pos).expect("position is valid");
-        if client.paused
-            && client.pending.len() <= MAX_IN_FLIGHT / 2
-            && relay.link.has_room(self.id)
-        {
+        let pending = client.remove_pending(pos).expect("position is valid");
+        if client.paused && client.may_resume() && relay.link.has_room(self.id) {
             client.paused = false;
             relay.update_interest(self, client);
         }
@@ -956,7 +986,7 @@ impl Channel {
         }
         let mut outcome = SendOutcome::Done;
         while let Some(pos) = client.pending.iter().position(|p| p.deadline <= now) {
-            let p = client.pending.remove(pos).expect("position is valid");
+            let p = client.remove_pending(pos).expect("position is valid");
             warn!(
                 "{}: {} (msg {}) timed out waiting for the device VM",
                 self.name,
@@ -997,7 +1027,7 @@ impl Channel {
             return SendOutcome::Done;
         };
         let mut outcome = SendOutcome::Done;
-        while let Some(p) = client.pending.pop_front() {
+        while let Some(p) = client.pop_pending() {
             undo(relay, client, p.kind);
             if p.silent {
                 continue;
@@ -1595,5 +1625,73 @@ mod abandoned_tests {
             ch.lock().abandoned.is_empty(),
             "a device VM that went sends none"
         );
+    }
+}
+
+/// Posted (NO_REPLY) requests are in flight until the device VM is done with them:
+/// the relay asks for their replies, counts them (number and bytes) for
+/// back-pressure, and passes nothing on to the client.
+#[cfg(test)]
+mod posted_tests {
+    use super::*;
+    use std::io::Read;
+    use vfu_proto::vfio_user::{encode_request, RegionWrite};
+
+    #[test]
+    fn posted_requests_are_counted_until_answered() {
+        let relay = pipelined_dma_tests::relay();
+        let mut peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let write = Request::RegionWrite(RegionWrite {
+            offset: 0,
+            region: 2,
+            data: vec![0; 1 << 20],
+        });
+        let b = encode_request(3, &write, true);
+        let posted = || RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        };
+        let mut sent = 0;
+        while ch.lock().client.as_ref().unwrap().may_read() {
+            assert_eq!(ch.on_client_message(&relay, posted()), SendOutcome::Done);
+            sent += 1;
+        }
+        assert_eq!(
+            sent, 8,
+            "8 MiB of posted writes in flight, then back-pressure"
+        );
+        let relay_id = {
+            let st = ch.lock();
+            let p = &st.client.as_ref().unwrap().pending[0];
+            assert!(p.silent);
+            p.relay_id
+        };
+        let reply = VfioUserFrame {
+            header: Header::reply_to(
+                &Header::command(relay_id, Command::RegionWrite as u16, 0),
+                16,
+            ),
+            payload: region_write_reply(),
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, reply);
+        let st = ch.lock();
+        let c = st.client.as_ref().unwrap();
+        assert_eq!(c.pending.len(), 7);
+        assert_eq!(c.pending_bytes, 7 * (16 + (1 << 20)));
+        drop(st);
+        let mut buf = [0u8; 16];
+        assert!(peer.read(&mut buf).is_err(), "nothing for the client");
+    }
+
+    /// The payload of a REGION_WRITE reply: offset, region, count.
+    fn region_write_reply() -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&0u64.to_le_bytes());
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        p
     }
 }
