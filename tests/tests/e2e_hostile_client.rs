@@ -22,7 +22,7 @@
 //! client reconnects.
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
@@ -2600,4 +2600,116 @@ fn no_growth_after_10k_client_reconnects() {
     let m2 = r.measure();
     eprintln!("10k client reconnects in {:.1?}", t.elapsed());
     check_growth("10k client reconnects", [m0, m1, m2]);
+}
+
+/// A client floods posted (NO_REPLY) REGION_WRITE_MULTIs of 200 writes each (QEMU's
+/// most), each write starting a dma-engine operation, much faster than the device runs
+/// them: the relay counts posted requests in flight like any other (it asks the device
+/// VM for their replies itself and drops them), so at most 1024 (and 8 MiB) of them are
+/// in flight and the rest wait in the client's socket, the device VM's memory does not
+/// grow with the flood, and the other device is served throughout.
+#[test]
+fn posted_flood_is_held_back() {
+    let scratch = Scratch::new("hostile-posted");
+    let frontend = scratch.join("frontend.sock");
+    let dma0 = scratch.join("dma0.sock");
+    let gpio1 = scratch.join("gpio1.sock");
+    let _relay = start_relay(&frontend, &[("dma0", &dma0), ("gpio1", &gpio1)]);
+    assert!(wait_for_socket(&gpio1, SETUP));
+    let guest = start_loopback_guest(&frontend, &[("dma0", "dma-engine"), ("gpio1", "gpio")]);
+    drop(served(&gpio1, SETUP).expect("gpio1 served"));
+    drop(served(&dma0, SETUP).expect("dma0 served"));
+    let mut conn = Conn::connect(&dma0).unwrap();
+    conn.send(&version(0), &[]).unwrap();
+    conn.reply(0, 0).unwrap();
+    let mem = File::from(sealed(2 << 20));
+    for (id, (iova, off)) in [(SRC, 0u64), (DST, 1 << 20)].into_iter().enumerate() {
+        let id = id as u16 + 1;
+        let fd = mem.try_clone().unwrap();
+        conn.send(&map(id, iova, 1 << 20, off), &[fd.as_raw_fd()])
+            .unwrap();
+        conn.reply(id, 0).unwrap();
+    }
+    for step in start_copy(10, SRC, DST, DST + (512 << 10), 0) {
+        if let Send(bytes, _) = step {
+            conn.send(&bytes, &[]).unwrap();
+        }
+    }
+    for id in 10..=14 {
+        conn.reply(id, 0).unwrap();
+    }
+    let mut multi = Vec::new();
+    let n = 200u64;
+    put64(&mut multi, n);
+    for _ in 0..n {
+        multi.extend_from_slice(&access_payload(0x24, 0, 4));
+        multi.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+    }
+    let posted = framed(20, Command::RegionWriteMulti as u16, F_NO_REPLY, &multi);
+
+    let control = vfu_tests::control_socket(&frontend);
+    let in_flight = || {
+        let out = vfu_tests::relay_ctl(&control, &["list", "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).expect("list --json");
+        v["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["name"] == "dma0"))
+            .and_then(|d| d["in_flight"].as_u64())
+            .expect("dma0 in the list")
+    };
+    let guest_rss = || rss_kib(guest.pid());
+    let before = guest_rss();
+    let stop = Arc::new(AtomicBool::new(false));
+    let flooder = {
+        let sock = conn.sock.try_clone().unwrap();
+        sock.set_nonblocking(true).unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut sent = 0usize;
+            let mut at = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                match (&sock).write(&posted[at..]) {
+                    Ok(k) => {
+                        at += k;
+                        if at == posted.len() {
+                            at = 0;
+                            sent += 1;
+                        }
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1))
+                    }
+                    Err(e) => panic!("flooding: {e}"),
+                }
+            }
+            sent
+        })
+    };
+    let start = Instant::now();
+    let (mut peak, mut most, mut reads) = (before, 0, 0);
+    while start.elapsed() < Duration::from_secs(3) {
+        let mut c = served(&gpio1, WAIT).expect("gpio1 served during the flood");
+        assert_eq!(
+            c.region_read(pci_region::CONFIG, 0, 4).unwrap(),
+            Gpio.ids(),
+            "gpio1 during the flood"
+        );
+        reads += 1;
+        most = most.max(in_flight());
+        peak = peak.max(guest_rss());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = flooder.join().unwrap();
+    eprintln!(
+        "posted flood: {sent} posted messages sent in 3 s; at most {most} in flight; device VM VmRSS {before} -> peak {peak} KiB; {reads} fresh clients of gpio1 served"
+    );
+    assert!(
+        (512..=1024).contains(&most),
+        "posted requests in flight: at most {most} seen (they are counted, up to 1024)"
+    );
+    assert!(
+        peak <= before + 64 * 1024,
+        "the device VM grew from {before} to {peak} KiB under a posted flood"
+    );
 }
