@@ -18,8 +18,12 @@
 //!   correct answers during the case.
 //!
 //! The resource tests at the end count the relay's fds and resident memory
-//! (`/proc/<pid>/fd`, `VmRSS`) before and after 100k DMA map/unmap cycles and 10k
-//! client reconnects.
+//! (`/proc/<pid>/fd`, `VmRSS`) after a warm-up, half way and at the end of 100k DMA
+//! map/unmap cycles and of 10k client reconnects; the last test floods posted writes
+//! at a slow device and checks that the relay holds the client back.
+//!
+//! `VFU_HOSTILE_CASE=name` runs one case of the table; `VFU_TEST_LOG=debug` shows the
+//! relay's and the device VM's logs.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -2705,7 +2709,7 @@ fn posted_flood_is_held_back() {
         "posted flood: {sent} posted messages sent in 3 s; at most {most} in flight; device VM VmRSS {before} -> peak {peak} KiB; {reads} fresh clients of gpio1 served"
     );
     assert!(
-        (512..=1024).contains(&most),
+        (100..=1024).contains(&most),
         "posted requests in flight: at most {most} seen (they are counted, up to 1024)"
     );
     assert!(
