@@ -177,6 +177,8 @@ pub enum DmaError {
     Fault,
     /// The client holds as many descriptors as it may ([`MAX_CLIENT_FDS`]).
     TooManyFds,
+    /// A descriptor whose file cannot be told.
+    BadFd,
 }
 
 impl DmaError {
@@ -189,6 +191,7 @@ impl DmaError {
             DmaError::NotFound => libc::ENOENT,
             DmaError::Fault => libc::EFAULT,
             DmaError::TooManyFds => libc::EMFILE,
+            DmaError::BadFd => libc::EINVAL,
         }) as u32
     }
 }
@@ -228,8 +231,9 @@ impl DmaTable {
         others: impl FnOnce() -> usize,
         max: usize,
     ) -> Result<Arc<ClientFile>, DmaError> {
-        let key = FileKey::of(&fd);
-        if let Some(file) = key.and_then(|k| self.files.get(&k)).and_then(Weak::upgrade) {
+        // (DMA_MAP checked the fd with fstat already: this does not fail in practice.)
+        let key = FileKey::of(&fd).ok_or(DmaError::BadFd)?;
+        if let Some(file) = self.files.get(&key).and_then(Weak::upgrade) {
             return Ok(file);
         }
         let others = others();
@@ -240,9 +244,7 @@ impl DmaTable {
             }
         }
         let file = Arc::new(ClientFile::new(fd));
-        if let Some(k) = key {
-            self.files.insert(k, Arc::downgrade(&file));
-        }
+        self.files.insert(key, Arc::downgrade(&file));
         Ok(file)
     }
 
@@ -807,6 +809,15 @@ pub(crate) mod tests {
         assert!(t.file(fd.try_clone().unwrap(), || 2, 4).is_ok());
         drop(c);
         assert!(t.file(memfd(0x1000), || 2, 4).is_ok(), "c's place is free");
+        // A memfd sealed against shrinking is mapped by the relay; others are not.
+        assert!(!a.is_mapped());
+        let sealed = memfd(0x2000);
+        // SAFETY: F_ADD_SEALS on a memfd we own.
+        assert_eq!(
+            unsafe { libc::fcntl(sealed.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+            0
+        );
+        assert!(t.file(sealed, || 0, 8).unwrap().is_mapped());
         // Regions keep their file: a region of `a` reads through it.
         let mut r = region(0x1000, 0x1000, true, true);
         r.file = Some(a.clone());
