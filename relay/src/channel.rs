@@ -5,7 +5,7 @@
 //! client. Both threads work on a channel under its mutex; the tunnel link's lock is
 //! always taken inside a channel's, never around it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -24,12 +24,12 @@ use vfu_proto::vfio_user::{
 use vm_memory::VolatileSlice;
 
 use crate::access::Access;
-use crate::client_memory::{self, ClientMapping, Direction};
+use crate::client_memory::{self, Direction};
 use crate::control::{DeviceInfo, Served};
-use crate::dma::{DmaError, DmaTable, Region, WindowMap};
+use crate::dma::{DmaError, DmaTable, Region, WindowMap, MAX_CLIENT_FDS};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
-use crate::version::negotiate;
+use crate::version::{negotiate, MIN_CLIENT_DATA_XFER_SIZE};
 
 /// Whether the device VM serves this channel's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,8 +83,11 @@ struct Pending {
     deadline: Instant,
     kind: PendingKind,
     /// The client sent the request with NO_REPLY: the relay asked for the reply itself
-    /// (it needs it to commit or release DMA regions) and does not pass it on.
+    /// (to commit or release DMA regions, and to count the request in flight until the
+    /// device is done with it) and does not pass it on.
     silent: bool,
+    /// Payload bytes (counted in [`Client::may_read`]).
+    bytes: usize,
 }
 
 /// The client connected to a channel's socket.
@@ -95,6 +98,8 @@ pub struct Client {
     sock: Arc<UnixStream>,
     writer: MessageWriter,
     pending: VecDeque<Pending>,
+    /// Payload bytes of the requests in `pending`.
+    pending_bytes: usize,
     /// VERSION was forwarded (requests before it are refused).
     versioned: bool,
     /// What the client stated about itself in VERSION.
@@ -128,6 +133,11 @@ pub struct ChannelState {
     /// Regions of clients that went away, by the tag of their SESSION_END: their
     /// windows stay until the device VM acknowledges it.
     retired: Vec<(u32, Vec<Region>)>,
+    /// Relay message IDs of requests that were in flight when their client went: the
+    /// device VM's late replies to them are expected and dropped quietly (a client
+    /// that leaves with 1024 requests in flight, again and again, must not fill the
+    /// log). An ID leaves the set when it is given to a new request.
+    abandoned: HashSet<u16>,
     /// Client requests forwarded to the device VM (for `list`).
     requests: u64,
     /// Client connections accepted (for `list`).
@@ -167,6 +177,11 @@ const MAX_CLIENT_BACKLOG: usize = 16 << 20;
 /// reading the client until replies come back (back-pressure, bounded state).
 pub const MAX_IN_FLIGHT: usize = 1024;
 
+/// Most payload bytes of one client's requests in flight: what the device VM may have
+/// to hold for the client's device at once (posted writes included: the relay asks
+/// for their replies itself), whatever the device's pace.
+pub const MAX_IN_FLIGHT_BYTES: usize = 8 << 20;
+
 impl Client {
     /// A freshly accepted client; `sock` is non-blocking.
     pub fn new(sock: Arc<UnixStream>) -> Self {
@@ -177,6 +192,7 @@ impl Client {
                 max_msg_fds: 1,
             }),
             pending: VecDeque::new(),
+            pending_bytes: 0,
             versioned: false,
             caps: Capabilities::default(),
             remote: RemoteDma::default(),
@@ -232,7 +248,28 @@ impl Client {
 
     /// Whether the switch may read another request: few enough in flight.
     pub fn may_read(&self) -> bool {
-        self.pending.len() < MAX_IN_FLIGHT
+        self.pending.len() < MAX_IN_FLIGHT && self.pending_bytes < MAX_IN_FLIGHT_BYTES
+    }
+
+    /// Whether a paused client may be read again: half of what may be in flight is
+    /// back.
+    fn may_resume(&self) -> bool {
+        self.pending.len() <= MAX_IN_FLIGHT / 2 && self.pending_bytes <= MAX_IN_FLIGHT_BYTES / 2
+    }
+
+    fn push_pending(&mut self, p: Pending) {
+        self.pending_bytes += p.bytes;
+        self.pending.push_back(p);
+    }
+
+    fn remove_pending(&mut self, pos: usize) -> Option<Pending> {
+        let p = self.pending.remove(pos)?;
+        self.pending_bytes -= p.bytes;
+        Some(p)
+    }
+
+    fn pop_pending(&mut self) -> Option<Pending> {
+        self.remove_pending(0)
     }
 
     /// The earliest deadline of a request in flight, or of a DMA command sent to the
@@ -253,6 +290,15 @@ impl Client {
     }
 }
 
+/// The relay's message ID for the next request toward the device VM (`next_id` and
+/// `abandoned` of a [`ChannelState`]).
+fn take_id(next_id: &mut u16, abandoned: &mut HashSet<u16>) -> u16 {
+    let id = *next_id;
+    *next_id = next_id.wrapping_add(1);
+    abandoned.remove(&id);
+    id
+}
+
 impl Channel {
     /// A channel with no client and no device VM yet.
     pub fn new(id: u32, name: String, socket: PathBuf, access: Access) -> Self {
@@ -266,6 +312,7 @@ impl Channel {
                 client: None,
                 next_id: 0,
                 retired: Vec::new(),
+                abandoned: HashSet::new(),
                 requests: 0,
                 connections: 0,
             }),
@@ -312,7 +359,8 @@ impl Channel {
                 address: r.iova,
                 size: r.size,
             };
-            let (window, unconfirmed) = window_for(relay, &self.name, r.fd.as_ref(), &m);
+            let fd = r.file.as_ref().map(|f| &f.fd);
+            let (window, unconfirmed) = window_for(relay, &self.name, fd, &m);
             r.window = window;
             r.unconfirmed_window = unconfirmed;
             let slots = window
@@ -344,8 +392,7 @@ impl Channel {
             );
         }
         for (request, slots) in requests {
-            let relay_id = st.next_id;
-            st.next_id = st.next_id.wrapping_add(1);
+            let relay_id = take_id(&mut st.next_id, &mut st.abandoned);
             let mut payload = Vec::new();
             request.encode(&mut payload);
             let header = Header::command(relay_id, request.command() as u16, payload.len());
@@ -361,12 +408,13 @@ impl Channel {
                 warn!("{}: restoring {}: {e}", self.name, request.command().name());
                 continue;
             }
-            client.pending.push_back(Pending {
+            client.push_pending(Pending {
                 header,
                 relay_id,
                 deadline: Instant::now() + relay.config.request_timeout(),
                 kind: PendingKind::Restore,
                 silent: true,
+                bytes: 0,
             });
         }
     }
@@ -384,7 +432,10 @@ impl Channel {
             // Windows stay until the device VM says it let go of the memory, those of
             // unmaps still in flight included (take_all holds them).
             let regions = client.dma.take_all();
+            st.abandoned
+                .extend(client.pending.iter().map(|p| p.relay_id));
             client.pending.clear();
+            client.pending_bytes = 0;
             if st.guest == GuestState::Served && relay.link.is_up() {
                 let tag = relay.send_control(self.id, Body::SessionEnd);
                 st.retired.push((tag, regions));
@@ -408,7 +459,7 @@ impl Channel {
         if let Some(client) = st.client.as_mut() {
             // The regions of requests in flight stay in the DMA table: they go with
             // the session, once the device VM has let go of them.
-            while let Some(p) = client.pending.pop_front() {
+            while let Some(p) = client.pop_pending() {
                 if !p.silent {
                     let _ = client.send(encode_error_reply(&p.header, libc::ENODEV as u32), vec![]);
                 }
@@ -481,7 +532,13 @@ impl Channel {
             }
         };
         let fds_ok = || match request {
-            Request::DeviceSetIrqs(_) => check_irq_fds(&msg.fds),
+            Request::DeviceSetIrqs(_) => {
+                let held = irq_fds_held(&client.pending, &client.irq_fds) + client.dma.files_held();
+                if held + msg.fds.len() > MAX_CLIENT_FDS {
+                    return Err(DmaError::TooManyFds.errno());
+                }
+                check_irq_fds(&msg.fds)
+            }
             _ => Ok(()),
         };
         if let Err(errno) = check_request(client, &request, relay).and_then(|()| fds_ok()) {
@@ -547,21 +604,33 @@ impl Channel {
                     );
                     return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
                 }
-                let (window, unconfirmed_window) = window_for(relay, &self.name, fd.as_ref(), m);
+                // One descriptor per file: a map of a file the client mapped before
+                // shares it; a new file counts against the client's descriptors.
+                let (pending, irq_fds) = (&client.pending, &client.irq_fds);
+                let others = || irq_fds_held(pending, irq_fds);
+                let file = match fd.map(|fd| client.dma.file(fd, others, MAX_CLIENT_FDS)) {
+                    Some(Err(e)) => {
+                        warn!(
+                            "{}: DMA region {:#x}: the client holds {MAX_CLIENT_FDS} descriptors already; refused",
+                            self.name, m.address
+                        );
+                        return client.error(&header, e.errno());
+                    }
+                    Some(Ok(file)) => Some(file),
+                    None => None,
+                };
+                let (window, unconfirmed_window) =
+                    window_for(relay, &self.name, file.as_ref().map(|f| &f.fd), m);
                 if let Some(offset) = window {
                     slots.push(Slot::window(offset, m.read, m.write));
                 }
-                let map = fd.as_ref().and_then(|fd| {
-                    ClientMapping::new(fd.as_fd(), m.offset, m.size, m.read, m.write)
-                });
                 let id = client.dma.insert(Region {
                     iova: m.address,
                     size: m.size,
                     read: m.read,
                     write: m.write,
                     fd_offset: m.offset,
-                    fd,
-                    map,
+                    file,
                     window,
                     committed: false,
                     unconfirmed_window,
@@ -577,18 +646,17 @@ impl Channel {
             }
             _ => PendingKind::Plain,
         };
-        let relay_id = st.next_id;
-        st.next_id = st.next_id.wrapping_add(1);
+        let relay_id = take_id(&mut st.next_id, &mut st.abandoned);
         st.requests += 1;
         let mut forwarded = header;
         forwarded.msg_id = relay_id;
-        // DMA maps and unmaps change the relay's own state when the reply comes: the
-        // relay always asks for it.
-        let silent = header.no_reply
-            && matches!(kind, PendingKind::DmaMap { .. } | PendingKind::DmaUnmap(_));
-        if silent {
-            forwarded.no_reply = false;
-        }
+        // The relay always asks for the reply: DMA maps and unmaps change its own state
+        // when it comes, and a posted request is in flight until the device is done
+        // with it (a client posting faster than its device works is held back, not
+        // queued in the device VM without bound).
+        let silent = header.no_reply;
+        forwarded.no_reply = false;
+        let bytes = msg.payload.len();
         let frame = VfioUserFrame {
             header: forwarded,
             payload: msg.payload,
@@ -610,21 +678,21 @@ impl Channel {
             client.versioned = true;
             client.caps = v.capabilities.unwrap_or_default();
         }
-        if !header.no_reply || silent {
-            client.pending.push_back(Pending {
-                header,
-                relay_id,
-                deadline: Instant::now() + relay.config.request_timeout(),
-                kind,
-                silent,
-            });
-        }
+        client.push_pending(Pending {
+            header,
+            relay_id,
+            deadline: Instant::now() + relay.config.request_timeout(),
+            kind,
+            silent,
+            bytes,
+        });
         SendOutcome::Done
     }
 
     /// A vfio-user message from the device VM on this channel.
     pub fn on_device_message(&self, relay: &Relay, frame: VfioUserFrame) -> SendOutcome {
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
         let Some(client) = st.client.as_mut() else {
             debug!("{}: device message with no client; dropped", self.name);
             return SendOutcome::Done;
@@ -645,17 +713,21 @@ impl Channel {
             client.pending.iter().position(matches)
         };
         let Some(pos) = found else {
-            warn!(
-                "{}: reply to no request in flight (msg {}, command {}); dropped",
-                self.name, h.msg_id, h.command
-            );
+            if st.abandoned.remove(&h.msg_id) {
+                debug!(
+                    "{}: late reply to a request of a client that left (msg {}); dropped",
+                    self.name, h.msg_id
+                );
+            } else {
+                warn!(
+                    "{}: reply to no request in flight (msg {}, command {}); dropped",
+                    self.name, h.msg_id, h.command
+                );
+            }
             return SendOutcome::Done;
         };
-        let pending = client.pending.remove(pos).expect("position is valid");
-        if client.paused
-            && client.pending.len() <= MAX_IN_FLIGHT / 2
-            && relay.link.has_room(self.id)
-        {
+        let pending = client.remove_pending(pos).expect("position is valid");
+        if client.paused && client.may_resume() && relay.link.has_room(self.id) {
             client.paused = false;
             relay.update_interest(self, client);
         }
@@ -688,8 +760,12 @@ impl Channel {
             (PendingKind::SetIrqs { index, change }, Ok(Reply::DeviceSetIrqs)) => {
                 apply_irq_change(&mut client.irq_fds, index, change);
             }
-            (PendingKind::DmaMap { id, .. }, Ok(Reply::DmaMap)) => client.dma.commit(id),
-            (kind @ PendingKind::DmaMap { .. }, _) => undo(relay, client, kind),
+            (PendingKind::DmaMap { address, id }, Ok(Reply::DmaMap)) => {
+                client.dma.commit(address, id)
+            }
+            (kind @ (PendingKind::DmaMap { .. } | PendingKind::Version(_)), _) => {
+                undo(relay, client, kind)
+            }
             (PendingKind::DmaUnmap(id), _) => {
                 // The device VM no longer uses the memory: the windows go before the
                 // client hears back. If the device VM's VMM does not confirm that, the
@@ -910,7 +986,7 @@ impl Channel {
         }
         let mut outcome = SendOutcome::Done;
         while let Some(pos) = client.pending.iter().position(|p| p.deadline <= now) {
-            let p = client.pending.remove(pos).expect("position is valid");
+            let p = client.remove_pending(pos).expect("position is valid");
             warn!(
                 "{}: {} (msg {}) timed out waiting for the device VM",
                 self.name,
@@ -943,6 +1019,7 @@ impl Channel {
         st.guest = GuestState::Unknown;
         // The frontend took its windows with it; what is left are fds and mappings.
         st.retired.clear();
+        st.abandoned.clear();
         if let Some(client) = st.client.as_mut() {
             client.dma.forget_windows();
         }
@@ -950,7 +1027,7 @@ impl Channel {
             return SendOutcome::Done;
         };
         let mut outcome = SendOutcome::Done;
-        while let Some(p) = client.pending.pop_front() {
+        while let Some(p) = client.pop_pending() {
             undo(relay, client, p.kind);
             if p.silent {
                 continue;
@@ -995,11 +1072,20 @@ fn window_for(relay: &Relay, name: &str, fd: Option<&OwnedFd>, m: &DmaMap) -> (O
 /// Checks a request against what the relay itself allows, before it goes anywhere.
 fn check_request(client: &Client, request: &Request, relay: &Relay) -> Result<(), u32> {
     let einval = libc::EINVAL as u32;
-    if !client.versioned && !matches!(request, Request::Version(_)) {
+    // VERSION first, and once: a second one would renegotiate limits in force (a
+    // refused VERSION may be sent again).
+    if client.versioned == matches!(request, Request::Version(_)) {
         return Err(einval);
     }
     match request {
         r if r.command().is_server_to_client() => Err(einval),
+        // The relay speaks 0.x; it would chunk the device's DMA toward a client that
+        // takes less than a page per message into that many messages.
+        Request::Version(v) => match v.capabilities {
+            _ if v.major != 0 => Err(einval),
+            Some(c) if c.max_data_xfer_size() < MIN_CLIENT_DATA_XFER_SIZE => Err(einval),
+            _ => Ok(()),
+        },
         // The reply would not fit a tunnel message.
         Request::RegionRead(a) if a.count > relay.limits.max_data_xfer_size => Err(einval),
         Request::MigDataRead(r) if r.size > relay.limits.max_data_xfer_size => Err(einval),
@@ -1031,6 +1117,22 @@ fn report_fits(f: &DeviceFeature, max: u32) -> bool {
         } => logging_bitmap_len(*length, *page_size).is_some_and(|b| b <= u64::from(max)),
         _ => true,
     }
+}
+
+/// Interrupt eventfds the relay holds for a client: assigned, and in SET_IRQS
+/// requests in flight.
+fn irq_fds_held(pending: &VecDeque<Pending>, irq_fds: &HashMap<(u32, u32), OwnedFd>) -> usize {
+    let in_flight: usize = pending
+        .iter()
+        .map(|p| match &p.kind {
+            PendingKind::SetIrqs {
+                change: IrqChange::Assign { fds, .. },
+                ..
+            } => fds.len(),
+            _ => 0,
+        })
+        .sum();
+    irq_fds.len() + in_flight
 }
 
 /// Checks that every fd of a SET_IRQS is an eventfd, and makes them non-blocking so that
@@ -1100,6 +1202,12 @@ fn undo(relay: &Relay, client: &mut Client, kind: PendingKind) {
         }
         PendingKind::DmaUnmap(id) => {
             release(relay, client.dma.finish_unmap(id));
+        }
+        // A VERSION that failed leaves the client unversioned: it may try again, and
+        // nothing else is forwarded meanwhile.
+        PendingKind::Version(_) => {
+            client.versioned = false;
+            client.caps = Capabilities::default();
         }
         _ => {}
     }
@@ -1376,5 +1484,214 @@ mod migration_tests {
             assert_eq!((h.msg_id, h.error), (id, Some(errno as u32)));
             assert!(ch.lock().client.as_ref().unwrap().pending.is_empty());
         }
+    }
+}
+
+/// VERSION through the relay: first and once, major 0, a transfer size of at least a
+/// page; a VERSION the device refuses leaves the client unversioned.
+#[cfg(test)]
+mod version_tests {
+    use super::*;
+    use std::io::Read;
+    use vfu_proto::vfio_user::{encode_request, RegionAccess};
+
+    fn raw(id: u16, req: &Request) -> RawMessage {
+        let b = encode_request(id, req, false);
+        RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
+    fn version(major: u16, max_data_xfer_size: Option<u32>) -> Request {
+        Request::Version(Version {
+            major,
+            minor: 0,
+            capabilities: Some(Capabilities {
+                max_data_xfer_size,
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// The errno of the next reply the client reads (None: a success).
+    fn next_errno(peer: &mut UnixStream, id: u16) -> Option<u32> {
+        let mut buf = [0u8; HEADER_SIZE];
+        peer.read_exact(&mut buf).unwrap();
+        let h = Header::decode(&buf).unwrap();
+        assert_eq!(h.msg_id, id);
+        h.error
+    }
+
+    #[test]
+    fn version_first_once_and_bounded() {
+        let relay = pipelined_dma_tests::relay();
+        let mut peer = pipelined_dma_tests::connect(&relay);
+        peer.set_nonblocking(false).unwrap();
+        let ch = &relay.channel(1).unwrap();
+        ch.lock().client.as_mut().unwrap().versioned = false;
+        let einval = Some(libc::EINVAL as u32);
+        let pending = |ch: &Channel| ch.lock().client.as_ref().unwrap().pending.len();
+
+        for (id, req) in [
+            (1, version(0, Some(0))),
+            (2, version(0, Some(4095))),
+            (3, version(1, None)),
+        ] {
+            ch.on_client_message(&relay, raw(id, &req));
+            assert_eq!(next_errno(&mut peer, id), einval, "VERSION {id}");
+            assert_eq!(pending(ch), 0, "refused by the relay itself");
+        }
+        ch.on_client_message(&relay, raw(4, &version(0, Some(4096))));
+        assert_eq!(pending(ch), 1, "forwarded");
+        // A second VERSION, even while the first is in flight.
+        ch.on_client_message(&relay, raw(5, &version(0, None)));
+        assert_eq!(next_errno(&mut peer, 5), einval);
+        // The device refuses the first: the client is not versioned.
+        let relay_id = ch.lock().client.as_ref().unwrap().pending[0].relay_id;
+        let refused = VfioUserFrame {
+            header: Header::error_reply_to(
+                &Header::command(relay_id, Command::Version as u16, 0),
+                libc::EINVAL as u32,
+            ),
+            payload: vec![],
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, refused);
+        assert_eq!(next_errno(&mut peer, 4), einval);
+        let read = Request::RegionRead(RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 4,
+        });
+        ch.on_client_message(&relay, raw(6, &read));
+        assert_eq!(next_errno(&mut peer, 6), einval, "not versioned");
+        ch.on_client_message(&relay, raw(7, &version(0, None)));
+        assert_eq!(pending(ch), 1, "VERSION may be sent again");
+    }
+}
+
+/// Late replies to the requests of a client that left are recognised (and dropped
+/// quietly), however many there were; the set of such IDs stays bounded.
+#[cfg(test)]
+mod abandoned_tests {
+    use super::*;
+    use vfu_proto::vfio_user::{encode_request, RegionAccess};
+
+    #[test]
+    fn late_replies_of_a_client_that_left() {
+        let relay = pipelined_dma_tests::relay();
+        let ch = &relay.channel(1).unwrap();
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let read = Request::RegionRead(RegionAccess {
+            offset: 0,
+            region: 7,
+            count: 4,
+        });
+        let b = encode_request(9, &read, false);
+        for _ in 0..3 {
+            let msg = RawMessage {
+                header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+                payload: b[HEADER_SIZE..].to_vec(),
+                fds: Vec::new(),
+            };
+            assert_eq!(ch.on_client_message(&relay, msg), SendOutcome::Done);
+        }
+        ch.on_client_disconnected(&relay);
+        assert_eq!(ch.lock().abandoned.len(), 3, "relay IDs 0, 1, 2");
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let late = |id: u16| VfioUserFrame {
+            header: Header::reply_to(&Header::command(id, Command::RegionRead as u16, 0), 0),
+            payload: vec![],
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, late(0));
+        assert!(!ch.lock().abandoned.contains(&0), "recognised once");
+        // A new request takes the next ID (3); ID 1 is forgotten when it comes round.
+        ch.lock().next_id = 1;
+        let msg = RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        };
+        ch.on_client_message(&relay, msg);
+        assert_eq!(
+            ch.lock().abandoned.iter().copied().collect::<Vec<_>>(),
+            vec![2]
+        );
+        ch.fail_pending(&relay, libc::ENODEV as u32);
+        assert!(
+            ch.lock().abandoned.is_empty(),
+            "a device VM that went sends none"
+        );
+    }
+}
+
+/// Posted (NO_REPLY) requests are in flight until the device VM is done with them:
+/// the relay asks for their replies, counts them (number and bytes) for
+/// back-pressure, and passes nothing on to the client.
+#[cfg(test)]
+mod posted_tests {
+    use super::*;
+    use std::io::Read;
+    use vfu_proto::vfio_user::{encode_request, RegionWrite};
+
+    #[test]
+    fn posted_requests_are_counted_until_answered() {
+        let relay = pipelined_dma_tests::relay();
+        let mut peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let write = Request::RegionWrite(RegionWrite {
+            offset: 0,
+            region: 2,
+            data: vec![0; 1 << 20],
+        });
+        let b = encode_request(3, &write, true);
+        let posted = || RawMessage {
+            header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+            payload: b[HEADER_SIZE..].to_vec(),
+            fds: Vec::new(),
+        };
+        let mut sent = 0;
+        while ch.lock().client.as_ref().unwrap().may_read() {
+            assert_eq!(ch.on_client_message(&relay, posted()), SendOutcome::Done);
+            sent += 1;
+        }
+        assert_eq!(
+            sent, 8,
+            "8 MiB of posted writes in flight, then back-pressure"
+        );
+        let relay_id = {
+            let st = ch.lock();
+            let p = &st.client.as_ref().unwrap().pending[0];
+            assert!(p.silent);
+            p.relay_id
+        };
+        let reply = VfioUserFrame {
+            header: Header::reply_to(
+                &Header::command(relay_id, Command::RegionWrite as u16, 0),
+                16,
+            ),
+            payload: region_write_reply(),
+            slots: vec![],
+        };
+        ch.on_device_message(&relay, reply);
+        let st = ch.lock();
+        let c = st.client.as_ref().unwrap();
+        assert_eq!(c.pending.len(), 7);
+        assert_eq!(c.pending_bytes, 7 * (16 + (1 << 20)));
+        drop(st);
+        let mut buf = [0u8; 16];
+        assert!(peer.read(&mut buf).is_err(), "nothing for the client");
+    }
+
+    /// The payload of a REGION_WRITE reply: offset, region, count.
+    fn region_write_reply() -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(&0u64.to_le_bytes());
+        p.extend_from_slice(&2u32.to_le_bytes());
+        p.extend_from_slice(&(1u32 << 20).to_le_bytes());
+        p
     }
 }

@@ -9,11 +9,72 @@
 
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::ptr::NonNull;
+use std::sync::Mutex;
 
 use log::debug;
 use vm_memory::VolatileSlice;
 
 use crate::dma::DmaError;
+
+/// Most bytes of client memory the relay maps into its own address space, over all
+/// clients: a quarter of the 128 TiB a process has. Clients choose the size of what
+/// they map (a sparse memfd may announce any size), and a relay whose address space is
+/// full aborts on its next large allocation; memory beyond the budget is served with
+/// pread/pwrite.
+pub const MAX_MAPPED_BYTES: u64 = 32 << 40;
+
+/// Most mappings of client memory the relay keeps, over all clients: the kernel
+/// allows a process 65530 (`vm.max_map_count`), and thread stacks, the allocator and
+/// the device VM's memory need theirs.
+pub const MAX_MAPPINGS: usize = 16384;
+
+/// What mappings of client memory use, against a limit of bytes and of mappings.
+#[derive(Debug)]
+struct Budget {
+    bytes: u64,
+    count: usize,
+    max_bytes: u64,
+    max_count: usize,
+}
+
+impl Budget {
+    /// Takes `len` bytes and one mapping, if they are left.
+    fn reserve(&mut self, len: u64) -> bool {
+        if self.count >= self.max_count || self.bytes.saturating_add(len) > self.max_bytes {
+            return false;
+        }
+        self.bytes += len;
+        self.count += 1;
+        true
+    }
+
+    fn release(&mut self, len: u64) {
+        self.bytes = self.bytes.saturating_sub(len);
+        self.count = self.count.saturating_sub(1);
+    }
+}
+
+/// The relay's mappings of client memory, over all clients.
+static MAPPED: Mutex<Budget> = Mutex::new(Budget {
+    bytes: 0,
+    count: 0,
+    max_bytes: MAX_MAPPED_BYTES,
+    max_count: MAX_MAPPINGS,
+});
+
+fn reserve(len: u64) -> bool {
+    MAPPED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .reserve(len)
+}
+
+fn unreserve(len: u64) {
+    MAPPED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .release(len)
+}
 
 /// The relay's mapping of one DMA region.
 #[derive(Debug)]
@@ -29,8 +90,10 @@ unsafe impl Send for ClientMapping {}
 unsafe impl Sync for ClientMapping {}
 
 impl ClientMapping {
-    /// Maps `[offset, offset + size)` of `fd` if it is sealed against shrinking and the
-    /// fd allows the access; `None` otherwise (the copy path then uses pread/pwrite).
+    /// Maps `[offset, offset + size)` of `fd` if it is sealed against shrinking, the
+    /// fd allows the access and the relay's budget ([`MAX_MAPPED_BYTES`],
+    /// [`MAX_MAPPINGS`]) has room; `None` otherwise (the copy path then uses
+    /// pread/pwrite).
     pub fn new(
         fd: BorrowedFd<'_>,
         offset: u64,
@@ -42,11 +105,19 @@ impl ClientMapping {
             return None;
         }
         let len = usize::try_from(size).ok()?;
+        if !reserve(size) {
+            debug!(
+                "fd {}: {size:#x} bytes not mapped: the relay's mapping budget is used up; pread/pwrite serve it",
+                fd.as_raw_fd()
+            );
+            return None;
+        }
         // A write-only region is mapped readable too: the mapping is the relay's own,
         // and every access through it is checked against the region's permission.
         match vfu_proto::mem::map_fd(fd, offset, size, read || write, write) {
             Ok(ptr) => Some(Self { ptr, len }),
             Err(e) => {
+                unreserve(size);
                 debug!(
                     "fd {} not mapped ({e}); pread/pwrite serve it",
                     fd.as_raw_fd()
@@ -54,6 +125,16 @@ impl ClientMapping {
                 None
             }
         }
+    }
+
+    /// Its length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it is empty (never: empty mappings are not made).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 
     /// A volatile view of `len` bytes at `offset`.
@@ -74,6 +155,7 @@ impl Drop for ClientMapping {
         // SAFETY: ptr/len are exactly the mapping created in `new`, unmapped once; no
         // slice outlives `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        unreserve(self.len as u64);
     }
 }
 
@@ -237,6 +319,26 @@ fn positional(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The mapping budget: bytes and mappings both bound it; released mappings give
+    /// their share back.
+    #[test]
+    fn mapping_budget() {
+        let mut b = Budget {
+            bytes: 0,
+            count: 0,
+            max_bytes: 100,
+            max_count: 3,
+        };
+        assert!(b.reserve(60));
+        assert!(!b.reserve(41), "over the bytes");
+        assert!(b.reserve(40));
+        assert!(b.reserve(0));
+        assert!(!b.reserve(0), "over the count");
+        b.release(60);
+        assert!(b.reserve(60));
+        assert!(!b.reserve(u64::MAX), "no overflow");
+    }
     use crate::dma::tests::memfd;
     use std::os::fd::AsFd;
 

@@ -1,13 +1,22 @@
-//! The relay's view of a client's DMA memory: the regions it mapped, the relay's own
-//! mapping of each region's fd (which serves the copy path), and the window each region
-//! has in the tunnel device's shared memory (the zero-copy path).
+//! The relay's view of a client's DMA memory: the regions it mapped, the files behind
+//! them with the relay's own mapping of each (which serves the copy path), and the
+//! window each region has in the tunnel device's shared memory (the zero-copy path).
 //!
 //! The relay is the authority on what the device VM may reach: it checks every copy
 //! request against this table (range inside one region, permission), and removes a
 //! region's window before it answers the client's DMA_UNMAP.
+//!
+//! Every DMA_MAP with an fd hands the relay a new descriptor, though clients map many
+//! regions of one file (QEMU passes its RAM block's memfd with each map; with a vIOMMU
+//! there are thousands). The relay keeps one descriptor and one mapping per file and
+//! open mode ([`ClientFile`]), shared by the regions, and a client may make it hold at
+//! most [`MAX_CLIENT_FDS`] descriptors (files and interrupt eventfds): beyond, a
+//! DMA_MAP or SET_IRQS is refused with EMFILE instead of taking the descriptors every
+//! other device's client needs.
 
-use std::collections::BTreeMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use log::{error, warn};
@@ -20,6 +29,98 @@ use crate::frontend_requests::FrontendRequests;
 /// Page size of DMA maps and windows.
 pub const PAGE: u64 = 4096;
 
+/// Most descriptors one client may make the relay hold: its distinct memory files and
+/// its interrupt eventfds, those of requests in flight included. (A PCI function has
+/// at most 2048 MSI-X vectors and 32 MSI; QEMU passes one file per RAM block.)
+pub const MAX_CLIENT_FDS: usize = 4096;
+
+/// What tells two descriptors of one file apart for the relay: the file, and the
+/// open flags that decide what pread, pwrite and mmap may do with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct FileKey {
+    dev: u64,
+    ino: u64,
+    flags: i32,
+}
+
+impl FileKey {
+    fn of(fd: &OwnedFd) -> Option<Self> {
+        // SAFETY: fstat and F_GETFL on a valid descriptor write only into `st`.
+        let (st, flags) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            if libc::fstat(fd.as_raw_fd(), &mut st) != 0 {
+                return None;
+            }
+            (st, libc::fcntl(fd.as_raw_fd(), libc::F_GETFL))
+        };
+        (flags >= 0).then_some(Self {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            flags: flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_DIRECT),
+        })
+    }
+}
+
+/// A file the client passed with DMA_MAP, shared by every region of it: its
+/// descriptor (pread/pwrite, windows) and, when it is sealed against shrinking and the
+/// relay's budget allows, the relay's mapping of its first `len` bytes.
+#[derive(Debug)]
+pub struct ClientFile {
+    /// The descriptor (the first the client passed for this file).
+    pub fd: OwnedFd,
+    map: Option<ClientMapping>,
+    writable: bool,
+}
+
+impl ClientFile {
+    /// Takes `fd` and maps the file if it can ([`ClientMapping::new`]): readable, and
+    /// writable if the descriptor allows it. Accesses through the mapping are checked
+    /// against each region's permission by the table.
+    pub fn new(fd: OwnedFd) -> Self {
+        // SAFETY: F_GETFL and fstat only read the descriptor's state.
+        let (flags, len) = unsafe {
+            let mut st: libc::stat = std::mem::zeroed();
+            let len = if libc::fstat(fd.as_raw_fd(), &mut st) == 0 {
+                st.st_size.max(0) as u64
+            } else {
+                0
+            };
+            (libc::fcntl(fd.as_raw_fd(), libc::F_GETFL), len)
+        };
+        let mode = if flags < 0 {
+            -1
+        } else {
+            flags & libc::O_ACCMODE
+        };
+        let readable = mode == libc::O_RDONLY || mode == libc::O_RDWR;
+        let writable = mode == libc::O_RDWR;
+        let map = (readable && len > 0)
+            .then(|| ClientMapping::new(fd.as_fd(), 0, len, true, writable))
+            .flatten();
+        Self { fd, map, writable }
+    }
+
+    /// `len` bytes at `offset` of the file: through the mapping if it covers them
+    /// (and is writable, for a write), else through the descriptor.
+    fn span(&self, offset: u64, len: usize, write: bool) -> Result<ClientSpan<'_>, DmaError> {
+        if let Some(map) = self.map.as_ref().filter(|_| self.writable || !write) {
+            if let Some(slice) = map.slice(offset, len) {
+                return Ok(ClientSpan::Mapped(slice));
+            }
+        }
+        Ok(ClientSpan::File {
+            fd: self.fd.as_fd(),
+            offset,
+            len,
+        })
+    }
+
+    /// Whether the relay maps the file.
+    pub fn is_mapped(&self) -> bool {
+        self.map.is_some()
+    }
+}
+
 /// One region the client mapped.
 #[derive(Debug)]
 pub struct Region {
@@ -31,15 +132,13 @@ pub struct Region {
     pub read: bool,
     /// The device may write it.
     pub write: bool,
-    /// Offset of the region in `fd`.
+    /// Offset of the region in its file.
     pub fd_offset: u64,
-    /// The client's fd, if it passed one: the copy path reads and writes it with
-    /// pread/pwrite where it has no mapping, so a client that shrinks its file gets
-    /// errors instead of crashing the relay with SIGBUS.
-    pub fd: Option<OwnedFd>,
-    /// The relay's own mapping of the region, when `fd` is sealed against shrinking
-    /// (see [`crate::client_memory`]): the copy path then is a memcpy.
-    pub map: Option<ClientMapping>,
+    /// The client's file, if it passed an fd: the copy path reads and writes it with
+    /// pread/pwrite where the relay has no mapping of it (so a client that shrinks its
+    /// file gets errors instead of crashing the relay with SIGBUS), else through the
+    /// mapping (a file sealed against shrinking, see [`crate::client_memory`]).
+    pub file: Option<Arc<ClientFile>>,
     /// Offset of the region's window in shared memory region 0, if it has one.
     pub window: Option<u64>,
     /// The device accepted the map (copy requests are served only then).
@@ -76,6 +175,10 @@ pub enum DmaError {
     NotFound,
     /// Outside every region or against its permission.
     Fault,
+    /// The client holds as many descriptors as it may ([`MAX_CLIENT_FDS`]).
+    TooManyFds,
+    /// A descriptor whose file cannot be told.
+    BadFd,
 }
 
 impl DmaError {
@@ -87,6 +190,8 @@ impl DmaError {
             DmaError::Misaligned => libc::EINVAL,
             DmaError::NotFound => libc::ENOENT,
             DmaError::Fault => libc::EFAULT,
+            DmaError::TooManyFds => libc::EMFILE,
+            DmaError::BadFd => libc::EINVAL,
         }) as u32
     }
 }
@@ -101,6 +206,9 @@ pub struct DmaTable {
     unmapping: Vec<(u64, Vec<Region>)>,
     next_unmap: u64,
     next_id: u64,
+    /// The client's files, shared by their regions; an entry whose regions are all
+    /// gone is dead and is pruned when the table fills.
+    files: HashMap<FileKey, Weak<ClientFile>>,
 }
 
 impl DmaTable {
@@ -112,6 +220,37 @@ impl DmaTable {
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
         self.regions.is_empty()
+    }
+
+    /// The shared [`ClientFile`] for a DMA_MAP's descriptor: the one the table has
+    /// for the same file and open mode (`fd` is closed), else a new one, if the client
+    /// holds fewer than `max` descriptors (`others()` besides its files) after it.
+    pub fn file(
+        &mut self,
+        fd: OwnedFd,
+        others: impl FnOnce() -> usize,
+        max: usize,
+    ) -> Result<Arc<ClientFile>, DmaError> {
+        // (DMA_MAP checked the fd with fstat already: this does not fail in practice.)
+        let key = FileKey::of(&fd).ok_or(DmaError::BadFd)?;
+        if let Some(file) = self.files.get(&key).and_then(Weak::upgrade) {
+            return Ok(file);
+        }
+        let others = others();
+        if self.files.len() + others >= max {
+            self.files.retain(|_, f| f.strong_count() > 0);
+            if self.files.len() + others >= max {
+                return Err(DmaError::TooManyFds);
+            }
+        }
+        let file = Arc::new(ClientFile::new(fd));
+        self.files.insert(key, Arc::downgrade(&file));
+        Ok(file)
+    }
+
+    /// Descriptors the client's files hold.
+    pub fn files_held(&self) -> usize {
+        self.files.values().filter(|f| f.strong_count() > 0).count()
     }
 
     /// Checks that a map of `[iova, iova + size)` with file offset `offset` can be
@@ -139,10 +278,17 @@ impl DmaTable {
         self.next_id
     }
 
-    /// The device accepted the map that made region `id`, wherever that region is now
-    /// (an unmap may already be taking it out).
-    pub fn commit(&mut self, id: u64) {
-        if let Some(r) = self.all_mut().find(|r| r.id == id) {
+    /// The device accepted the map that made region `id` at `iova`, wherever that
+    /// region is now (an unmap may already be taking it out). Looked up by address
+    /// first: a client may hold 65535 regions, and a scan of them all for every reply
+    /// held the tunnel thread, and every other device's replies, for seconds.
+    pub fn commit(&mut self, iova: u64, id: u64) {
+        if let Some(r) = self.regions.get_mut(&iova).filter(|r| r.id == id) {
+            r.committed = true;
+            return;
+        }
+        let unmapping = self.unmapping.iter_mut().flat_map(|(_, v)| v.iter_mut());
+        if let Some(r) = unmapping.into_iter().find(|r| r.id == id) {
             r.committed = true;
         }
     }
@@ -271,14 +417,12 @@ impl DmaTable {
             let r = self.find(iova, len, write)?;
             let at = iova - r.iova;
             let n = usize::try_from(len).map_err(|_| DmaError::Fault)?;
-            let span = match (&r.map, &r.fd) {
-                (Some(map), _) => ClientSpan::Mapped(map.slice(at, n).ok_or(DmaError::Fault)?),
-                (None, Some(fd)) => ClientSpan::File {
-                    fd: fd.as_fd(),
-                    offset: r.fd_offset + at,
-                    len: n,
-                },
-                (None, None) => {
+            let span = match &r.file {
+                Some(file) => {
+                    let offset = r.fd_offset.checked_add(at).ok_or(DmaError::Fault)?;
+                    file.span(offset, n, write)?
+                }
+                None => {
                     spans = None;
                     continue;
                 }
@@ -536,8 +680,7 @@ pub(crate) mod tests {
             read,
             write,
             fd_offset: 0,
-            fd: None,
-            map: None,
+            file: None,
             window: None,
             committed: true,
             unconfirmed_window: false,
@@ -587,6 +730,103 @@ pub(crate) mod tests {
         assert_eq!(t.check_segments(&[(0x2000, 8)], true), Err(DmaError::Fault));
     }
 
+    /// A map's reply commits exactly its own region: the one at its address with its
+    /// ID, or the same region after an unmap took it out; never a later map of the
+    /// same range. 65535 maps and their commits stay fast (looked up by address; a scan
+    /// of every region per reply took the tunnel thread for a minute and a half in the
+    /// hostile-client flood, `dma_map_flood_to_the_limit`).
+    #[test]
+    fn commit_by_address_and_id() {
+        let uncommitted = |iova| Region {
+            committed: false,
+            ..region(iova, 0x1000, true, true)
+        };
+        let mut t = DmaTable::default();
+        let a = t.insert(uncommitted(0x1000));
+        t.commit(0x1000, a);
+        assert_eq!(t.check_segments(&[(0x1000, 8)], true), Ok(false));
+        // Map, unmap, map again of one range: the first map's late reply commits the
+        // region in the unmap, not the new one.
+        let b = t.insert(uncommitted(0x2000));
+        let unmap = t.begin_unmap(0x2000, 0x1000, false);
+        let c = t.insert(uncommitted(0x2000));
+        t.commit(0x2000, b);
+        assert_eq!(t.check_segments(&[(0x2000, 8)], true), Ok(false));
+        assert!(t.finish_unmap(unmap)[0].committed);
+        assert_eq!(
+            t.check_segments(&[(0x2000, 8)], true),
+            Err(DmaError::Fault),
+            "the new map is not committed by the old one's reply"
+        );
+        t.commit(0x2000, c);
+        assert_eq!(t.check_segments(&[(0x2000, 8)], true), Ok(false));
+
+        let mut t = DmaTable::default();
+        let ids: Vec<u64> = (0..65535u64)
+            .map(|i| t.insert(uncommitted(0x10_0000 + i * 0x1000)))
+            .collect();
+        let start = std::time::Instant::now();
+        for (i, id) in ids.into_iter().enumerate() {
+            t.commit(0x10_0000 + i as u64 * 0x1000, id);
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(2),
+            "65535 commits took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(
+            t.check_segments(&[(0x10_0000 + 65534 * 0x1000, 8)], true),
+            Ok(false)
+        );
+    }
+
+    /// Descriptors of one file share one [`ClientFile`] (the duplicate is closed); a
+    /// read-only descriptor of it is another; new files stop at the client's limit,
+    /// counting its other descriptors, and a file whose regions are gone frees its
+    /// place.
+    #[test]
+    fn files_are_shared_and_bounded() {
+        let mut t = DmaTable::default();
+        let fd = memfd(0x2000);
+        let a = t.file(fd.try_clone().unwrap(), || 0, 4).unwrap();
+        let b = t.file(fd.try_clone().unwrap(), || 0, 4).unwrap();
+        assert!(
+            Arc::ptr_eq(&a, &b),
+            "the same file: the duplicate was dropped"
+        );
+        let path = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        let ro: OwnedFd = std::fs::File::open(&path).unwrap().into();
+        let c = t.file(ro, || 0, 4).unwrap();
+        assert!(!Arc::ptr_eq(&a, &c), "another open mode, another file");
+        assert_eq!(t.files_held(), 2);
+        // Two files held and two other descriptors: the limit of 4 is reached.
+        assert_eq!(
+            t.file(memfd(0x1000), || 2, 4).unwrap_err(),
+            DmaError::TooManyFds
+        );
+        assert_eq!(DmaError::TooManyFds.errno(), libc::EMFILE as u32);
+        // A known file is still shared at the limit.
+        assert!(t.file(fd.try_clone().unwrap(), || 2, 4).is_ok());
+        drop(c);
+        assert!(t.file(memfd(0x1000), || 2, 4).is_ok(), "c's place is free");
+        // A memfd sealed against shrinking is mapped by the relay; others are not.
+        assert!(!a.is_mapped());
+        let sealed = memfd(0x2000);
+        // SAFETY: F_ADD_SEALS on a memfd we own.
+        assert_eq!(
+            unsafe { libc::fcntl(sealed.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
+            0
+        );
+        assert!(t.file(sealed, || 0, 8).unwrap().is_mapped());
+        // Regions keep their file: a region of `a` reads through it.
+        let mut r = region(0x1000, 0x1000, true, true);
+        r.file = Some(a.clone());
+        drop((a, b));
+        t.insert(r);
+        assert_eq!(t.files_held(), 1);
+        assert_eq!(read_local(&t, &[(0x1000, 4)]).unwrap(), [0; 4]);
+    }
+
     /// Copy requests must lie in one committed region with the right permission; a
     /// write touches nothing unless every segment is valid.
     #[test]
@@ -594,10 +834,10 @@ pub(crate) mod tests {
         let fd = memfd(0x4000);
         let mut t = DmaTable::default();
         let mut rw = region(0x10000, 0x2000, true, true);
-        rw.fd = Some(fd.try_clone().unwrap());
+        rw.file = Some(Arc::new(ClientFile::new(fd.try_clone().unwrap())));
         t.insert(rw);
         let mut ro = region(0x20000, 0x1000, true, false);
-        ro.fd = Some(fd.try_clone().unwrap());
+        ro.file = Some(Arc::new(ClientFile::new(fd.try_clone().unwrap())));
         ro.fd_offset = 0x2000;
         t.insert(ro);
         write_local(&t, &[(0x10ff0, 32)], &mut [7u8; 32]).unwrap();

@@ -74,6 +74,7 @@ pub type Result<T> = std::result::Result<T, Error>;
 /// frontend loop start.
 pub fn run(config: Config) -> Result<()> {
     let signals = block_signals();
+    raise_fd_limit(config.devices.len());
     let relay = Arc::new(switch::Relay::new(config)?);
     let frontend_path = relay.config.frontend_socket.clone();
     let frontend = sockets::bind_with(
@@ -117,6 +118,41 @@ pub fn run(config: Config) -> Result<()> {
     let _ = std::fs::remove_file(&frontend_path);
     switch.stop();
     result
+}
+
+/// Raises the soft limit on open files to the hard one (the relay polls with epoll,
+/// so high descriptor numbers are fine), and says so when the hard limit is below what
+/// the clients of `devices` devices may make the relay hold ([`dma::MAX_CLIENT_FDS`]
+/// each): one client could then take descriptors the others need.
+fn raise_fd_limit(devices: usize) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim = raised;
+            }
+        }
+    }
+    let needed = (devices.max(1) as u64 + 1) * dma::MAX_CLIENT_FDS as u64;
+    if lim.rlim_cur < needed {
+        warn!(
+            "open files limit {} is below what the clients of {} device(s) may hold ({} each, {needed} with headroom): raise it (LimitNOFILE=) or a client that maps many files can starve the others",
+            lim.rlim_cur,
+            devices.max(1),
+            dma::MAX_CLIENT_FDS
+        );
+    }
 }
 
 /// Blocks SIGINT, SIGTERM and SIGHUP in this thread and the threads it starts from

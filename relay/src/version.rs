@@ -38,6 +38,12 @@ impl RelayLimits {
     };
 }
 
+/// The smallest `max_data_xfer_size` a client may state: the relay cuts the device's
+/// DMA toward a client mapped without fds into messages of that size, and a client
+/// that takes a byte at a time would turn one 1 MiB read into a million messages
+/// (and the relay's memory with them). A VERSION below it is refused (EINVAL).
+pub const MIN_CLIENT_DATA_XFER_SIZE: u32 = 4096;
+
 /// The VERSION reply the client gets, from its proposal, the device's answer and the
 /// relay's limits. Keys the client did not propose are not offered back, except the two
 /// every endpoint states about itself (`max_msg_fds`, `max_data_xfer_size`).
