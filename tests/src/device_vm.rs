@@ -15,8 +15,8 @@ pub fn image() -> Option<PathBuf> {
     path.join("vmlinuz").exists().then_some(path)
 }
 
-/// `scripts/device-vm/boot.sh` in its own process group: dropping it kills the group
-/// (the shell, `timeout` and QEMU).
+/// A device VM (`scripts/device-vm/boot.sh`, or QEMU started directly) in its own
+/// process group: dropping it kills the group (the shell, `timeout` and QEMU).
 pub struct DeviceVm {
     child: Child,
     log: PathBuf,
@@ -44,17 +44,24 @@ impl DeviceVm {
         if let Some(d) = driver {
             cmd.args(["--driver", d]);
         }
-        let child = cmd
-            .args(["--image", &image.display().to_string()])
+        cmd.args(["--image", &image.display().to_string()])
             .args(["--socket", &socket.display().to_string()])
             .args(["--serve", serve, "--timeout", "600", "--quiet"])
             .args(["--log", &log.display().to_string()])
+            .stdout(Stdio::null());
+        Self::spawn(cmd, log)
+    }
+
+    /// Starts `cmd` (boot.sh, or QEMU itself) as a device VM whose console ends up in
+    /// `log`, in its own process group; stdin and stderr are closed, stdout is the
+    /// caller's choice.
+    pub fn spawn(mut cmd: Command, log: &Path) -> Self {
+        let child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
             .stderr(Stdio::null())
             .process_group(0)
             .spawn()
-            .expect("start boot.sh");
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         Self {
             child,
             log: log.to_path_buf(),

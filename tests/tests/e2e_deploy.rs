@@ -9,12 +9,11 @@
 //! for a stock kernel). Needs the device-VM image, like e2e_device_vm.
 
 use std::collections::HashMap;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use vfu_proto::vfio_user::pci_region;
-use vfu_tests::device_vm::{image, BOOT};
+use vfu_tests::device_vm::{image, DeviceVm, BOOT};
 use vfu_tests::{connect_served, wait_for_socket, Proc, Scratch};
 
 fn deploy(file: &str) -> PathBuf {
@@ -87,21 +86,6 @@ fn exec_start(unit: &str, env: &HashMap<String, String>) -> Vec<String> {
     words
 }
 
-/// QEMU in its own process group, killed when dropped.
-struct Qemu(Child, PathBuf);
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group created for the child.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-        if std::thread::panicking() {
-            let console = std::fs::read_to_string(&self.1).unwrap_or_default();
-            eprintln!("device VM console:\n{console}");
-        }
-    }
-}
-
 /// Proves the walk-through's files work together: the relay from the example
 /// configuration and QEMU from the unit's command line bring up a device VM that
 /// serves both configured devices (`gpio0` with `gpio`, `dma0` with `dma-engine`), whose
@@ -149,15 +133,10 @@ fn deploy_files_bring_up_a_serving_device_vm() {
         .expect("the unit asks for KVM first");
     words.drain(kvm..kvm + 2);
     let console = scratch.join("console.log");
-    let qemu = Command::new(&words[0])
-        .args(&words[1..])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&console).unwrap())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {}: {e}", words[0]));
-    let _qemu = Qemu(qemu, console);
+    let mut qemu = Command::new(&words[0]);
+    qemu.args(&words[1..])
+        .stdout(std::fs::File::create(&console).unwrap());
+    let _vm = DeviceVm::spawn(qemu, &console);
 
     // The names the device VM serves are those of the example configuration.
     for (name, vendor, device) in [("gpio0", 0x494f, 0x0dc8), ("dma0", 0x1234, 0x11f0)] {
