@@ -88,6 +88,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
             daemon.request_shutdown();
         }
         let result = daemon.wait();
+        // The queue worker threads of this connection end here.
         for handler in daemon.get_epoll_handlers() {
             handler.send_exit_event();
         }
@@ -100,10 +101,6 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 VhostUserError::Disconnected | VhostUserError::PartialMessage,
             )) => info!("device VM disconnected"),
             Err(e) => warn!("device VM connection ended: {e}"),
-        }
-        // The queue worker threads of this connection end here.
-        for handler in daemon.get_epoll_handlers() {
-            handler.send_exit_event();
         }
         device_vm_gone(&relay);
         crate::service::status("device VM disconnected; waiting for it");
