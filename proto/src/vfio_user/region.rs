@@ -132,6 +132,22 @@ pub struct MultiWrite {
 }
 
 impl MultiWrite {
+    /// A write of `data` (1 to [`MAX_MULTI_WRITE_DATA`] bytes) at `offset` of region
+    /// `region`; `None` for an empty or longer `data`, which an entry cannot describe.
+    pub fn new(region: u32, offset: u64, data: &[u8]) -> Option<Self> {
+        if data.is_empty() || data.len() > MAX_MULTI_WRITE_DATA {
+            return None;
+        }
+        let mut bytes = [0u8; MAX_MULTI_WRITE_DATA];
+        bytes[..data.len()].copy_from_slice(data);
+        Some(Self {
+            offset,
+            region,
+            count: data.len() as u32,
+            data: bytes,
+        })
+    }
+
     /// The bytes written.
     pub fn bytes(&self) -> &[u8] {
         &self.data[..(self.count as usize).min(MAX_MULTI_WRITE_DATA)]

@@ -831,6 +831,26 @@ fn golden_region_write_multi() {
     }
 }
 
+/// `MultiWrite::new` takes 1 to 8 bytes, zero-fills the rest of the entry, and refuses
+/// what an entry cannot describe.
+#[test]
+fn multi_write_new() {
+    let w = MultiWrite::new(2, 0x10, &[0xaa, 0xbb]).unwrap();
+    assert_eq!(
+        w,
+        MultiWrite {
+            offset: 0x10,
+            region: 2,
+            count: 2,
+            data: [0xaa, 0xbb, 0, 0, 0, 0, 0, 0],
+        }
+    );
+    assert_eq!(w.bytes(), [0xaa, 0xbb]);
+    assert_eq!(MultiWrite::new(0, 0, &[7; 8]).unwrap().bytes(), [7; 8]);
+    assert_eq!(MultiWrite::new(0, 0, &[]), None);
+    assert_eq!(MultiWrite::new(0, 0, &[0; 9]), None);
+}
+
 #[test]
 fn golden_device_feature() {
     // GET MIGRATION: argsz 16, flags GET|1; reply data flags STOP_COPY|PRE_COPY.
