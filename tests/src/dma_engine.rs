@@ -8,12 +8,12 @@ use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vfu_proto::client::Client;
+use vfu_proto::client::{Client, ClientError};
 use vfu_proto::vfio_user::{
     pci_irq, pci_region, Capabilities, DmaMap, IrqData, Request, SetIrqs, IRQ_SET_ACTION_TRIGGER,
 };
 
-use crate::{start_relay_with, wait_for_socket, Proc, Scratch};
+use crate::{try_binary, try_start_relay_with, wait_for_socket, Proc, Scratch};
 
 /// How long setup steps may take.
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,6 +115,7 @@ pub struct Setup {
     pub irq: OwnedFd,
     cpu: Option<usize>,
     path: Path,
+    guest_options: Vec<String>,
     frontend: std::path::PathBuf,
     _scratch: Scratch,
 }
@@ -122,29 +123,54 @@ pub struct Setup {
 /// Client memory as QEMU's `memory-backend-memfd` makes it: a memfd of `len` bytes
 /// sealed against shrinking, which the relay gives windows onto.
 pub fn memfd(len: u64) -> File {
-    let f = memfd_named(c"vfu-dma-client", len, libc::MFD_ALLOW_SEALING);
+    try_memfd(len).expect("sealed memfd")
+}
+
+/// [`memfd`], failing with the error instead of panicking.
+pub fn try_memfd(len: u64) -> std::io::Result<File> {
+    let f = try_memfd_named(c"vfu-dma-client", len, libc::MFD_ALLOW_SEALING)?;
     // SAFETY: F_ADD_SEALS on a memfd we own.
-    assert_eq!(
-        unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) },
-        0
-    );
-    f
+    if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// A memfd named `name` of `len` bytes, not sealed.
 pub fn memfd_named(name: &std::ffi::CStr, len: u64, flags: libc::c_uint) -> File {
+    try_memfd_named(name, len, flags).expect("memfd")
+}
+
+/// [`memfd_named`], failing with the error instead of panicking.
+pub fn try_memfd_named(
+    name: &std::ffi::CStr,
+    len: u64,
+    flags: libc::c_uint,
+) -> std::io::Result<File> {
     // SAFETY: memfd_create with a valid C string; the fd is owned by the File.
     let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | flags) };
-    assert!(fd >= 0);
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     // SAFETY: fd is new and owned by nobody else.
     let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).unwrap();
-    f
+    f.set_len(len)?;
+    Ok(f)
 }
 
 pub fn eventfd() -> OwnedFd {
-    // SAFETY: eventfd(2) returns a new fd that we own.
-    unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }
+    try_eventfd().expect("eventfd")
+}
+
+/// A non-blocking eventfd, failing with the error instead of panicking.
+pub fn try_eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: eventfd(2) has no memory effects.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is new and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 pub fn fired(fd: &OwnedFd, timeout: Duration) -> bool {
@@ -163,23 +189,37 @@ pub fn fired(fd: &OwnedFd, timeout: Duration) -> bool {
 }
 
 pub fn cfg_read(c: &mut Client, off: u64, len: u32) -> u32 {
-    let b = c.region_read(pci_region::CONFIG, off, len).unwrap();
+    try_cfg_read(c, off, len).unwrap()
+}
+
+/// [`cfg_read`] of at most 4 bytes, failing with the error instead of panicking.
+pub fn try_cfg_read(c: &mut Client, off: u64, len: u32) -> Result<u32, ClientError> {
+    let b = c.region_read(pci_region::CONFIG, off, len.min(4))?;
     let mut v = [0u8; 4];
     v[..b.len()].copy_from_slice(&b);
-    u32::from_le_bytes(v)
+    Ok(u32::from_le_bytes(v))
 }
 
 /// Offset of capability `id` in config space.
 pub fn find_cap(c: &mut Client, id: u32) -> u64 {
-    let mut at = cfg_read(c, 0x34, 1) as u64;
-    while at != 0 {
-        let h = cfg_read(c, at, 2);
+    try_find_cap(c, id).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`find_cap`], failing with a message instead of panicking.
+pub fn try_find_cap(c: &mut Client, id: u32) -> Result<u64, String> {
+    let mut at = u64::from(try_cfg_read(c, 0x34, 1).map_err(|e| e.to_string())?);
+    // At most 48 capabilities fit in the 192 bytes after the header.
+    for _ in 0..48 {
+        if at == 0 {
+            break;
+        }
+        let h = try_cfg_read(c, at, 2).map_err(|e| e.to_string())?;
         if h & 0xff == id {
-            return at;
+            return Ok(at);
         }
         at = u64::from((h >> 8) & 0xfc);
     }
-    panic!("capability {id:#x} not found");
+    Err(format!("capability {id:#x} not found"))
 }
 
 pub fn reg_write(c: &mut Client, off: u64, v: u64, width: usize) {
@@ -193,6 +233,18 @@ pub fn reg_read(c: &mut Client, off: u64) -> u32 {
 }
 
 pub fn map(c: &mut Client, iova: u64, size: u64, offset: u64, write: bool, fd: Option<&File>) {
+    try_map(c, iova, size, offset, write, fd).expect("DMA_MAP");
+}
+
+/// [`map`], failing with the error instead of panicking.
+pub fn try_map(
+    c: &mut Client,
+    iova: u64,
+    size: u64,
+    offset: u64,
+    write: bool,
+    fd: Option<&File>,
+) -> Result<(), ClientError> {
     let req = Request::DmaMap(DmaMap {
         read: true,
         write,
@@ -200,10 +252,11 @@ pub fn map(c: &mut Client, iova: u64, size: u64, offset: u64, write: bool, fd: O
         address: iova,
         size,
     });
-    let fds = fd
-        .map(|f| vec![OwnedFd::from(f.try_clone().unwrap())])
-        .unwrap_or_default();
-    c.request(&req, fds).expect("DMA_MAP");
+    let fds = match fd {
+        Some(f) => vec![OwnedFd::from(f.try_clone()?)],
+        None => Vec::new(),
+    };
+    c.request(&req, fds).map(|_| ())
 }
 
 pub fn setup(tag: &str, path: Path) -> Setup {
@@ -217,12 +270,27 @@ pub fn setup_on(cpu: Option<usize>, tag: &str, path: Path) -> Setup {
 
 /// [`setup_on`] with extra vfu-relay options.
 pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&str]) -> Setup {
-    let scratch = Scratch::new(tag);
+    try_setup(cpu, tag, path, relay_options, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`setup_with`] with extra vfu-guest options as well, failing with a message instead
+/// of panicking.
+pub fn try_setup(
+    cpu: Option<usize>,
+    tag: &str,
+    path: Path,
+    relay_options: &[&str],
+    guest_options: &[&str],
+) -> Result<Setup, String> {
+    let scratch = Scratch::try_new(tag).map_err(|e| format!("scratch directory: {e}"))?;
     let frontend = scratch.join("frontend.sock");
     let device = scratch.join("dma0.sock");
-    let relay = start_relay_with(cpu, &frontend, &[("dma0", &device)], relay_options);
-    assert!(wait_for_socket(&device, TIMEOUT));
-    let guest = start_guest(cpu, &frontend, path);
+    let mut relay = try_start_relay_with(cpu, &frontend, &[("dma0", &device)], relay_options)?;
+    if !wait_for_socket(&device, TIMEOUT) {
+        return Err(format!("vfu-relay did not serve dma0{}", relay.exit_note()));
+    }
+    let guest_options: Vec<String> = guest_options.iter().map(|o| o.to_string()).collect();
+    let mut guest = start_guest(cpu, &frontend, path, &guest_options)?;
     let deadline = Instant::now() + TIMEOUT;
     let mut client = loop {
         if let Ok(mut c) = Client::connect(&device, TIMEOUT) {
@@ -235,29 +303,40 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
                 break c;
             }
         }
-        assert!(Instant::now() < deadline, "device never served");
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the device VM never served dma0{}{}",
+                guest.exit_note(),
+                relay.exit_note()
+            ));
+        }
         std::thread::sleep(Duration::from_millis(20));
+    };
+    let e = |what: &str| {
+        let what = what.to_string();
+        move |e: ClientError| format!("{what}: {e}")
     };
     let total = 2 * MIB + 4096;
     let memory = match path {
         Path::CopyMessages => {
             let buf = Arc::new(Mutex::new(vec![0u8; total as usize]));
             client.serve_dma(SRC, buf.clone());
-            map(&mut client, SRC, MIB, 0, false, None);
-            map(&mut client, DST, DST_SIZE, 0, true, None);
+            try_map(&mut client, SRC, MIB, 0, false, None).map_err(e("DMA_MAP"))?;
+            try_map(&mut client, DST, DST_SIZE, 0, true, None).map_err(e("DMA_MAP"))?;
             Memory::Buffer(buf)
         }
         _ => {
-            let f = memfd(total);
-            map(&mut client, SRC, MIB, 0, false, Some(&f));
-            map(&mut client, DST, DST_SIZE, MIB, true, Some(&f));
+            let f = try_memfd(total).map_err(|e| format!("memfd: {e}"))?;
+            try_map(&mut client, SRC, MIB, 0, false, Some(&f)).map_err(e("DMA_MAP"))?;
+            try_map(&mut client, DST, DST_SIZE, MIB, true, Some(&f)).map_err(e("DMA_MAP"))?;
             Memory::File(f)
         }
     };
-    enable(&mut client);
-    let irq = eventfd();
-    set_irq(&mut client, Some(irq.try_clone().unwrap()));
-    Setup {
+    try_enable(&mut client)?;
+    let irq = try_eventfd().map_err(|e| format!("eventfd: {e}"))?;
+    let irq2 = irq.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    try_set_irq(&mut client, Some(irq2)).map_err(e("SET_IRQS"))?;
+    Ok(Setup {
         relay,
         guest,
         client,
@@ -265,13 +344,20 @@ pub fn setup_with(cpu: Option<usize>, tag: &str, path: Path, relay_options: &[&s
         irq,
         cpu,
         path,
+        guest_options,
         frontend,
         _scratch: scratch,
-    }
+    })
 }
 
-/// Starts a loopback device VM serving `dma0` with dma-engine, set up for `path`.
-fn start_guest(cpu: Option<usize>, frontend: &std::path::Path, path: Path) -> Proc {
+/// Starts a loopback device VM serving `dma0` with dma-engine, set up for `path`, with
+/// `extra` options.
+fn start_guest(
+    cpu: Option<usize>,
+    frontend: &std::path::Path,
+    path: Path,
+    extra: &[String],
+) -> Result<Proc, String> {
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     args.extend(["--serve".into(), "dma0=dma-engine".into()]);
     if matches!(path, Path::CopyFd | Path::CopyFdInMessages) {
@@ -280,21 +366,30 @@ fn start_guest(cpu: Option<usize>, frontend: &std::path::Path, path: Path) -> Pr
     if path == Path::CopyFdInMessages {
         args.push("--no-direct-data".into());
     }
+    args.extend(extra.iter().cloned());
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn_on(cpu, "vfu-guest", &crate::binary("vfu-guest"), &args)
+    let bin = try_binary("vfu-guest")?;
+    Proc::try_spawn_on(cpu, "vfu-guest", &bin, &args)
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
 /// Memory and bus master on; MSI-X on.
 pub fn enable(client: &mut Client) {
-    let cmd = cfg_read(client, 4, 2) | 0x6;
+    try_enable(client).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`enable`], failing with a message instead of panicking.
+pub fn try_enable(client: &mut Client) -> Result<(), String> {
+    let e = |e: ClientError| format!("enabling the device: {e}");
+    let cmd = try_cfg_read(client, 4, 2).map_err(e)? | 0x6;
     client
         .region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
-        .unwrap();
-    let msix = find_cap(client, 0x11);
-    let ctl = cfg_read(client, msix + 2, 2) | 0x8000;
+        .map_err(e)?;
+    let msix = try_find_cap(client, 0x11)?;
+    let ctl = try_cfg_read(client, msix + 2, 2).map_err(e)? | 0x8000;
     client
         .region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
-        .unwrap();
+        .map_err(e)
 }
 
 impl Setup {
@@ -302,7 +397,8 @@ impl Setup {
     /// it serves the device: the client's requests succeed again.
     pub fn restart_device_vm(&mut self) {
         self.guest.kill();
-        self.guest = start_guest(self.cpu, &self.frontend, self.path);
+        self.guest = start_guest(self.cpu, &self.frontend, self.path, &self.guest_options)
+            .unwrap_or_else(|e| panic!("{e}"));
         let deadline = Instant::now() + TIMEOUT;
         while self.client.region_read(BAR0, 0, 4).is_err() {
             assert!(
@@ -315,6 +411,11 @@ impl Setup {
 }
 
 pub fn set_irq(c: &mut Client, fd: Option<OwnedFd>) {
+    try_set_irq(c, fd).expect("SET_IRQS");
+}
+
+/// [`set_irq`], failing with the error instead of panicking.
+pub fn try_set_irq(c: &mut Client, fd: Option<OwnedFd>) -> Result<(), ClientError> {
     let req = Request::DeviceSetIrqs(SetIrqs {
         action: IRQ_SET_ACTION_TRIGGER,
         index: pci_irq::MSIX,
@@ -324,7 +425,7 @@ pub fn set_irq(c: &mut Client, fd: Option<OwnedFd>) {
             assign: fd.is_some(),
         },
     });
-    c.request(&req, fd.into_iter().collect()).expect("SET_IRQS");
+    c.request(&req, fd.into_iter().collect()).map(|_| ())
 }
 
 /// Programs and starts one operation; returns STATUS.

@@ -18,10 +18,15 @@ pub struct Scratch {
 impl Scratch {
     /// A new directory under the system temp dir, unique to this process and `tag`.
     pub fn new(tag: &str) -> Self {
+        Self::try_new(tag).expect("create scratch directory")
+    }
+
+    /// [`Scratch::new`], failing with the error instead of panicking.
+    pub fn try_new(tag: &str) -> std::io::Result<Self> {
         let path = std::env::temp_dir().join(format!("vfu-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("create scratch directory");
-        Self { path }
+        std::fs::create_dir_all(&path)?;
+        Ok(Self { path })
     }
 
     /// A path inside it.
@@ -53,6 +58,17 @@ impl Proc {
 
     /// Like [`Proc::spawn`], pinned to CPU `cpu` when given.
     pub fn spawn_on(cpu: Option<usize>, name: &str, bin: &Path, args: &[&str]) -> Self {
+        Self::try_spawn_on(cpu, name, bin, args)
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()))
+    }
+
+    /// [`Proc::spawn_on`], failing with the error instead of panicking.
+    pub fn try_spawn_on(
+        cpu: Option<usize>,
+        name: &str,
+        bin: &Path,
+        args: &[&str],
+    ) -> std::io::Result<Self> {
         use std::os::unix::process::CommandExt;
         let mut cmd = Command::new(bin);
         cmd.args(args).stdin(Stdio::null());
@@ -81,13 +97,11 @@ impl Proc {
                 cmd.stdout(Stdio::null()).stderr(Stdio::null());
             }
         }
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display()));
-        Self {
+        let child = cmd.spawn()?;
+        Ok(Self {
             name: name.to_string(),
             child,
-        }
+        })
     }
 
     /// Starts `cmd` as it is configured (standard input from /dev/null).
@@ -137,6 +151,16 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// For error messages: " (NAME exited with status N)" or " (NAME was killed by a
+    /// signal)" when it has exited, else nothing.
+    pub fn exit_note(&mut self) -> String {
+        match self.exited() {
+            Some(Some(code)) => format!(" ({} exited with status {code})", self.name),
+            Some(None) => format!(" ({} was killed by a signal)", self.name),
+            None => String::new(),
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -163,21 +187,29 @@ pub fn pin_to(cpu: usize) -> std::io::Result<()> {
 /// Finds a workspace binary next to the running executable (`target/<profile>/`, or
 /// its parent when running from `deps/`).
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current executable");
-    let mut dir = exe.parent().expect("executable directory").to_path_buf();
+    try_binary(name).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`binary`], failing with a message instead of panicking.
+pub fn try_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|e| format!("current executable: {e}"))?;
+    let mut dir = exe
+        .parent()
+        .ok_or("the executable has no directory")?
+        .to_path_buf();
     for _ in 0..2 {
         let candidate = dir.join(name);
         if candidate.exists() {
-            return candidate;
+            return Ok(candidate);
         }
         if !dir.pop() {
             break;
         }
     }
-    panic!(
+    Err(format!(
         "{name} not found next to {}: build the workspace first (cargo build --workspace)",
         exe.display()
-    );
+    ))
 }
 
 /// Waits until a UNIX socket at `path` accepts connections.
@@ -232,6 +264,16 @@ pub fn start_relay_with(
     devices: &[(&str, &Path)],
     extra: &[&str],
 ) -> Proc {
+    try_start_relay_with(cpu, frontend, devices, extra).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`start_relay_with`], failing with a message instead of panicking.
+pub fn try_start_relay_with(
+    cpu: Option<usize>,
+    frontend: &Path,
+    devices: &[(&str, &Path)],
+    extra: &[&str],
+) -> Result<Proc, String> {
     let mut args = vec![
         "--frontend-socket".to_string(),
         frontend.display().to_string(),
@@ -242,7 +284,9 @@ pub fn start_relay_with(
     }
     args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn_on(cpu, "vfu-relay", &binary("vfu-relay"), &args)
+    let bin = try_binary("vfu-relay")?;
+    Proc::try_spawn_on(cpu, "vfu-relay", &bin, &args)
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
 /// The control socket of a relay started with `frontend` and no `--control-socket`.
@@ -291,13 +335,27 @@ pub fn start_loopback_guest_on(
     frontend: &Path,
     serve: &[(&str, &str)],
 ) -> Proc {
+    try_start_loopback_guest_with(cpu, frontend, serve, &[]).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`start_loopback_guest_on`] with `extra` vfu-guest options, failing with a message
+/// instead of panicking.
+pub fn try_start_loopback_guest_with(
+    cpu: Option<usize>,
+    frontend: &Path,
+    serve: &[(&str, &str)],
+    extra: &[&str],
+) -> Result<Proc, String> {
     let mut args = vec!["--loopback".to_string(), frontend.display().to_string()];
     for (name, model) in serve {
         args.push("--serve".into());
         args.push(format!("{name}={model}"));
     }
+    args.extend(extra.iter().map(|a| a.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proc::spawn_on(cpu, "vfu-guest (loopback)", &binary("vfu-guest"), &args)
+    let bin = try_binary("vfu-guest")?;
+    Proc::try_spawn_on(cpu, "vfu-guest (loopback)", &bin, &args)
+        .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
 /// Starts vfu-guest in direct mode: `model` on `socket`, no relay.
@@ -307,13 +365,20 @@ pub fn start_direct(socket: &Path, model: &str) -> Proc {
 
 /// [`start_direct`] pinned to `cpu`.
 pub fn start_direct_on(cpu: Option<usize>, socket: &Path, model: &str) -> Proc {
+    try_start_direct_on(cpu, socket, model).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`start_direct_on`], failing with a message instead of panicking.
+pub fn try_start_direct_on(cpu: Option<usize>, socket: &Path, model: &str) -> Result<Proc, String> {
     let s = socket.display().to_string();
-    Proc::spawn_on(
+    let bin = try_binary("vfu-guest")?;
+    Proc::try_spawn_on(
         cpu,
         "vfu-guest (direct)",
-        &binary("vfu-guest"),
+        &bin,
         &["--listen", &s, "--model", model],
     )
+    .map_err(|e| format!("cannot start {}: {e}", bin.display()))
 }
 
 /// Latency statistics of a set of samples, in microseconds.
