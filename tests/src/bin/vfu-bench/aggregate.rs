@@ -9,7 +9,7 @@
 //! relay and the device VM.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,11 @@ pub struct Row {
     /// Client threads.
     pub threads: usize,
     /// Requests in flight per device.
-    pub per_device: usize,
+    pub depth: usize,
     /// REGION_READs completed per second, all devices together.
     pub ops: f64,
+    /// The slowest device's and the fastest device's share of it, per second.
+    pub per_device: (f64, f64),
 }
 
 fn read_request() -> Request {
@@ -46,15 +48,15 @@ fn read_request() -> Request {
 }
 
 /// One client thread: keeps `per_device` reads in flight on each of `clients`, taking
-/// replies in order, until `stop`; counts the replies taken while `counting`.
+/// replies in order, until `stop`; returns the replies each device gave while
+/// `counting`.
 fn drive(
     mut clients: Vec<(usize, Client)>,
     per_device: usize,
     counting: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
     cpu: usize,
-) -> Result<(), String> {
+) -> Result<Vec<u64>, String> {
     let _ = pin_to(cpu);
     let mut queues: Vec<VecDeque<u16>> = Vec::with_capacity(clients.len());
     for (d, c) in clients.iter_mut() {
@@ -67,7 +69,7 @@ fn drive(
         }
         queues.push(q);
     }
-    let mut count = 0u64;
+    let mut counts = vec![0u64; clients.len()];
     let take = |d: usize, c: &mut Client, id: u16| -> Result<(), String> {
         match c.wait_reply(id, Command::RegionRead) {
             Ok(Reply::RegionRead(r)) if r.data.len() == 1 => Ok(()),
@@ -76,11 +78,11 @@ fn drive(
         }
     };
     while !stop.load(Ordering::Relaxed) {
-        for ((d, c), q) in clients.iter_mut().zip(queues.iter_mut()) {
+        for (((d, c), q), n) in clients.iter_mut().zip(queues.iter_mut()).zip(&mut counts) {
             let Some(id) = q.pop_front() else { continue };
             take(*d, c, id)?;
             if counting.load(Ordering::Relaxed) {
-                count += 1;
+                *n += 1;
             }
             q.push_back(
                 c.send_request(&read_request())
@@ -88,14 +90,13 @@ fn drive(
             );
         }
     }
-    done.fetch_add(count, Ordering::Relaxed);
     // Take what is still in flight, so that the devices are idle when the relay stops.
     for ((d, c), q) in clients.iter_mut().zip(queues.iter_mut()) {
         while let Some(id) = q.pop_front() {
             take(*d, c, id)?;
         }
     }
-    Ok(())
+    Ok(counts)
 }
 
 /// Measures `devices` devices in `mode` for `duration` after `warmup`, with `depth`
@@ -121,12 +122,11 @@ pub fn measure(
     }
     let counting = Arc::new(AtomicBool::new(false));
     let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = groups
         .into_iter()
         .map(|g| {
-            let (counting, stop, done) = (counting.clone(), stop.clone(), done.clone());
-            std::thread::spawn(move || drive(g, per_device, counting, stop, done, client_cpu))
+            let (counting, stop) = (counting.clone(), stop.clone());
+            std::thread::spawn(move || drive(g, per_device, counting, stop, client_cpu))
         })
         .collect();
     std::thread::sleep(warmup);
@@ -137,9 +137,10 @@ pub fn measure(
     let secs = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     let mut failure = None;
+    let mut counts = Vec::with_capacity(devices);
     for w in workers {
         match w.join() {
-            Ok(Ok(())) => {}
+            Ok(Ok(mut c)) => counts.append(&mut c),
             Ok(Err(e)) => failure = failure.or(Some(e)),
             Err(_) => failure = failure.or(Some("a client thread panicked".to_string())),
         }
@@ -152,12 +153,16 @@ pub fn measure(
             stack.guest.exit_note()
         ));
     }
+    let total: u64 = counts.iter().sum();
+    let slowest = counts.iter().min().copied().unwrap_or(0);
+    let fastest = counts.iter().max().copied().unwrap_or(0);
     Ok(Row {
         mode: mode.name.to_string(),
         devices,
         threads,
-        per_device,
-        ops: done.load(Ordering::Relaxed) as f64 / secs,
+        depth: per_device,
+        ops: total as f64 / secs,
+        per_device: (slowest as f64 / secs, fastest as f64 / secs),
     })
 }
 
@@ -182,6 +187,7 @@ pub fn table(rows: &[Row], depth: usize, duration: Duration) -> Table {
             ">in flight per device",
             ">ops/s",
             ">vs 1 device",
+            ">per device ops/s, slowest - fastest",
         ],
     );
     for r in rows {
@@ -193,9 +199,10 @@ pub fn table(rows: &[Row], depth: usize, duration: Duration) -> Table {
             r.mode.clone(),
             r.devices.to_string(),
             r.threads.to_string(),
-            r.per_device.to_string(),
+            r.depth.to_string(),
             rate(r.ops),
             ratio(r.ops / base),
+            format!("{} - {}", rate(r.per_device.0), rate(r.per_device.1)),
         ]);
     }
     t

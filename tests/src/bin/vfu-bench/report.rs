@@ -80,6 +80,15 @@ fn first_line(path: &str) -> String {
         .unwrap_or_else(|_| "?".into())
 }
 
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> String {
+    first_line("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// The commit of the source tree the benchmark runs from, when it is a git checkout.
 fn source_commit() -> String {
     let dir = std::env::current_exe()
@@ -269,7 +278,7 @@ pub fn run(o: &Options) -> Result<(), String> {
             }
         }
     };
-    let loadavg_before = first_line("/proc/loadavg");
+    let loadavg_before = load_average();
     let mut doc = format!(
         "# vfu-bench report\n\n\
          Run of {} on {} CPUs, Linux {}; source {}; load average before the run: {}.\n\
@@ -444,7 +453,7 @@ pub fn run(o: &Options) -> Result<(), String> {
     }
     doc.push_str(&format!(
         "Load average after the run: {}.\n",
-        first_line("/proc/loadavg")
+        load_average()
     ));
     if !failed.is_empty() {
         doc.push_str("\n## Failed\n\n");

@@ -22,10 +22,10 @@ pub struct Panel<'a> {
 }
 
 const PANEL_W: f64 = 460.0;
-const PANEL_H: f64 = 330.0;
+const PANEL_H: f64 = 344.0;
 const LEFT: f64 = 58.0;
 const RIGHT: f64 = 16.0;
-const TOP: f64 = 52.0;
+const TOP: f64 = 66.0;
 const BOTTOM: f64 = 46.0;
 const COLOURS: [&str; 8] = [
     "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666",
@@ -102,7 +102,7 @@ pub fn cdf_chart(title: &str, subtitle: &str, panels: &[Panel<'_>]) -> String {
             o,
             r##"<text x="{}" y="{}" text-anchor="middle" font-weight="bold">{}</text>"##,
             (px0 + px1) / 2.0,
-            py0 - 6.0,
+            py0 - 8.0,
             esc(&panel.title)
         );
         // Grid and axes: 1, 2, 5 of every decade on x; every 10 % on y.
