@@ -303,12 +303,9 @@ pub fn try_setup(
                 break c;
             }
         }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the device VM never served dma0{}{}",
-                guest.exit_note(),
-                relay.exit_note()
-            ));
+        let notes = guest.exit_note() + &relay.exit_note();
+        if !notes.is_empty() || Instant::now() > deadline {
+            return Err(format!("the device VM never served dma0{notes}"));
         }
         std::thread::sleep(Duration::from_millis(20));
     };

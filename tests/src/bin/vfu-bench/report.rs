@@ -474,7 +474,7 @@ pub fn run(o: &Options) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{} part(s) failed:\n  {}",
+            "{} part(s) failed (VFU_TEST_LOG=info shows vfu-relay's and vfu-guest's logs):\n  {}",
             failed.len(),
             failed.join("\n  ")
         ))
