@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+use vfu_proto::poll::{AdaptivePoll, Step};
 use vfu_proto::transport::{Frame, Limits, MessageReader, TransportError};
 use vfu_proto::tunnel::{Body, TunnelMessage};
 use vfu_proto::vfio_user::encode_error_reply;
@@ -428,10 +429,42 @@ impl SwitchThread {
     fn run(mut self) {
         let relay = self.relay.clone();
         self.reserve = std::fs::File::open("/dev/null").ok();
+        if let Some(cpu) = relay.config.switch_cpu {
+            match vfu_proto::poll::pin_current_thread(cpu) {
+                Ok(()) => info!("switch thread on CPU {cpu}"),
+                Err(e) => warn!("switch thread: cannot run on CPU {cpu}: {e}"),
+            }
+        }
+        let mut poll = AdaptivePoll::new(relay.config.poll());
+        if poll.enabled() {
+            info!(
+                "poll mode: client sockets and tunnel queues polled for {} us after the last message",
+                relay.config.poll_us
+            );
+        }
         let mut events = vec![EpollEvent::default(); 64];
+        let mut next_expiry = Instant::now();
         while !relay.is_stopping() {
             relay.link.signal_pending();
-            let timeout = self.next_timeout();
+            let step = poll.step();
+            let polling = matches!(step, Step::Poll { .. });
+            let timeout = match step {
+                Step::Poll { disarm } => {
+                    if disarm {
+                        relay.link.set_polling(true);
+                    }
+                    0
+                }
+                Step::Sleep { arm } => {
+                    if arm && relay.link.set_polling(false) {
+                        // Buffers came between the last look and the re-arming: no
+                        // notification will tell of them.
+                        poll.worked();
+                        continue;
+                    }
+                    self.next_timeout()
+                }
+            };
             let n = match relay.poll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -479,10 +512,29 @@ impl SwitchThread {
                     }
                 }
             }
+            let mut worked = n > 0;
+            if polling {
+                // The driver's messages, and the buffers it posted for ours.
+                for pair in 0..relay.link.pairs() {
+                    if relay.link.poll(pair) {
+                        crate::tunnel::drain_g2h(&relay, pair);
+                        worked = true;
+                    }
+                }
+            }
             if relay.link.take_room_made() {
                 self.resume_paused();
             }
+            if worked {
+                poll.worked();
+            } else if polling {
+                poll.idle();
+            }
             let now = Instant::now();
+            if polling && now < next_expiry {
+                continue; // deadlines are looked at once a millisecond while polling
+            }
+            next_expiry = now + Duration::from_millis(1);
             let mut broken = Vec::new();
             for (&id, dev) in &self.devices {
                 let outcome = dev.ch.expire(&relay, now);

@@ -176,6 +176,37 @@ fn event_idx_suppression() {
     assert!(dq.needs_notification(&f.device_mem).unwrap());
 }
 
+/// With interrupts off (poll mode), rust-vmm's device queue never asks to notify: not
+/// even when the polling driver has taken an element before the device decided about
+/// it (the device adds, the driver pops and re-disables, only then does the device
+/// look at `used_event`). That race made the relay notify a polling driver on nearly
+/// every message when `used_event` was set to `last_used - 1`.
+#[test]
+fn disabled_interrupts_hold_when_the_driver_is_ahead() {
+    let f = fixture();
+    let mut q = DriverQueue::new(&f.shared, 8, true).unwrap();
+    let mut dq = device_queue(&q, true);
+    let buf = f.shared.alloc(16, 8).unwrap();
+    let seg = Segment {
+        gpa: buf.gpa,
+        len: 16,
+        device_writable: true,
+    };
+    q.disable_interrupts();
+    for round in 0..20 {
+        q.add(&[seg]).unwrap();
+        let head = dq.iter(&f.device_mem).unwrap().next().unwrap().head_index();
+        dq.add_used(&f.device_mem, head, 0).unwrap();
+        // The driver polls: takes the element and disables again, first.
+        assert!(q.pop_used().unwrap().is_some());
+        q.disable_interrupts();
+        assert!(
+            !dq.needs_notification(&f.device_mem).unwrap(),
+            "round {round}: notified a driver that disabled interrupts"
+        );
+    }
+}
+
 /// A used element for a head that is not in flight, or claiming more bytes than the
 /// chain can hold, is refused without touching the free list.
 #[test]
