@@ -57,6 +57,32 @@ fn next_interrupt_count(lines: &mpsc::Receiver<String>) -> u64 {
     panic!("no VFU-GUEST WAKEUPS line from the guest");
 }
 
+/// A relay serving `gpio0` and a loopback guest serving it with `gpio`, each with its
+/// own extra options; the guest's output lines come on the receiver.
+struct Setup {
+    relay: Proc,
+    guest: Proc,
+    lines: mpsc::Receiver<String>,
+    device: std::path::PathBuf,
+    _scratch: Scratch,
+}
+
+fn setup(tag: &str, relay_extra: &[&str], guest_extra: &[&str]) -> Setup {
+    let scratch = Scratch::new(tag);
+    let frontend = scratch.join("frontend.sock");
+    let device = scratch.join("gpio0.sock");
+    let relay = start_relay_with(None, &frontend, &[("gpio0", &device)], relay_extra);
+    assert!(wait_for_socket(&device, TIMEOUT), "relay did not start");
+    let (guest, lines) = start_guest(&frontend, guest_extra);
+    Setup {
+        relay,
+        guest,
+        lines,
+        device,
+        _scratch: scratch,
+    }
+}
+
 /// ROUNDS checked round trips and posted writes; returns when the client left.
 fn exercise(device: &Path) {
     let mut c = connect_served(device, TIMEOUT);
@@ -111,19 +137,15 @@ fn all_asleep(pid: u32, samples: usize) -> bool {
 /// relay and of the device VM sleeps.
 #[test]
 fn poll_mode_serves_with_interrupts_off_and_sleeps_when_idle() {
-    let scratch = Scratch::new("poll");
-    let frontend = scratch.join("frontend.sock");
-    let device = scratch.join("gpio0.sock");
     // A window long enough that a slow CI machine keeps polling between messages.
     let window = "1500000";
-    let relay = start_relay_with(
-        None,
-        &frontend,
-        &[("gpio0", &device)],
-        &["--poll-us", window],
-    );
-    assert!(wait_for_socket(&device, TIMEOUT), "relay did not start");
-    let (guest, lines) = start_guest(&frontend, &["--poll-us", window]);
+    let Setup {
+        relay,
+        guest,
+        lines,
+        device,
+        _scratch,
+    } = setup("poll", &["--poll-us", window], &["--poll-us", window]);
 
     exercise(&device);
     let interrupts = next_interrupt_count(&lines);
@@ -156,14 +178,9 @@ fn poll_mode_serves_with_interrupts_off_and_sleeps_when_idle() {
 /// same work takes at least one interrupt per round trip.
 #[test]
 fn event_mode_takes_an_interrupt_per_round_trip() {
-    let scratch = Scratch::new("event");
-    let frontend = scratch.join("frontend.sock");
-    let device = scratch.join("gpio0.sock");
-    let _relay = start_relay_with(None, &frontend, &[("gpio0", &device)], &[]);
-    assert!(wait_for_socket(&device, TIMEOUT), "relay did not start");
-    let (_guest, lines) = start_guest(&frontend, &[]);
-    exercise(&device);
-    let interrupts = next_interrupt_count(&lines);
+    let s = setup("event", &[], &[]);
+    exercise(&s.device);
+    let interrupts = next_interrupt_count(&s.lines);
     assert!(
         interrupts >= ROUNDS as u64,
         "{interrupts} interrupts for {ROUNDS} round trips in event mode"
@@ -175,18 +192,12 @@ fn event_mode_takes_an_interrupt_per_round_trip() {
 #[test]
 fn mixed_modes_serve() {
     for (relay_poll, guest_poll) in [("1000000", "0"), ("0", "1000000")] {
-        let scratch = Scratch::new("poll-mixed");
-        let frontend = scratch.join("frontend.sock");
-        let device = scratch.join("gpio0.sock");
-        let _relay = start_relay_with(
-            None,
-            &frontend,
-            &[("gpio0", &device)],
+        let s = setup(
+            "poll-mixed",
             &["--poll-us", relay_poll],
+            &["--poll-us", guest_poll],
         );
-        assert!(wait_for_socket(&device, TIMEOUT), "relay did not start");
-        let (_guest, lines) = start_guest(&frontend, &["--poll-us", guest_poll]);
-        exercise(&device);
-        next_interrupt_count(&lines);
+        exercise(&s.device);
+        next_interrupt_count(&s.lines);
     }
 }

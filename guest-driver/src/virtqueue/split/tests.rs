@@ -147,17 +147,24 @@ fn full_queue_and_recycling() {
 
 /// With EVENT_IDX the driver kicks only when the device's avail_event asks for it, and
 /// the device interrupts only when the driver's used_event asks for it.
-#[test]
-fn event_idx_suppression() {
-    let f = fixture();
-    let mut q = DriverQueue::new(&f.shared, 8, true).unwrap();
-    let mut dq = device_queue(&q, true);
+/// An 8-entry driver queue with EVENT_IDX, the device's view of it, and a 16-byte
+/// device-writable buffer to post.
+fn event_idx_pair(f: &Fixture) -> (DriverQueue, Queue, Segment) {
+    let q = DriverQueue::new(&f.shared, 8, true).unwrap();
+    let dq = device_queue(&q, true);
     let buf = f.shared.alloc(16, 8).unwrap();
     let seg = Segment {
         gpa: buf.gpa,
         len: 16,
         device_writable: true,
     };
+    (q, dq, seg)
+}
+
+#[test]
+fn event_idx_suppression() {
+    let f = fixture();
+    let (mut q, mut dq, seg) = event_idx_pair(&f);
     // Device has avail_event 0: the first add needs a kick.
     q.add(&[seg]).unwrap();
     assert!(q.kick_needed());
@@ -184,14 +191,7 @@ fn event_idx_suppression() {
 #[test]
 fn disabled_interrupts_hold_when_the_driver_is_ahead() {
     let f = fixture();
-    let mut q = DriverQueue::new(&f.shared, 8, true).unwrap();
-    let mut dq = device_queue(&q, true);
-    let buf = f.shared.alloc(16, 8).unwrap();
-    let seg = Segment {
-        gpa: buf.gpa,
-        len: 16,
-        device_writable: true,
-    };
+    let (mut q, mut dq, seg) = event_idx_pair(&f);
     q.disable_interrupts();
     for round in 0..20 {
         q.add(&[seg]).unwrap();
