@@ -329,6 +329,7 @@ impl Switch {
             devices: HashMap::new(),
             control: ControlServer::new(control),
             reserve: None,
+            refusals: access::RefusalLog::new("device sockets"),
         };
         info!("control socket {}", control_path.display());
         let mut setup = || -> Result<()> {
@@ -399,6 +400,8 @@ struct SwitchThread {
     /// to accept the waiting connection and close it at once, instead of leaving it in
     /// the backlog, where it would wake the switch forever.
     reserve: Option<std::fs::File>,
+    /// Refused clients, logged within limits.
+    refusals: access::RefusalLog,
 }
 
 impl SwitchThread {
@@ -607,20 +610,20 @@ impl SwitchThread {
                     debug!("{}: connection from {cred}", ch.name);
                 }
                 Ok(cred) => {
-                    warn!(
+                    self.refusals.refused(format_args!(
                         "{}: refused a client on {}: {cred} is not allowed ({})",
                         ch.name,
                         ch.socket.display(),
                         ch.access.describe()
-                    );
+                    ));
                     continue; // dropping `sock` closes it
                 }
                 Err(e) => {
-                    warn!(
+                    self.refusals.refused(format_args!(
                         "{}: refused a client on {}: its credentials cannot be read: {e}",
                         ch.name,
                         ch.socket.display()
-                    );
+                    ));
                     continue;
                 }
             }
@@ -637,10 +640,10 @@ impl SwitchThread {
                 // One client per device socket: the second is closed before the relay
                 // reads a byte from it, and the first never notices.
                 let who = access::peer_cred(&sock).map_or_else(|_| "?".into(), |c| c.to_string());
-                warn!(
+                self.refusals.refused(format_args!(
                     "{}: refused a second client ({who}): one client per device socket, and one is connected",
                     ch.name
-                );
+                ));
                 continue; // dropping `sock` closes it
             }
             let setup = || -> std::io::Result<Arc<UnixStream>> {

@@ -47,6 +47,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
     listener.set_nonblocking(false)?;
     let listener_fd = listener.as_raw_fd();
     let mut listener = Listener::from(listener);
+    let mut refusals = crate::access::RefusalLog::new("frontend socket");
     crate::service::ready("waiting for the device VM");
     while !relay.is_stopping() {
         let gate = Arc::new(Gate::default());
@@ -68,18 +69,18 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 true
             }
             Ok(cred) => {
-                warn!(
+                refusals.refused(format_args!(
                     "refused a device VM's VMM on {}: {cred} is not allowed ({})",
                     socket.display(),
                     access.describe()
-                );
+                ));
                 false
             }
             Err(e) => {
-                warn!(
+                refusals.refused(format_args!(
                     "refused a connection on the frontend socket {}: its credentials cannot be read: {e}",
                     socket.display()
-                );
+                ));
                 false
             }
         };
