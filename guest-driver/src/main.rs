@@ -82,6 +82,15 @@ struct Args {
     /// (tunnel feature DIRECT_DATA): the data then travels inside tunnel messages.
     #[arg(long)]
     no_direct_data: bool,
+    /// With --loopback or --pci: poll mode. The engine thread keeps polling the
+    /// tunnel's queues, with the relay's interrupts off, for this many microseconds
+    /// after the last message before it sleeps (0: event mode).
+    #[arg(long, value_name = "US", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    poll_us: u64,
+    /// With --loopback or --pci: run the engine thread (the tunnel's queues and the
+    /// devices served on it) on this CPU.
+    #[arg(long, value_name = "CPU")]
+    engine_cpu: Option<usize>,
 }
 
 fn stop_on_signals() -> Arc<AtomicBool> {
@@ -132,6 +141,8 @@ fn run(args: Args) -> Result<(), String> {
         queue_pairs: args.queue_pairs,
         queue_size: 256,
         direct_data: !args.no_direct_data,
+        poll: Duration::from_micros(args.poll_us),
+        engine_cpu: args.engine_cpu,
     };
     if let Some(bdf) = args.pci {
         let options = PciOptions {

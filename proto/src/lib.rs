@@ -7,6 +7,8 @@
 //!   descriptors passed as SCM_RIGHTS.
 //! - [`client`]: a blocking vfio-user client for tests, tools and benchmarks.
 //! - [`tunnel`]: the messages of the tunnel virtio device (`docs/tunnel.md`).
+//! - [`poll`]: the clock of adaptive polling, and thread placement, for vfu-relay and
+//!   vfu-guest alike.
 //!
 //! Decoders never panic, never read out of bounds, and never allocate more than the
 //! bounded message they are given; every rejection is a typed error that knows the errno
@@ -17,6 +19,7 @@
 
 pub mod client;
 pub mod mem;
+pub mod poll;
 pub mod transport;
 pub mod tunnel;
 pub mod vfio_user;

@@ -15,7 +15,7 @@ use std::time::Instant;
 use log::{debug, info, warn};
 use vfu_proto::transport::fds::{is_eventfd, set_nonblocking, signal_eventfd};
 use vfu_proto::transport::{Limits, MessageWriter, RawMessage};
-use vfu_proto::tunnel::{Body, Slot, TunnelMessage, VfioUserFrame};
+use vfu_proto::tunnel::{features, Body, Slot, TunnelMessage, VfioUserFrame};
 use vfu_proto::vfio_user::{
     encode_error_reply, encode_reply, logging_bitmap_len, Capabilities, Command, DeviceFeature,
     DmaMap, FeatureData, Header, IrqData, MessageType, Reply, Request, SetIrqs, Version,
@@ -86,6 +86,9 @@ struct Pending {
     /// (to commit or release DMA regions, and to count the request in flight until the
     /// device is done with it) and does not pass it on.
     silent: bool,
+    /// Forwarded as posted (tunnel feature `POSTED_DONE`): no reply comes; the driver's
+    /// POSTED_DONE says when it is carried out.
+    posted: bool,
     /// Payload bytes (counted in [`Client::may_read`]).
     bytes: usize,
 }
@@ -414,6 +417,7 @@ impl Channel {
                 deadline: Instant::now() + relay.config.request_timeout(),
                 kind: PendingKind::Restore,
                 silent: true,
+                posted: false,
                 bytes: 0,
             });
         }
@@ -655,7 +659,12 @@ impl Channel {
         // with it (a client posting faster than its device works is held back, not
         // queued in the device VM without bound).
         let silent = header.no_reply;
-        forwarded.no_reply = false;
+        // With POSTED_DONE, a posted request that changes nothing in the relay goes as
+        // posted: the driver answers a batch of them with one POSTED_DONE.
+        let posted = silent
+            && matches!(kind, PendingKind::Plain)
+            && relay.link.features() & features::POSTED_DONE != 0;
+        forwarded.no_reply = posted;
         let bytes = msg.payload.len();
         let frame = VfioUserFrame {
             header: forwarded,
@@ -684,6 +693,7 @@ impl Channel {
             deadline: Instant::now() + relay.config.request_timeout(),
             kind,
             silent,
+            posted,
             bytes,
         });
         SendOutcome::Done
@@ -804,6 +814,41 @@ impl Channel {
                 bytes.extend_from_slice(&frame.payload);
                 client.send(bytes, vec![])
             }
+        }
+    }
+
+    /// The driver carried out the posted requests forwarded up to and including the one
+    /// with message ID `relay_id` (POSTED_DONE): they leave the count in flight. An ID
+    /// of no posted request in flight (one that timed out, or of a client that left)
+    /// changes nothing.
+    pub fn on_posted_done(&self, relay: &Relay, relay_id: u16) {
+        let mut guard = self.lock();
+        let Some(client) = guard.client.as_mut() else {
+            debug!("{}: POSTED_DONE with no client; ignored", self.name);
+            return;
+        };
+        let Some(last) = client
+            .pending
+            .iter()
+            .position(|p| p.posted && p.relay_id == relay_id)
+        else {
+            debug!(
+                "{}: POSTED_DONE for message {relay_id}, which is not in flight; ignored",
+                self.name
+            );
+            return;
+        };
+        let mut pos = 0;
+        for _ in 0..=last {
+            if client.pending[pos].posted {
+                client.remove_pending(pos);
+            } else {
+                pos += 1;
+            }
+        }
+        if client.paused && client.may_resume() && relay.link.has_room(self.id) {
+            client.paused = false;
+            relay.update_interest(self, client);
         }
     }
 
@@ -1684,6 +1729,81 @@ mod posted_tests {
         drop(st);
         let mut buf = [0u8; 16];
         assert!(peer.read(&mut buf).is_err(), "nothing for the client");
+    }
+
+    /// With POSTED_DONE the driver answers no posted request; one POSTED_DONE takes
+    /// every posted request up to the one it names out of the count, in order, and
+    /// leaves the requests that wait for a reply. An ID not in flight changes nothing.
+    #[test]
+    fn posted_done_releases_posted_requests_in_order() {
+        let relay = pipelined_dma_tests::relay();
+        relay.link.set_up(crate::tunnel::Negotiated {
+            pairs: 1,
+            guest_max_msg: 2 << 20,
+            features: features::POSTED_DONE,
+        });
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let message = |id: u16, req: &Request, no_reply: bool| {
+            let b = encode_request(id, req, no_reply);
+            RawMessage {
+                header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+                payload: b[HEADER_SIZE..].to_vec(),
+                fds: Vec::new(),
+            }
+        };
+        let write = Request::RegionWrite(RegionWrite {
+            offset: 0,
+            region: 2,
+            data: vec![7; 4],
+        });
+        let read = Request::RegionRead(vfu_proto::vfio_user::RegionAccess {
+            offset: 0,
+            region: 2,
+            count: 4,
+        });
+        for (id, req, no_reply) in [
+            (1, &write, true),
+            (2, &write, true),
+            (3, &read, false),
+            (4, &write, true),
+        ] {
+            assert_eq!(
+                ch.on_client_message(&relay, message(id, req, no_reply)),
+                SendOutcome::Done
+            );
+        }
+        let in_flight = |ch: &Channel| -> Vec<(u16, bool)> {
+            let st = ch.lock();
+            let c = st.client.as_ref().unwrap();
+            c.pending
+                .iter()
+                .map(|p| (p.header.msg_id, p.posted))
+                .collect()
+        };
+        assert_eq!(in_flight(ch), [(1, true), (2, true), (3, false), (4, true)]);
+        let relay_id = |ch: &Channel, client_id: u16| {
+            let st = ch.lock();
+            let c = st.client.as_ref().unwrap();
+            c.pending
+                .iter()
+                .find(|p| p.header.msg_id == client_id)
+                .unwrap()
+                .relay_id
+        };
+        let (second, fourth) = (relay_id(ch, 2), relay_id(ch, 4));
+        ch.on_posted_done(&relay, second);
+        assert_eq!(in_flight(ch), [(3, false), (4, true)]);
+        ch.on_posted_done(&relay, second);
+        ch.on_posted_done(&relay, relay_id(ch, 3));
+        assert_eq!(
+            in_flight(ch),
+            [(3, false), (4, true)],
+            "IDs not in flight, or of requests that wait for a reply, change nothing"
+        );
+        ch.on_posted_done(&relay, fourth);
+        assert_eq!(in_flight(ch), [(3, false)]);
+        assert_eq!(ch.lock().client.as_ref().unwrap().pending_bytes, 16);
     }
 
     /// The payload of a REGION_WRITE reply: offset, region, count.

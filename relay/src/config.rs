@@ -155,6 +155,18 @@ pub struct Config {
     /// Primary groups whose members may connect to the frontend socket.
     #[serde(default)]
     pub frontend_allow_gids: Vec<Gid>,
+    /// Poll mode: microseconds the switch thread keeps polling client sockets and the
+    /// tunnel's queues (with the device VM's notifications off) after the last message,
+    /// before it turns notifications back on and sleeps. 0, the default, is event mode:
+    /// it sleeps whenever there is nothing to do.
+    #[serde(default)]
+    pub poll_us: u64,
+    /// CPU of the switch thread (client sockets; in poll mode the tunnel's queues too).
+    #[serde(default)]
+    pub switch_cpu: Option<usize>,
+    /// CPU of the tunnel's queue worker threads (device-VM notifications).
+    #[serde(default)]
+    pub tunnel_cpu: Option<usize>,
     /// The file this configuration was read from, if any: SIGHUP reads it again.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -182,10 +194,17 @@ impl Default for Config {
             frontend_socket_group: None,
             frontend_allow_uids: Vec::new(),
             frontend_allow_gids: Vec::new(),
+            poll_us: 0,
+            switch_cpu: None,
+            tunnel_cpu: None,
             file: None,
         }
     }
 }
+
+/// Longest poll period: 10 s (polling longer than that is polling for ever, which a
+/// CPU-bound deployment should say with a large value, not rely on).
+pub const MAX_POLL_US: u64 = 10_000_000;
 
 fn default_timeout_ms() -> u64 {
     3000
@@ -269,6 +288,26 @@ impl Config {
                 "shared memory of {} MiB is beyond 1 PiB",
                 self.shm_size_mib
             )));
+        }
+        if self.poll_us > MAX_POLL_US {
+            return Err(Error::Config(format!(
+                "poll_us {}: must be 0 (event mode) to {MAX_POLL_US}",
+                self.poll_us
+            )));
+        }
+        let cpus = vfu_proto::poll::configured_cpus();
+        for (what, cpu) in [
+            ("switch_cpu", self.switch_cpu),
+            ("tunnel_cpu", self.tunnel_cpu),
+        ] {
+            if let Some(cpu) = cpu {
+                if cpu >= cpus {
+                    return Err(Error::Config(format!(
+                        "{what} {cpu}: this machine has CPUs 0 to {}",
+                        cpus - 1
+                    )));
+                }
+            }
         }
         if self.queue_pairs == 0 || self.queue_pairs > 64 {
             return Err(Error::Config(format!(
@@ -356,6 +395,11 @@ impl Config {
     /// (after dropping privileges, too). Only root and that user may connect.
     pub fn control_perms(&self) -> Perms {
         self.perms(&Access::default())
+    }
+
+    /// How long the switch polls after the last message (zero: event mode).
+    pub fn poll(&self) -> Duration {
+        Duration::from_micros(self.poll_us)
     }
 
     /// The request timeout.

@@ -44,6 +44,7 @@ struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "frontend_socket", "devices", "control_socket", "user", "socket_mode", "socket_group",
         "allow_uids", "allow_gids", "frontend_allow_uids", "frontend_allow_gids",
+        "poll_us", "switch_cpu", "tunnel_cpu",
     ])]
     config: Option<PathBuf>,
     /// Milliseconds a client request may wait for the device VM before ETIMEDOUT.
@@ -88,6 +89,18 @@ struct Args {
     /// A group whose members may connect to the frontend socket. Repeat for more.
     #[arg(long = "frontend-allow-gid", value_name = "GROUP")]
     frontend_allow_gids: Vec<Gid>,
+    /// Poll mode: keep polling client sockets and the tunnel's queues for this many
+    /// microseconds after the last message before sleeping (0: event mode). See
+    /// docs/operating.md, "Poll mode".
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    poll_us: u64,
+    /// Run the switch thread (client sockets; in poll mode the tunnel's queues) on
+    /// this CPU.
+    #[arg(long, value_name = "CPU")]
+    switch_cpu: Option<usize>,
+    /// Run the tunnel's queue worker threads on this CPU.
+    #[arg(long, value_name = "CPU")]
+    tunnel_cpu: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -315,6 +328,9 @@ impl TryFrom<Args> for Config {
             frontend_socket_group: None,
             frontend_allow_uids: args.frontend_allow_uids,
             frontend_allow_gids: args.frontend_allow_gids,
+            poll_us: args.poll_us,
+            switch_cpu: args.switch_cpu,
+            tunnel_cpu: args.tunnel_cpu,
             file: None,
         }
         .validate()

@@ -11,9 +11,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockWriteGuard};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use log::{debug, error, info, warn};
+use vfu_proto::poll::{AdaptivePoll, Step};
 use vfu_proto::transport::{Frame, Limits, MessageReader, TransportError};
 use vfu_proto::tunnel::{Body, TunnelMessage};
 use vfu_proto::vfio_user::encode_error_reply;
@@ -328,6 +329,7 @@ impl Switch {
             devices: HashMap::new(),
             control: ControlServer::new(control),
             reserve: None,
+            refusals: access::RefusalLog::new("device sockets"),
         };
         info!("control socket {}", control_path.display());
         let mut setup = || -> Result<()> {
@@ -398,6 +400,8 @@ struct SwitchThread {
     /// to accept the waiting connection and close it at once, instead of leaving it in
     /// the backlog, where it would wake the switch forever.
     reserve: Option<std::fs::File>,
+    /// Refused clients, logged within limits.
+    refusals: access::RefusalLog,
 }
 
 impl SwitchThread {
@@ -428,10 +432,42 @@ impl SwitchThread {
     fn run(mut self) {
         let relay = self.relay.clone();
         self.reserve = std::fs::File::open("/dev/null").ok();
+        if let Some(cpu) = relay.config.switch_cpu {
+            match vfu_proto::poll::pin_current_thread(cpu) {
+                Ok(()) => info!("switch thread on CPU {cpu}"),
+                Err(e) => warn!("switch thread: cannot run on CPU {cpu}: {e}"),
+            }
+        }
+        let mut poll = AdaptivePoll::new(relay.config.poll());
+        if poll.enabled() {
+            info!(
+                "poll mode: client sockets and tunnel queues polled for {} us after the last message",
+                relay.config.poll_us
+            );
+        }
         let mut events = vec![EpollEvent::default(); 64];
+        let mut next_expiry = Instant::now();
         while !relay.is_stopping() {
             relay.link.signal_pending();
-            let timeout = self.next_timeout();
+            let step = poll.step();
+            let polling = matches!(step, Step::Poll { .. });
+            let timeout = match step {
+                Step::Poll { disarm } => {
+                    if disarm {
+                        relay.link.set_polling(true);
+                    }
+                    0
+                }
+                Step::Sleep { arm } => {
+                    if arm && relay.link.set_polling(false) {
+                        // Buffers came between the last look and the re-arming: no
+                        // notification will tell of them.
+                        poll.worked();
+                        continue;
+                    }
+                    self.next_timeout()
+                }
+            };
             let n = match relay.poll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -479,10 +515,29 @@ impl SwitchThread {
                     }
                 }
             }
+            let mut worked = n > 0;
+            if polling {
+                // The driver's messages, and the buffers it posted for ours.
+                for pair in 0..relay.link.pairs() {
+                    if relay.link.poll(pair) {
+                        crate::tunnel::drain_g2h(&relay, pair);
+                        worked = true;
+                    }
+                }
+            }
             if relay.link.take_room_made() {
                 self.resume_paused();
             }
+            if worked {
+                poll.worked();
+            } else if polling {
+                poll.idle();
+            }
             let now = Instant::now();
+            if polling && now < next_expiry {
+                continue; // deadlines are looked at once a millisecond while polling
+            }
+            next_expiry = now + Duration::from_millis(1);
             let mut broken = Vec::new();
             for (&id, dev) in &self.devices {
                 let outcome = dev.ch.expire(&relay, now);
@@ -555,20 +610,20 @@ impl SwitchThread {
                     debug!("{}: connection from {cred}", ch.name);
                 }
                 Ok(cred) => {
-                    warn!(
+                    self.refusals.refused(format_args!(
                         "{}: refused a client on {}: {cred} is not allowed ({})",
                         ch.name,
                         ch.socket.display(),
                         ch.access.describe()
-                    );
+                    ));
                     continue; // dropping `sock` closes it
                 }
                 Err(e) => {
-                    warn!(
+                    self.refusals.refused(format_args!(
                         "{}: refused a client on {}: its credentials cannot be read: {e}",
                         ch.name,
                         ch.socket.display()
-                    );
+                    ));
                     continue;
                 }
             }
@@ -585,10 +640,10 @@ impl SwitchThread {
                 // One client per device socket: the second is closed before the relay
                 // reads a byte from it, and the first never notices.
                 let who = access::peer_cred(&sock).map_or_else(|_| "?".into(), |c| c.to_string());
-                warn!(
+                self.refusals.refused(format_args!(
                     "{}: refused a second client ({who}): one client per device socket, and one is connected",
                     ch.name
-                );
+                ));
                 continue; // dropping `sock` closes it
             }
             let setup = || -> std::io::Result<Arc<UnixStream>> {

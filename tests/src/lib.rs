@@ -116,6 +116,14 @@ impl Proc {
         }
     }
 
+    /// Takes over `child`, started by the caller (e.g. with its output piped).
+    pub fn spawn_command_child(name: &str, child: Child) -> Self {
+        Self {
+            name: name.to_string(),
+            child,
+        }
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

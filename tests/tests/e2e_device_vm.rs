@@ -23,7 +23,8 @@ static ONE_VM: Mutex<()> = Mutex::new(());
 /// gpio round trips timed to tell interrupts from the engine's 200 ms wait timeout.
 const TIMED_READS: u32 = 20;
 
-/// The `interrupts=N timeouts=M by-queue=Q:N,...` words of a `VFU-GUEST WAKEUPS` line.
+/// The `interrupts=N timeouts=M naps=P by-queue=Q:N,...` words of a `VFU-GUEST WAKEUPS`
+/// line.
 struct Wakeups {
     interrupts: u64,
     queues: Vec<u16>,

@@ -7,7 +7,7 @@ use std::ptr::NonNull;
 
 use log::warn;
 use vfu_proto::tunnel::{Body, IrqTrigger, TunnelMessage, VfioUserFrame, TUNNEL_HEADER_SIZE};
-use vfu_proto::vfio_user::{Header, HEADER_SIZE};
+use vfu_proto::vfio_user::{Header, MessageType, HEADER_SIZE};
 
 use crate::device::DmaRemote;
 
@@ -108,6 +108,20 @@ impl Outlet {
             }),
         ));
         Ok(())
+    }
+
+    /// Reports a request as carried out if it was posted (NO_REPLY): the relay counts
+    /// such requests in flight until it hears so (tunnel feature `POSTED_DONE`; the
+    /// driver coalesces these into one message per channel and batch).
+    pub fn carried_out(&mut self, request: &Header) {
+        if request.msg_type == MessageType::Command && request.no_reply {
+            self.messages.push(TunnelMessage::new(
+                self.channel,
+                Body::PostedDone {
+                    msg_id: request.msg_id,
+                },
+            ));
+        }
     }
 
     /// Queues an interrupt: vectors `start..start + count` of IRQ index `index`.

@@ -229,6 +229,13 @@ impl Channels {
                     warn!("vfio-user message for channel {channel}, which is not up");
                     let header = frame.header;
                     if header.msg_type == vfu_proto::vfio_user::MessageType::Command
+                        && header.no_reply
+                    {
+                        let mut out = Outlet::new(channel, self.peer_max_msg);
+                        out.carried_out(&header);
+                        return out.take();
+                    }
+                    if header.msg_type == vfu_proto::vfio_user::MessageType::Command
                         && !header.no_reply
                     {
                         let mut out = Outlet::new(channel, self.peer_max_msg);
@@ -246,7 +253,9 @@ impl Channels {
                     }
                     Runner::Inline(server) => {
                         let mut out = Outlet::new(channel, self.peer_max_msg);
+                        let header = frame.header;
                         server.vfio_user(frame, &mut TunnelDma { port, channel }, &mut out);
+                        out.carried_out(&header);
                         self.move_if_blocking(channel, spawn);
                         out.take()
                     }

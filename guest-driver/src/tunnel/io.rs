@@ -3,7 +3,7 @@
 //! ([`super::worker`]) send through the same [`Io`], under its lock, and wait for their
 //! answers outside it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -51,6 +51,8 @@ pub struct Wakeups {
     pub interrupts: std::collections::BTreeMap<u16, u64>,
     /// Waits that ended with nothing to do (the timeout).
     pub timeouts: u64,
+    /// Poll mode: times the engine stopped polling to sleep (the window passed).
+    pub naps: u64,
 }
 
 impl Wakeups {
@@ -61,7 +63,7 @@ impl Wakeups {
 }
 
 impl std::fmt::Display for Wakeups {
-    /// `interrupts=N timeouts=M by-queue=Q:N,...`
+    /// `interrupts=N timeouts=M naps=P by-queue=Q:N,...`
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let by_queue: Vec<String> = self
             .interrupts
@@ -70,9 +72,10 @@ impl std::fmt::Display for Wakeups {
             .collect();
         write!(
             f,
-            "interrupts={} timeouts={} by-queue={}",
+            "interrupts={} timeouts={} naps={} by-queue={}",
             self.total_interrupts(),
             self.timeouts,
+            self.naps,
             if by_queue.is_empty() {
                 "-".to_string()
             } else {
@@ -108,6 +111,13 @@ pub struct Io<T: Transport> {
     answers: Vec<Answer>,
     /// Why the engine thread woke up.
     pub(super) wakeups: Wakeups,
+    /// Poll mode is on: the engine thread polls the rings, interrupts are off.
+    polling: bool,
+    /// The relay agreed to POSTED_DONE.
+    pub(super) posted_done: bool,
+    /// Per channel: the last posted request carried out and not reported yet. Sent as
+    /// one POSTED_DONE per channel right before the relay is notified.
+    done: BTreeMap<u32, u16>,
 }
 
 /// An answer a channel thread waits for.
@@ -153,6 +163,9 @@ impl<T: Transport> Io<T> {
             direct_use,
             answers: Vec::new(),
             wakeups: Wakeups::default(),
+            polling: false,
+            posted_done: false,
+            done: BTreeMap::new(),
         })
     }
 
@@ -166,11 +179,37 @@ impl<T: Transport> Io<T> {
     }
 
     pub(super) fn send(&mut self, msg: TunnelMessage) -> Result<(), PairError> {
+        if let Body::PostedDone { msg_id } = msg.body {
+            // Coalesced: only the latest of a channel matters (they come in order).
+            if self.posted_done {
+                self.done.insert(msg.channel, msg_id);
+            }
+            return Ok(());
+        }
         let p = self.pair_of(msg.channel);
         self.pairs[p].send(&msg)
     }
 
+    /// Sends the POSTED_DONE of each channel of pair `p` that carried out posted
+    /// requests since the last call.
+    fn send_done(&mut self, p: usize) {
+        let done = std::mem::take(&mut self.done);
+        for (channel, msg_id) in done {
+            if self.pair_of(channel) != p {
+                self.done.insert(channel, msg_id);
+                continue;
+            }
+            let msg = TunnelMessage::new(channel, Body::PostedDone { msg_id });
+            if let Err(e) = self.pairs[p].send(&msg) {
+                warn!("POSTED_DONE on channel {channel} not sent: {e}");
+            }
+        }
+    }
+
     pub(super) fn kick(&mut self, p: usize) {
+        if !self.done.is_empty() {
+            self.send_done(p);
+        }
         let (h2g, g2h) = self.pairs[p].kicks_needed();
         if h2g {
             self.transport.notify(self.pairs[p].h2g_index);
@@ -225,6 +264,18 @@ impl<T: Transport> Io<T> {
         }
     }
 
+    /// Turns poll mode on (interrupts off) or off (interrupts on again); returns
+    /// whether messages are waiting already, which no interrupt will announce.
+    pub(super) fn set_polling(&mut self, on: bool) -> bool {
+        self.polling = on;
+        let mut waiting = false;
+        for pair in &mut self.pairs {
+            pair.set_polling(on);
+            waiting |= pair.rearm();
+        }
+        waiting && !on
+    }
+
     /// Takes the answers found for channel threads: deliver them after releasing the
     /// lock.
     pub(super) fn take_answers(&mut self) -> Vec<Answer> {
@@ -258,7 +309,7 @@ impl<T: Transport> Io<T> {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
             Err(e) => return Err(e),
         };
-        if n == 0 {
+        if n == 0 && ms > 0 {
             self.wakeups.timeouts += 1;
         }
         Ok(self.acknowledge(&events[..n]))
@@ -356,7 +407,13 @@ impl<T: Transport> Io<T> {
                 return Err(EIO);
             }
             // Model events seen meanwhile are picked up by the main loop (level-triggered).
-            self.wait(100, &mut events).map_err(|_| EIO)?;
+            if self.polling {
+                // No interrupt comes in poll mode: look again soon.
+                self.wait(0, &mut events).map_err(|_| EIO)?;
+                std::thread::yield_now();
+            } else {
+                self.wait(100, &mut events).map_err(|_| EIO)?;
+            }
         }
     }
 

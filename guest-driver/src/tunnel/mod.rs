@@ -28,9 +28,11 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use log::{debug, info, warn};
 use thiserror::Error;
+use vfu_proto::poll::{AdaptivePoll, Step};
 use vfu_proto::tunnel::{features, Body, Hello, Kind, TunnelMessage, VERSION_MAJOR, VERSION_MINOR};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
@@ -85,6 +87,11 @@ pub struct DriverConfig {
     pub queue_size: u16,
     /// Offer `DIRECT_DATA`: copy-path DMA data placed in the driver's buffers.
     pub direct_data: bool,
+    /// Poll mode: how long the engine thread keeps polling the queues (interrupts
+    /// off) after the last message before it sleeps; zero is event mode.
+    pub poll: Duration,
+    /// The CPU of the engine thread, if it is to be placed.
+    pub engine_cpu: Option<usize>,
 }
 
 /// The driver engine over a transport.
@@ -94,6 +101,8 @@ pub struct TunnelDriver<T: Transport + 'static> {
     channels: Channels,
     up: bool,
     offer_direct: bool,
+    poll: Duration,
+    engine_cpu: Option<usize>,
 }
 
 impl<T: Transport + 'static> TunnelDriver<T> {
@@ -162,6 +171,8 @@ impl<T: Transport + 'static> TunnelDriver<T> {
             channels: Channels::new(config.serve, window_fds),
             up: false,
             offer_direct: config.direct_data,
+            poll: config.poll,
+            engine_cpu: config.engine_cpu,
         })
     }
 
@@ -194,34 +205,61 @@ impl<T: Transport + 'static> TunnelDriver<T> {
                     version_minor: VERSION_MINOR,
                     queue_pairs,
                     max_msg_size: MAX_MSG_SIZE as u32,
-                    features: windows | direct,
+                    features: windows | direct | features::POSTED_DONE,
                 }),
             })?;
+        }
+        if let Some(cpu) = self.engine_cpu {
+            match vfu_proto::poll::pin_current_thread(cpu) {
+                Ok(()) => info!("engine thread on CPU {cpu}"),
+                Err(e) => warn!("engine thread: cannot run on CPU {cpu}: {e}"),
+            }
+        }
+        let mut poll = AdaptivePoll::new(self.poll);
+        if poll.enabled() {
+            info!(
+                "poll mode: the queues are polled for {} us after the last message",
+                self.poll.as_micros()
+            );
         }
         let mut events = vec![EpollEvent::default(); 16];
         let mut model_fds: Vec<(u32, RawFd)> = Vec::new();
         let shared = self.io.clone();
         let mut spawn = move || Box::new(SharedIo::new(shared.clone())) as Box<dyn ThreadPort>;
         while !stop.load(Ordering::Acquire) {
+            let step = poll.step();
+            let polling = matches!(step, Step::Poll { .. });
             {
                 let mut io = self.lock();
                 if io.gone {
                     return Err(DriverError::DeviceGone);
                 }
                 self.sync_model_fds(&mut model_fds)?;
+                if step == (Step::Poll { disarm: true }) {
+                    io.set_polling(true);
+                }
+                if step == (Step::Sleep { arm: true }) {
+                    io.wakeups.naps += 1;
+                }
+                if step == (Step::Sleep { arm: true }) && io.set_polling(false) {
+                    // Messages came between the last look and the re-arming: no
+                    // interrupt will tell of them.
+                    poll.worked();
+                    continue;
+                }
                 // Notify the device last, right before sleeping, so that the relay thread
                 // we wake does not preempt this batch half way.
                 io.kick_all();
             }
             // Sleep without the lock: channel threads send meanwhile.
-            let n = match self.epoll.wait(200, &mut events) {
+            let n = match self.epoll.wait(if polling { 0 } else { 200 }, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
                 Err(e) => return Err(e.into()),
             };
             let io = self.io.clone();
             let mut io = io.lock().unwrap_or_else(|p| p.into_inner());
-            if n == 0 {
+            if n == 0 && !polling {
                 io.wakeups.timeouts += 1;
             }
             for token in io.acknowledge(&events[..n]) {
@@ -233,12 +271,18 @@ impl<T: Transport + 'static> TunnelDriver<T> {
                 let messages = io.drain(p)?;
                 io.deferred.extend(messages);
             }
+            let worked = n > 0 || !io.deferred.is_empty();
             while let Some(msg) = io.deferred.pop_front() {
                 self.dispatch(&mut io, msg, &mut spawn)?;
             }
             let answers = io.take_answers();
             drop(io);
             answers.into_iter().for_each(io::Answer::deliver);
+            if worked {
+                poll.worked();
+            } else if polling {
+                poll.idle();
+            }
         }
         println!("VFU-GUEST WAKEUPS {}", self.lock().wakeups);
         Ok(())
@@ -287,6 +331,7 @@ impl<T: Transport + 'static> TunnelDriver<T> {
                 }
                 io.active_pairs = r.queue_pairs.clamp(1, io.pairs.len() as u16);
                 io.relay_max_msg = r.max_msg_size as usize;
+                io.posted_done = r.features & features::POSTED_DONE != 0;
                 self.channels.set_peer_max_msg(r.max_msg_size as usize);
                 io.direct = r.features & features::DIRECT_DATA != 0
                     && io

@@ -56,6 +56,8 @@ pub struct QueuePair {
     /// `DIRECT_DATA`.
     direct_buf: Option<Allocation>,
     direct: Direct,
+    /// Poll mode: the engine looks at the rings on its own; interrupts stay off.
+    polling: bool,
 }
 
 /// A queue pair's failure (the device misbehaved, or memory ran out).
@@ -97,6 +99,7 @@ impl QueuePair {
             max_msg,
             direct_buf: None,
             direct: Direct::default(),
+            polling: false,
         };
         for _ in 0..size {
             let buf = mem.alloc(BUFFER_SIZE, 64).ok_or(PairError::NoMemory)?;
@@ -314,11 +317,26 @@ impl QueuePair {
         (self.h2g.kick_needed(), self.g2h.kick_needed())
     }
 
+    /// Turns poll mode on or off; [`QueuePair::rearm`] then leaves interrupts off, or
+    /// asks for them again.
+    pub fn set_polling(&mut self, on: bool) {
+        self.polling = on;
+    }
+
     /// Re-arms interrupts; true if work arrived meanwhile. Incoming messages always
     /// interrupt; `g2h` completions only while messages wait for room or a direct
     /// request waits for its answer (otherwise the buffers are reclaimed on the next
-    /// pass, without a wake-up per message).
+    /// pass, without a wake-up per message). In poll mode interrupts stay off, and the
+    /// answer is whether there is work to take now.
     pub fn rearm(&mut self) -> bool {
+        if self.polling {
+            // Poll mode: interrupts stay off; say whether there is work to take now.
+            self.h2g.disable_interrupts();
+            self.g2h.disable_interrupts();
+            let waiting = self.direct.in_flight.is_some() && !self.direct.abandoned;
+            return self.h2g.has_used()
+                || ((waiting || !self.tx_pending.is_empty()) && self.g2h.has_used());
+        }
         let incoming = self.h2g.enable_interrupts();
         let waiting = self.direct.in_flight.is_some() && !self.direct.abandoned;
         let reclaimable = if self.tx_pending.is_empty() && !waiting {

@@ -94,6 +94,7 @@ impl Worker {
             inbox: inbox.clone(),
             epoll,
             server_fd: None,
+            done: None,
         };
         // The state goes over once the thread exists, so a failed spawn keeps it.
         let (tx, rx) = std::sync::mpsc::channel::<Thread>();
@@ -148,6 +149,8 @@ struct Thread {
     inbox: Arc<Inbox>,
     epoll: Epoll,
     server_fd: Option<RawFd>,
+    /// The POSTED_DONE of this batch of work, sent once at its end.
+    done: Option<TunnelMessage>,
 }
 
 impl Thread {
@@ -175,6 +178,9 @@ impl Thread {
             }
             for w in work {
                 self.handle(w);
+            }
+            if let Some(done) = self.done.take() {
+                self.port.send(vec![done]);
             }
             if serviced {
                 let mut out = Outlet::new(self.channel, self.peer_max_msg);
@@ -227,7 +233,9 @@ impl Thread {
                     port: &mut *self.port,
                     channel: self.channel,
                 };
+                let header = frame.header;
                 self.server.vfio_user(frame, &mut dma, &mut out);
+                out.carried_out(&header);
             }
             Work::SessionStart(tag) => out.push(status(tag, Kind::SessionStart)),
             Work::SessionEnd(tag) => {
@@ -240,6 +248,13 @@ impl Thread {
             }
             Work::PeerMaxMsg(max) => self.peer_max_msg = max,
         }
-        self.port.send(out.take());
+        let (done, messages): (Vec<_>, Vec<_>) = out
+            .take()
+            .into_iter()
+            .partition(|m| matches!(m.body, Body::PostedDone { .. }));
+        if let Some(last) = done.into_iter().last() {
+            self.done = Some(last);
+        }
+        self.port.send(messages);
     }
 }

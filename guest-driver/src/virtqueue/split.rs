@@ -282,8 +282,13 @@ impl DriverQueue {
     /// Asks the device not to interrupt (polling). Best effort, as the spec allows.
     pub fn disable_interrupts(&mut self) {
         if self.event_idx {
+            // The index farthest from where the device is: it would have to add half
+            // the index space (32768 entries, far more than a ring holds) before it
+            // passes it. `last_used - 1` is not enough: a device that added an entry the
+            // driver has already taken, and decides only afterwards whether to notify,
+            // finds that index inside its batch and notifies.
             let off = 4 + 2 * self.size as usize;
-            let far = self.last_used.wrapping_sub(1);
+            let far = self.last_used.wrapping_add(0x8000);
             Self::u16_at(&self.avail, off).store(far.to_le(), Ordering::Relaxed);
         } else {
             Self::u16_at(&self.avail, 0)

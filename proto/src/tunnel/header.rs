@@ -36,6 +36,8 @@ pub enum Kind {
     Doorbell = 10,
     /// A protocol violation report.
     Error = 11,
+    /// The driver carried out posted vfio-user requests (feature `POSTED_DONE`).
+    PostedDone = 12,
 }
 
 impl Kind {
@@ -53,6 +55,7 @@ impl Kind {
             9 => Kind::DmaWrite,
             10 => Kind::Doorbell,
             11 => Kind::Error,
+            12 => Kind::PostedDone,
             _ => return None,
         })
     }
@@ -61,7 +64,7 @@ impl Kind {
     pub fn has_reply(self) -> bool {
         !matches!(
             self,
-            Kind::VfioUser | Kind::Irq | Kind::Doorbell | Kind::Error
+            Kind::VfioUser | Kind::Irq | Kind::Doorbell | Kind::Error | Kind::PostedDone
         )
     }
 }

@@ -224,6 +224,12 @@ pub enum Body {
         /// Signals since the last DOORBELL.
         count: u64,
     },
+    /// POSTED_DONE (no reply): the driver carried out every posted vfio-user request
+    /// of the channel up to and including the one with this (relay-assigned) message ID.
+    PostedDone {
+        /// The vfio-user message ID of the last posted request carried out.
+        msg_id: u16,
+    },
     /// ERROR (no reply).
     Error {
         /// The errno.
@@ -270,6 +276,7 @@ impl Body {
             Body::DmaReadReply { .. } => (Kind::DmaRead, true),
             Body::DmaWrite { .. } => (Kind::DmaWrite, false),
             Body::Doorbell { .. } => (Kind::Doorbell, false),
+            Body::PostedDone { .. } => (Kind::PostedDone, false),
             Body::Error { .. } => (Kind::Error, false),
             Body::Status { kind, .. } => return (*kind, true),
         };
@@ -468,6 +475,19 @@ fn decode_body(header: &TunnelHeader, bytes: &[u8]) -> Result<Body, TunnelError>
             id: r.u64()?,
             count: r.u64()?,
         },
+        (Kind::PostedDone, _) => {
+            let msg_id = r.u16()?;
+            match r.u16()? {
+                0 => reserved_u32(&mut r)?,
+                v => {
+                    return Err(TunnelError::InvalidField {
+                        field: "reserved",
+                        value: v.into(),
+                    })
+                }
+            }
+            Body::PostedDone { msg_id }
+        }
         (Kind::Error, _) => {
             let errno = r.u32()?;
             reserved_u32(&mut r)?;
@@ -731,6 +751,11 @@ fn encode_body(body: &Body, out: &mut Vec<u8>) {
         Body::Doorbell { id, count } => {
             out.put_u64(*id);
             out.put_u64(*count);
+        }
+        Body::PostedDone { msg_id } => {
+            out.put_u16(*msg_id);
+            out.put_u16(0);
+            out.put_u32(0);
         }
         Body::Error { errno, text } => {
             out.put_u32(*errno);

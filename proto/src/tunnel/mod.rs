@@ -44,7 +44,12 @@ pub mod features {
     /// `h2g`, so a DMA_READ's data lands where the driver wants it.
     pub const DIRECT_DATA: u64 = 1 << 3;
     /// Every feature this crate knows.
-    pub const ALL: u64 = WINDOWS | DOORBELLS | GUEST_MEMORY | DIRECT_DATA;
+    /// Posted (NO_REPLY) vfio-user requests reach the driver as posted, and it says
+    /// which it carried out with POSTED_DONE, one per channel and batch, instead of a
+    /// reply each.
+    pub const POSTED_DONE: u64 = 1 << 4;
+    /// Every feature this crate knows.
+    pub const ALL: u64 = WINDOWS | DOORBELLS | GUEST_MEMORY | DIRECT_DATA | POSTED_DONE;
 }
 
 /// Queue index of the host-to-guest queue of pair `pair`.

@@ -36,6 +36,7 @@ pub struct ControlServer {
     listener: UnixListener,
     connections: HashMap<u64, Connection>,
     next_id: u64,
+    refusals: crate::access::RefusalLog,
 }
 
 impl ControlServer {
@@ -45,6 +46,7 @@ impl ControlServer {
             listener,
             connections: HashMap::new(),
             next_id: 0,
+            refusals: crate::access::RefusalLog::new("control socket"),
         }
     }
 
@@ -76,18 +78,22 @@ impl ControlServer {
             match peer_cred(&sock) {
                 Ok(cred) if Access::default().allows_now(&cred) => {}
                 Ok(cred) => {
-                    warn!(
+                    self.refusals.refused(format_args!(
                         "control socket: refused {cred}: only root and the relay's user may use it"
-                    );
+                    ));
                     continue;
                 }
                 Err(e) => {
-                    warn!("control socket: refused a connection whose credentials cannot be read: {e}");
+                    self.refusals.refused(format_args!(
+                        "control socket: refused a connection whose credentials cannot be read: {e}"
+                    ));
                     continue;
                 }
             }
             if self.connections.len() >= MAX_CONNECTIONS {
-                warn!("control socket: {MAX_CONNECTIONS} connections open; refusing another");
+                self.refusals.refused(format_args!(
+                    "control socket: {MAX_CONNECTIONS} connections open; refusing another"
+                ));
                 continue;
             }
             let id = self.next_id;

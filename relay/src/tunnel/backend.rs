@@ -16,7 +16,7 @@ use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 
-use super::dispatch;
+use super::drain_g2h;
 use super::gate::Gate;
 use crate::switch::Relay;
 
@@ -35,6 +35,24 @@ const CONFIG_SPACE_SIZE: u32 = 256;
 fn config_bytes(offset: u32, size: u32) -> Option<Vec<u8>> {
     let end = offset.checked_add(size)?;
     (end <= CONFIG_SPACE_SIZE).then(|| vec![0; size as usize])
+}
+
+thread_local! {
+    /// Whether this queue worker thread was placed on its CPU already.
+    static PLACED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Puts the calling queue worker thread on `cpu`, once per thread (the library
+/// starts the threads; this is the first code of ours they run).
+fn place_worker_thread(cpu: Option<usize>) {
+    let Some(cpu) = cpu else { return };
+    if PLACED.with(|p| p.replace(true)) {
+        return;
+    }
+    match vfu_proto::poll::pin_current_thread(cpu) {
+        Ok(()) => debug!("tunnel queue worker on CPU {cpu}"),
+        Err(e) => warn!("tunnel queue worker: cannot run on CPU {cpu}: {e}"),
+    }
 }
 
 /// The backend of one frontend connection.
@@ -160,6 +178,7 @@ impl VhostUserBackend for TunnelBackend {
         if !self.gate.passes() {
             return Ok(()); // a refused peer's queues reach nothing
         }
+        place_worker_thread(self.relay.config.tunnel_cpu);
         if evset != EventSet::IN {
             warn!("tunnel queue {device_event}: unexpected event {evset:?}");
             return Ok(());
@@ -170,18 +189,7 @@ impl VhostUserBackend for TunnelBackend {
         self.relay.link.attach_vrings(self.generation, vrings);
         let pair = device_event as usize / 2;
         if device_event % 2 == 1 {
-            loop {
-                // Bounded batches: the link lock is released between them, so the
-                // switch keeps forwarding requests while a busy driver talks.
-                let (messages, more) = self.relay.link.receive(pair);
-                for msg in messages {
-                    dispatch(&self.relay, msg);
-                }
-                self.relay.link.signal_pending();
-                if !more {
-                    break;
-                }
-            }
+            drain_g2h(&self.relay, pair);
         } else {
             self.relay.link.flush(pair);
         }

@@ -25,7 +25,7 @@ use vfu_proto::tunnel::{
     TunnelMessage, TUNNEL_HEADER_SIZE,
 };
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -201,6 +201,12 @@ pub struct Link {
     /// Some channel went back under its budget: paused clients may be read again.
     room_made: AtomicBool,
     wake: Option<EventFd>,
+    /// A poller (the switch thread in poll mode) drains the `g2h` queues: they stay
+    /// without notifications until it stops ([`Link::set_polling`]).
+    polling: AtomicBool,
+    /// Per `g2h` queue: held while its messages are taken and dispatched, so that the
+    /// poller and a queue worker woken by a late notification keep their order.
+    draining: Vec<Mutex<()>>,
     /// Queue pairs the relay offers.
     pub offered_pairs: u16,
     /// Largest message the relay accepts from the device VM.
@@ -225,6 +231,8 @@ impl Link {
             generation: AtomicU64::new(1),
             room_made: AtomicBool::new(false),
             wake,
+            polling: AtomicBool::new(false),
+            draining: (0..offered_pairs).map(|_| Mutex::new(())).collect(),
             offered_pairs,
             // The largest data transfer, its vfio-user headers and the tunnel header.
             max_msg_size: limits.max_data_xfer_size as usize + 4096,
@@ -512,6 +520,10 @@ impl Link {
                     out.push(Incoming::Message(decode(done)));
                 }
             }
+            if self.polling.load(Ordering::Acquire) {
+                // Notifications stay off: the poller looks at this queue again soon.
+                break;
+            }
             if !vring.enable_notification().unwrap_or(false) {
                 break;
             }
@@ -520,6 +532,75 @@ impl Link {
             let _ = vring.signal_used_queue();
         }
         (out, more)
+    }
+
+    /// Holds `g2h` queue `pair` for one taker: what it receives it dispatches before
+    /// another thread receives more, so the messages of a channel keep their order.
+    pub fn draining(&self, pair: usize) -> Option<std::sync::MutexGuard<'_, ()>> {
+        self.draining
+            .get(pair)
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Starts or stops polling. Started: the driver's `g2h` notifications (kicks) are
+    /// left off after each drain, at most one more comes. Stopped: they are asked for
+    /// again on every `g2h` queue; returns whether a queue has buffers waiting already
+    /// (the caller must drain it before it sleeps, as no notification will come for
+    /// those).
+    pub fn set_polling(&self, on: bool) -> bool {
+        self.polling.store(on, Ordering::Release);
+        let inner = self.lock();
+        let mut waiting = false;
+        if inner.broken || inner.mem.is_none() {
+            return false;
+        }
+        for pair in 0..inner.tx.len() {
+            if let Some(vring) = inner.vrings.get(g2h_queue(pair as u16) as usize) {
+                if on {
+                    let _ = vring.disable_notification();
+                } else {
+                    waiting |= vring.enable_notification().unwrap_or(false);
+                }
+            }
+        }
+        waiting
+    }
+
+    /// One look at queue pair `pair` for the poller: writes what waits for `h2g`
+    /// buffers the driver has posted since, and says whether the driver has put
+    /// buffers on `g2h` that are not taken yet (then call [`Link::receive`]).
+    pub fn poll(&self, pair: usize) -> bool {
+        let mut inner = self.lock();
+        if inner.broken {
+            return false;
+        }
+        let pending = inner
+            .tx
+            .get(pair)
+            .is_some_and(|t| t.queues.values().any(|q| !q.is_empty()));
+        if pending && flush_pair(&mut inner, pair) {
+            drop(inner);
+            self.note_room();
+            inner = self.lock();
+        }
+        let (Some(mem), Some(vring)) = (
+            inner.mem.as_ref(),
+            inner.vrings.get(g2h_queue(pair as u16) as usize),
+        ) else {
+            return false;
+        };
+        let guard = mem.memory();
+        let state = vring.get_ref();
+        let queue = state.get_queue();
+        queue.ready()
+            && queue
+                .avail_idx(&*guard, Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != queue.next_avail())
+    }
+
+    /// Queue pairs set up by the frontend (0 before it set up any).
+    pub fn pairs(&self) -> usize {
+        self.lock().tx.len()
     }
 
     /// Keeps a direct request until its answer comes (from the client). Gives it back

@@ -30,7 +30,7 @@ use crate::{Error, Result};
 use gate::Gate;
 
 /// Features the relay supports today.
-const RELAY_FEATURES: u64 = features::WINDOWS | features::DIRECT_DATA;
+const RELAY_FEATURES: u64 = features::WINDOWS | features::DIRECT_DATA | features::POSTED_DONE;
 
 /// Serves one device VM after another on the frontend socket `listener` (created by
 /// the caller with its mode and group, once: the relay never binds it again, so it
@@ -47,6 +47,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
     listener.set_nonblocking(false)?;
     let listener_fd = listener.as_raw_fd();
     let mut listener = Listener::from(listener);
+    let mut refusals = crate::access::RefusalLog::new("frontend socket");
     crate::service::ready("waiting for the device VM");
     while !relay.is_stopping() {
         let gate = Arc::new(Gate::default());
@@ -68,18 +69,18 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 true
             }
             Ok(cred) => {
-                warn!(
+                refusals.refused(format_args!(
                     "refused a device VM's VMM on {}: {cred} is not allowed ({})",
                     socket.display(),
                     access.describe()
-                );
+                ));
                 false
             }
             Err(e) => {
-                warn!(
+                refusals.refused(format_args!(
                     "refused a connection on the frontend socket {}: its credentials cannot be read: {e}",
                     socket.display()
-                );
+                ));
                 false
             }
         };
@@ -119,6 +120,27 @@ fn device_vm_gone(relay: &Relay) {
         relay.after_send(ch, outcome);
     }
     table.take_retiring();
+}
+
+/// Takes every message the driver has put on the `g2h` queue of `pair` and handles
+/// it, in bounded batches (the link lock is released between them, so the switch keeps
+/// forwarding requests while a busy driver talks). Called by the queue worker on a
+/// notification and by the switch when it polls; one at a time per queue, so that a
+/// channel's messages are handled in order.
+pub fn drain_g2h(relay: &Relay, pair: usize) {
+    let Some(_held) = relay.link.draining(pair) else {
+        return;
+    };
+    loop {
+        let (messages, more) = relay.link.receive(pair);
+        for msg in messages {
+            dispatch(relay, msg);
+        }
+        relay.link.signal_pending();
+        if !more {
+            break;
+        }
+    }
 }
 
 /// Handles one message from the device VM.
@@ -168,6 +190,12 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             Some(ch) => ch.on_irq(t.index, t.start, t.count),
             None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
         },
+        Body::PostedDone { msg_id } if relay.link.features() & features::POSTED_DONE != 0 => {
+            match relay.channel(channel) {
+                Some(ch) => ch.on_posted_done(relay, msg_id),
+                None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+            }
+        }
         Body::DmaRead { segments } => {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let reply = match relay.channel(channel) {

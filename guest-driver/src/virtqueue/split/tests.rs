@@ -147,17 +147,24 @@ fn full_queue_and_recycling() {
 
 /// With EVENT_IDX the driver kicks only when the device's avail_event asks for it, and
 /// the device interrupts only when the driver's used_event asks for it.
-#[test]
-fn event_idx_suppression() {
-    let f = fixture();
-    let mut q = DriverQueue::new(&f.shared, 8, true).unwrap();
-    let mut dq = device_queue(&q, true);
+/// An 8-entry driver queue with EVENT_IDX, the device's view of it, and a 16-byte
+/// device-writable buffer to post.
+fn event_idx_pair(f: &Fixture) -> (DriverQueue, Queue, Segment) {
+    let q = DriverQueue::new(&f.shared, 8, true).unwrap();
+    let dq = device_queue(&q, true);
     let buf = f.shared.alloc(16, 8).unwrap();
     let seg = Segment {
         gpa: buf.gpa,
         len: 16,
         device_writable: true,
     };
+    (q, dq, seg)
+}
+
+#[test]
+fn event_idx_suppression() {
+    let f = fixture();
+    let (mut q, mut dq, seg) = event_idx_pair(&f);
     // Device has avail_event 0: the first add needs a kick.
     q.add(&[seg]).unwrap();
     assert!(q.kick_needed());
@@ -174,6 +181,30 @@ fn event_idx_suppression() {
     assert!(!q.enable_interrupts());
     dq.add_used(&f.device_mem, head, 0).unwrap();
     assert!(dq.needs_notification(&f.device_mem).unwrap());
+}
+
+/// With interrupts off (poll mode), rust-vmm's device queue never asks to notify: not
+/// even when the polling driver has taken an element before the device decided about
+/// it (the device adds, the driver pops and re-disables, only then does the device
+/// look at `used_event`). That race made the relay notify a polling driver on nearly
+/// every message when `used_event` was set to `last_used - 1`.
+#[test]
+fn disabled_interrupts_hold_when_the_driver_is_ahead() {
+    let f = fixture();
+    let (mut q, mut dq, seg) = event_idx_pair(&f);
+    q.disable_interrupts();
+    for round in 0..20 {
+        q.add(&[seg]).unwrap();
+        let head = dq.iter(&f.device_mem).unwrap().next().unwrap().head_index();
+        dq.add_used(&f.device_mem, head, 0).unwrap();
+        // The driver polls: takes the element and disables again, first.
+        assert!(q.pop_used().unwrap().is_some());
+        q.disable_interrupts();
+        assert!(
+            !dq.needs_notification(&f.device_mem).unwrap(),
+            "round {round}: notified a driver that disabled interrupts"
+        );
+    }
 }
 
 /// A used element for a head that is not in flight, or claiming more bytes than the

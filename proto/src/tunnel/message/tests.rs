@@ -223,6 +223,20 @@ fn golden_dma_write() {
     );
 }
 
+/// POSTED_DONE up to message 0xfffe on channel 2: kind 12, no reply, 8 bytes of body
+/// whose reserved bytes must be zero.
+#[test]
+fn golden_posted_done() {
+    let body = [0xfe, 0xff, 0, 0, 0, 0, 0, 0];
+    golden(
+        &msg(8, 2, 12, 0, 0, &body),
+        TunnelMessage::new(2, Body::PostedDone { msg_id: 0xfffe }),
+    );
+    let mut bad = msg(8, 2, 12, 0, 0, &body);
+    bad[TUNNEL_HEADER_SIZE + 2] = 1;
+    assert!(TunnelMessage::decode(&bad, MAX).is_err());
+}
+
 /// DOORBELL id 0x42 fired 3 times; ERROR EINVAL "bad".
 #[test]
 fn golden_doorbell_and_error() {
@@ -462,6 +476,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
             })
         }),
         (any::<u64>(), any::<u64>()).prop_map(|(id, count)| Body::Doorbell { id, count }),
+        any::<u16>().prop_map(|msg_id| Body::PostedDone { msg_id }),
         (any::<u32>(), arb_string(MAX_ERROR_TEXT))
             .prop_map(|(errno, text)| Body::Error { errno, text }),
         (
