@@ -6,6 +6,7 @@ use vfu_tests::pin_to;
 use crate::common::{
     online_cpus, posted_multi, posted_single, round_trips, Direct, Mode, Relayed, Samples,
 };
+use crate::null_server::NullServer;
 use crate::table::{num, rate, ratio, Table};
 
 /// Where the client and the servers run.
@@ -57,12 +58,24 @@ pub struct Counts {
     pub multi_writes: usize,
 }
 
+/// A path from the client to a `gpio`-like server.
+#[derive(Debug, Clone)]
+pub enum Kind {
+    /// vfu-guest serving `gpio` itself (`--listen`): the baseline.
+    Direct,
+    /// Through vfu-relay to a loopback device VM serving `gpio`, in this mode.
+    Relayed(Mode),
+    /// The null server, a thread of the benchmark with no model: a reference for what
+    /// the client and the socket allow.
+    Null,
+}
+
 /// What one path measured at one placement.
 pub struct Figures {
     /// Index into the placements measured.
     pub placement: usize,
-    /// `None`: direct; else the relay's mode.
-    pub mode: Option<Mode>,
+    /// The path.
+    pub kind: Kind,
     /// Round trips.
     pub rt: Samples,
     /// Posted REGION_WRITEs per second, one message each.
@@ -75,9 +88,18 @@ pub struct Figures {
 impl Figures {
     /// "direct", "relayed, event mode", ...
     pub fn path(&self) -> String {
-        match &self.mode {
-            None => "direct".into(),
-            Some(m) => format!("relayed, {} mode", m.name),
+        match &self.kind {
+            Kind::Direct => "direct".into(),
+            Kind::Relayed(m) => format!("relayed, {} mode", m.name),
+            Kind::Null => "null server (reference)".into(),
+        }
+    }
+
+    /// The relay's mode, on a relayed path.
+    pub fn relayed(&self) -> Option<&Mode> {
+        match &self.kind {
+            Kind::Relayed(m) => Some(m),
+            _ => None,
         }
     }
 }
@@ -92,20 +114,22 @@ fn measure_one(c: &mut vfu_proto::client::Client, counts: Counts) -> Result<Figu
     };
     Ok(Figures {
         placement: 0,
-        mode: None,
+        kind: Kind::Direct,
         rt,
         single,
         multi,
     })
 }
 
-/// Measures, for each placement, the direct server and then the relayed path in each
-/// mode of `modes`, one after the other, each path's processes running only while it is
-/// measured (a polling relay would otherwise take CPU from the others). Returns what
-/// was measured and what failed (a failed path does not stop the others).
+/// Measures, for each placement, the direct server, the relayed path in each mode of
+/// `modes` and, with `null`, the null server, one after the other, each path's
+/// processes running only while it is measured (a polling relay would otherwise take
+/// CPU from the others). Returns what was measured and what failed (a failed path does
+/// not stop the others).
 pub fn measure(
     placements: &[Placement],
     modes: &[Mode],
+    null: bool,
     counts: Counts,
 ) -> (Vec<Figures>, Vec<String>) {
     let mut out = Vec::new();
@@ -115,35 +139,46 @@ pub fn measure(
             failed.push(format!("pinning the client to CPU {}: {e}", p.client));
             continue;
         }
-        let mut paths: Vec<Option<&Mode>> = vec![None];
-        paths.extend(modes.iter().map(Some));
-        for mode in paths {
-            let what = format!(
-                "{}, {}",
-                p.name,
-                mode.map_or("direct".to_string(), |m| format!(
-                    "relayed, {} mode",
-                    m.name
-                ))
-            );
+        let mut paths = vec![Kind::Direct];
+        paths.extend(modes.iter().cloned().map(Kind::Relayed));
+        if null {
+            paths.push(Kind::Null);
+        }
+        for kind in paths {
+            let mut f = Figures {
+                placement: pi,
+                kind,
+                rt: Samples::default(),
+                single: 0.0,
+                multi: None,
+            };
+            let what = format!("{}, {}", p.name, f.path());
             eprintln!("vfu-bench: round trips and posted writes: {what}");
-            let r = match mode {
-                None => Direct::start("bench-direct", Some(p.servers)).and_then(|mut d| {
+            let r = match &f.kind {
+                Kind::Direct => Direct::start("bench-direct", Some(p.servers)).and_then(|mut d| {
                     let mut c = d.connect()?;
                     measure_one(&mut c, counts).map_err(|e| e + &d.server.exit_note())
                 }),
-                Some(m) => {
-                    Relayed::start("bench-relayed", Some(p.servers), 1, m).and_then(|mut s| {
+                Kind::Relayed(m) => Relayed::start("bench-relayed", Some(p.servers), 1, m)
+                    .and_then(|mut s| {
                         let mut c = s.connect(0)?;
                         measure_one(&mut c, counts)
                             .map_err(|e| e + &s.relay.exit_note() + &s.guest.exit_note())
-                    })
-                }
+                    }),
+                Kind::Null => NullServer::start(p.servers).and_then(|mut n| {
+                    let mut c = n.connect()?;
+                    let r = measure_one(&mut c, counts);
+                    drop(c);
+                    let end = n.finish();
+                    let r = r?;
+                    end.map(|()| r)
+                }),
             };
             match r {
-                Ok(mut f) => {
-                    f.placement = pi;
-                    f.mode = mode.cloned();
+                Ok(m) => {
+                    f.rt = m.rt;
+                    f.single = m.single;
+                    f.multi = m.multi;
                     out.push(f);
                 }
                 Err(e) => failed.push(format!("{what}: {e}")),
@@ -157,7 +192,7 @@ pub fn measure(
 pub fn direct_of(figures: &[Figures], pi: usize) -> Option<&Figures> {
     figures
         .iter()
-        .find(|f| f.placement == pi && f.mode.is_none())
+        .find(|f| f.placement == pi && matches!(f.kind, Kind::Direct))
 }
 
 /// Round trips: p50 and p99 per path, and their ratios to the direct server at the same
@@ -169,7 +204,10 @@ pub fn round_trip_table(placements: &[Placement], figures: &[Figures], rounds: u
             "{rounds} one-byte REGION_READs of the gpio model's BAR2 per path, one at a time \
              (after {} untimed), with vfu-proto's blocking client pinned to the client CPU; the \
              relay, the loopback device VM and the direct server (vfu-guest --listen) pinned to \
-             the servers CPU. Baseline: the direct server at the same placement, in this run.",
+             the servers CPU. Baseline: the direct server at the same placement, in this run. \
+             The null server is a reference, not a baseline: a thread of vfu-bench on the \
+             servers CPU that answers with no device model, no relay and no other process, \
+             what the client and the socket allow.",
             rounds / 10
         ),
         &[
@@ -207,7 +245,8 @@ pub fn posted_table(placements: &[Placement], figures: &[Figures], counts: Count
              order). One REGION_WRITE message per write: {} writes. Coalesced: {} writes in \
              REGION_WRITE_MULTI messages of 200 (as QEMU 10.1's client sends them when the \
              server offers write_multiple). Same placement and processes as the round trips; \
-             baseline: the direct server.",
+             baseline: the direct server. The null server row is the ceiling this client \
+             and socket put on every path.",
             counts.writes, counts.multi_writes
         ),
         &[
@@ -243,7 +282,7 @@ pub fn run(rounds: usize, writes: usize) -> Result<(), String> {
         writes,
         multi_writes: 0,
     };
-    let (figures, failed) = measure(&placements, &[Mode::event()], counts);
+    let (figures, failed) = measure(&placements, &[Mode::event()], false, counts);
     println!("vfu-bench: {rounds} REGION_READ round trips (1 byte, gpio BAR2) and {writes} posted 1-byte REGION_WRITEs per path");
     println!();
     println!("| placement | path | p50 us | p99 us | posted writes/s | p50 vs direct |");
@@ -253,7 +292,7 @@ pub fn run(rounds: usize, writes: usize) -> Result<(), String> {
         println!(
             "| {} | {} | {:.1} | {:.1} | {:.0} | {:.2}x |",
             placements[f.placement].label(),
-            if f.mode.is_some() {
+            if f.relayed().is_some() {
                 "relayed"
             } else {
                 "direct"

@@ -27,6 +27,7 @@ mod dma;
 mod idle;
 mod latency;
 mod memfd_io;
+mod null_server;
 mod report;
 mod svg;
 mod table;
