@@ -21,6 +21,7 @@ use super::queues::{PairError, QueuePair, DIRECT_READ_REPLY, DIRECT_WRITE_REQUES
 use super::{HANGUP_TOKEN, MAX_MSG_SIZE, MODEL_TOKEN, WAKE_TOKEN};
 use crate::device::errno::EFAULT;
 use crate::device::Errno;
+use crate::hostile::Hostile;
 use crate::transport::Transport;
 
 /// How long a model waits for the relay to answer a DMA request.
@@ -108,6 +109,8 @@ pub struct Io<T: Transport> {
     answers: Vec<Answer>,
     /// Why the engine thread woke up.
     pub(super) wakeups: Wakeups,
+    /// The misbehaving mode, when it is on (`--misbehave`).
+    pub(super) hostile: Option<Box<Hostile>>,
 }
 
 /// An answer a channel thread waits for.
@@ -153,6 +156,7 @@ impl<T: Transport> Io<T> {
             direct_use,
             answers: Vec::new(),
             wakeups: Wakeups::default(),
+            hostile: None,
         })
     }
 
@@ -167,7 +171,19 @@ impl<T: Transport> Io<T> {
 
     pub(super) fn send(&mut self, msg: TunnelMessage) -> Result<(), PairError> {
         let p = self.pair_of(msg.channel);
+        if let Some(h) = self.hostile.as_deref_mut() {
+            return h.send(msg, p, &mut self.pairs);
+        }
         self.pairs[p].send(&msg)
+    }
+
+    /// The IOVA a DMA request of `channel` goes to (the misbehaving mode may send it
+    /// elsewhere).
+    fn dma_iova(&mut self, channel: u32, iova: u64, len: usize, write: bool) -> u64 {
+        match self.hostile.as_deref_mut() {
+            Some(h) => h.dma_iova(channel, iova, len, write),
+            None => iova,
+        }
     }
 
     pub(super) fn kick(&mut self, p: usize) {
@@ -208,9 +224,24 @@ impl<T: Transport> Io<T> {
                     self.direct_use[p] = DirectUse::Answered;
                 }
             }
-            for msg in self.pairs[p].receive()? {
+            let received = match self.hostile.as_deref_mut() {
+                None => self.pairs[p].receive()?,
+                Some(h) if !h.reads_h2g(p) => {
+                    // Misbehaving: the relay's messages on this pair stay unread.
+                    self.pairs[p].flush_tx()?;
+                    return Ok(out);
+                }
+                Some(h) => {
+                    let edit = h.take_rx_edit(p);
+                    self.pairs[p].receive_with(edit)?
+                }
+            };
+            for msg in received {
                 match msg {
                     Ok(m) => {
+                        if self.hostile.as_deref_mut().is_some_and(|h| h.incoming(&m)) {
+                            continue;
+                        }
                         if let Some(m) = self.deliver(m) {
                             out.push(m);
                         }
@@ -548,6 +579,7 @@ impl<T: Transport> Io<T> {
         buf: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
         let len = op.len();
+        let iova = self.dma_iova(channel, iova, len, matches!(op, DmaOp::Write(_)));
         let request = DmaRequest {
             channel,
             tag: self.next_tag(),
@@ -630,6 +662,7 @@ impl<T: Transport> SharedIo<T> {
         if io.gone {
             return Err(EIO);
         }
+        let iova = io.dma_iova(channel, iova, len, matches!(op, DmaOp::Write(_)));
         let request = DmaRequest {
             channel,
             tag: io.next_tag(),
