@@ -30,6 +30,7 @@ use crate::dma::{DmaError, DmaTable, Region, WindowMap, MAX_CLIENT_FDS};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::{negotiate, MIN_CLIENT_DATA_XFER_SIZE};
+use crate::warn_limited;
 
 /// Whether the device VM serves this channel's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -699,9 +700,10 @@ impl Channel {
         };
         let h = frame.header;
         if h.msg_type != MessageType::Reply {
-            warn!(
+            warn_limited!(
                 "{}: device sent command {} toward the client; not supported yet",
-                self.name, h.command
+                self.name,
+                h.command
             );
             return SendOutcome::Done;
         }
@@ -719,9 +721,11 @@ impl Channel {
                     self.name, h.msg_id
                 );
             } else {
-                warn!(
+                warn_limited!(
                     "{}: reply to no request in flight (msg {}, command {}); dropped",
-                    self.name, h.msg_id, h.command
+                    self.name,
+                    h.msg_id,
+                    h.command
                 );
             }
             return SendOutcome::Done;
@@ -735,7 +739,7 @@ impl Channel {
             Some(errno) => Err(errno),
             None => match Reply::decode(h.command, &frame.payload, frame.slots.len()) {
                 Ok(_) if !frame.slots.is_empty() => {
-                    warn!(
+                    warn_limited!(
                         "{}: reply carries fd slots the relay does not hand out yet",
                         self.name
                     );
@@ -743,7 +747,7 @@ impl Channel {
                 }
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    warn!("{}: invalid reply from the device VM: {e}", self.name);
+                    warn_limited!("{}: invalid reply from the device VM: {e}", self.name);
                     Err(libc::EIO as u32)
                 }
             },
@@ -841,6 +845,10 @@ impl Channel {
         // allocated.
         let total = segments.iter().fold(0u64, |a, s| a.saturating_add(s.1));
         if total.saturating_add(64) > relay.link.guest_max_msg() as u64 {
+            warn_limited!(
+                "{}: the device VM's DMA read of {total} bytes cannot fit a message; E2BIG",
+                self.name
+            );
             return Some(Body::DmaReadReply {
                 status: libc::E2BIG as u32,
                 data: Vec::new(),
@@ -877,7 +885,7 @@ impl Channel {
                 None
             }
             Err(e) => {
-                debug!("{}: DMA read outside the client's maps", self.name);
+                dma_refused(&self.name, "read", segments, e);
                 Some(dma_read_error(e))
             }
         }
@@ -901,7 +909,15 @@ impl Channel {
         match client.dma.local_spans(segments, write) {
             Ok(Some(spans)) => Some(client_memory::copy(&spans, buffers, direction)),
             Ok(None) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) => {
+                dma_refused(
+                    &self.name,
+                    if write { "write" } else { "read" },
+                    segments,
+                    e,
+                );
+                Some(Err(e))
+            }
         }
     }
 
@@ -945,10 +961,7 @@ impl Channel {
                 None
             }
             Err(e) => {
-                debug!(
-                    "{}: DMA write outside the client's maps or against permission",
-                    self.name
-                );
+                dma_refused(&self.name, "write", segments, e);
                 Some(e.errno())
             }
         }
@@ -962,12 +975,20 @@ impl Channel {
             return;
         };
         let end = u64::from(start) + u64::from(count);
+        let mut signalled = false;
         for (&(i, v), fd) in &client.irq_fds {
             if i == index && u64::from(v) >= u64::from(start) && u64::from(v) < end {
+                signalled = true;
                 if let Err(e) = signal_eventfd(fd) {
                     warn!("{}: signalling IRQ {index}/{v}: {e}", self.name);
                 }
             }
+        }
+        if !signalled {
+            warn_limited!(
+                "{}: the device VM raised IRQ index {index} vectors {start}+{count}, where the client has no eventfd assigned; ignored",
+                self.name
+            );
         }
     }
 
@@ -1176,6 +1197,16 @@ fn release(relay: &Relay, regions: Vec<Region>) -> bool {
     }
     drop(regions);
     confirmed
+}
+
+/// Logs a DMA request of the device VM that the client's maps do not allow.
+fn dma_refused(name: &str, op: &str, segments: &[(u64, u64)], e: DmaError) {
+    let (iova, len) = segments.first().copied().unwrap_or_default();
+    warn_limited!(
+        "{name}: the device VM's DMA {op} of {} segment(s), the first {len:#x} bytes at {iova:#x}, is outside the client's maps or against their permission; errno {}",
+        segments.len(),
+        e.errno()
+    );
 }
 
 fn dma_read_error(e: DmaError) -> Body {

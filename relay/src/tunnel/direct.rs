@@ -351,6 +351,8 @@ pub fn serve(relay: &Relay, req: DirectRequest) {
         }
         (Some(Ok(())), DirectOp::Write { .. }) => req.finish(&relay.link, 0, 0),
         (Some(Err(e)), _) => {
+            // Logged by copy_local (a range the client's maps do not allow), or an I/O
+            // error of the copy.
             debug!("{}: direct DMA request refused: {e:?}", ch.name);
             req.finish(&relay.link, e.errno(), 0)
         }

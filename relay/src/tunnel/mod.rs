@@ -26,7 +26,7 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 use crate::channel::GuestState;
 use crate::switch::Relay;
-use crate::{Error, Result};
+use crate::{warn_limited, Error, Result};
 use gate::Gate;
 
 /// Features the relay supports today.
@@ -134,7 +134,7 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             error: TunnelError::UnknownKind { kind },
         }) => {
             // The spec's answer to a request of unknown kind.
-            debug!("device VM sent unknown kind {kind:#x}; answering ENOSYS");
+            warn_limited!("device VM sent unknown kind {kind:#x}; answering ENOSYS");
             send_reply(
                 relay,
                 h.channel,
@@ -147,7 +147,7 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             return;
         }
         Err(BadMessage { header, error }) => {
-            warn!("malformed message from the device VM: {error}");
+            warn_limited!("malformed message from the device VM: {error}");
             let (channel, tag) = header.map_or((0, 0), |h| (h.channel, h.tag));
             report(relay, channel, tag, error.errno(), &error.to_string());
             return;
@@ -162,20 +162,25 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
                 let outcome = ch.on_device_message(relay, frame);
                 relay.after_send(&ch, outcome);
             }
-            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+            None => no_channel(relay, "a vfio-user message", channel, tag),
         },
         Body::Irq(t) => match relay.channel(channel) {
             Some(ch) => ch.on_irq(t.index, t.start, t.count),
-            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+            None => no_channel(relay, "an interrupt", channel, tag),
         },
         Body::DmaRead { segments } => {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let reply = match relay.channel(channel) {
                 Some(ch) => ch.on_dma_read(relay, tag, &segs),
-                None => Some(Body::DmaReadReply {
-                    status: libc::ENOENT as u32,
-                    data: Vec::new(),
-                }),
+                None => {
+                    warn_limited!(
+                        "device VM sent a DMA read for channel {channel}, which does not exist"
+                    );
+                    Some(Body::DmaReadReply {
+                        status: libc::ENOENT as u32,
+                        data: Vec::new(),
+                    })
+                }
             };
             if let Some(reply) = reply {
                 send_reply(relay, channel, tag, reply);
@@ -185,7 +190,12 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let status = match relay.channel(channel) {
                 Some(ch) => ch.on_dma_write(relay, tag, &segs, &mut data),
-                None => Some(libc::ENOENT as u32),
+                None => {
+                    warn_limited!(
+                        "device VM sent a DMA write for channel {channel}, which does not exist"
+                    );
+                    Some(libc::ENOENT as u32)
+                }
             };
             if let Some(status) = status {
                 send_reply(
@@ -200,11 +210,13 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             }
         }
         Body::Error { errno, text } => {
-            warn!("device VM reports error {errno} on channel {channel}: {text}")
+            warn_limited!("device VM reports error {errno} on channel {channel}: {text}")
         }
         other => {
             let (kind, reply) = other.kind();
-            warn!("device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored");
+            warn_limited!(
+                "device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored"
+            );
             report(
                 relay,
                 channel,
@@ -214,6 +226,13 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             );
         }
     }
+}
+
+/// The device VM sent `what` for a channel that does not exist: logged, and answered
+/// with ERROR (ENOENT).
+fn no_channel(relay: &Relay, what: &str, channel: u32, tag: u32) {
+    warn_limited!("device VM sent {what} for channel {channel}, which does not exist");
+    report(relay, channel, tag, libc::ENOENT as u32, "no such channel");
 }
 
 fn send_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
@@ -316,7 +335,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
 
 fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
     let Some(ch) = relay.channel(channel) else {
-        warn!("status for unknown channel {channel}");
+        warn_limited!("device VM sent a status for unknown channel {channel}");
         return;
     };
     match Kind::from_u16(kind) {
@@ -354,9 +373,9 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
             ch.on_session_end_ack(relay, tag);
         }
         Some(k) if status != 0 => {
-            warn!("{}: device VM answered {k:?} with errno {status}", ch.name)
+            warn_limited!("{}: device VM answered {k:?} with errno {status}", ch.name)
         }
         Some(_) => {}
-        None => warn!("{}: status for unknown kind {kind:#x}", ch.name),
+        None => warn_limited!("{}: status for unknown kind {kind:#x}", ch.name),
     }
 }
