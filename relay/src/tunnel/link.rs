@@ -14,7 +14,6 @@
 //! while holding it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -22,15 +21,17 @@ use log::{debug, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
     features, g2h_queue, h2g_queue, pair_of_channel, Body, TunnelError, TunnelHeader,
-    TunnelMessage, TUNNEL_HEADER_SIZE,
+    TunnelMessage, MIN_H2G_BUFFER, TUNNEL_HEADER_SIZE,
 };
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueOwnedT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::direct::{BadDirect, DirectRequest, GuestRanges, HEAD_MAX};
+use super::chain::{self, Chain, ChainError};
+use super::direct::{BadDirect, DirectRequest, HEAD_MAX};
 use crate::version::RelayLimits;
+use crate::warn_limited;
 
 /// Bytes of vfio-user messages one channel may have waiting for the device VM. Above
 /// it, the switch stops reading that client.
@@ -92,6 +93,8 @@ pub enum Incoming {
     Message(Result<TunnelMessage, BadMessage>),
     /// A DMA request to be answered in its own chain (`DIRECT_DATA`).
     Direct(DirectRequest),
+    /// A descriptor chain the relay refused (why): its message, if any, is lost.
+    BadChain(String),
 }
 
 /// Reassembles one `g2h` queue's messages.
@@ -423,39 +426,39 @@ impl Link {
                     more = true;
                     break 'outer;
                 }
-                let chain = {
-                    let mut state = vring.get_mut();
-                    match state.get_queue_mut().iter(&*guard) {
-                        Ok(mut it) => it.next(),
-                        Err(e) => {
-                            warn!("g2h queue {pair} unusable ({e}); stopped until the frontend sets it up again");
-                            inner.broken = true;
-                            break 'outer;
-                        }
+                let popped = match pop_head(&vring, &guard) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!("g2h queue {pair} unusable ({e}); stopped until the frontend sets it up again");
+                        inner.broken = true;
+                        break 'outer;
                     }
                 };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                // The chain's buffers: readable ones first, then writable ones.
-                let (mut readable, mut writable) = (GuestRanges::default(), GuestRanges::default());
-                let mut order_ok = true;
-                for d in chain.clone() {
-                    if d.is_write_only() {
-                        writable.push(d.addr(), d.len() as usize);
+                let Some((head, table, size)) = popped else {
+                    break;
+                };
+                let walked = chain::walk(&guard, table, size, head, max).and_then(|c| {
+                    if c.readable.buffers() == 0 {
+                        Err(ChainError::NoReadable)
                     } else {
-                        order_ok &= writable.is_empty();
-                        readable.push(d.addr(), d.len() as usize);
+                        Ok(c)
                     }
-                }
-                if readable.len() > max || writable.len() > max || !order_ok {
-                    warn!(
-                        "g2h queue {pair}: bad buffer ({} readable, {} writable bytes, in order: {order_ok})",
-                        readable.len(),
-                        writable.len()
-                    );
-                    let _ = vring.add_used(head, 0);
-                    continue;
-                }
+                });
+                let Chain { readable, writable } = match walked {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn_limited!("g2h queue {pair}: descriptor chain refused: {e}");
+                        if head < size {
+                            let _ = vring.add_used(head, 0);
+                        }
+                        // A message the chain may have continued is lost with it.
+                        if let Some(rx) = inner.rx.get_mut(pair) {
+                            *rx = Reassembly::default();
+                        }
+                        out.push(Incoming::BadChain(format!("descriptor chain refused: {e}")));
+                        continue;
+                    }
+                };
                 if !writable.is_empty() {
                     let parsed = if !direct_allowed {
                         Err(BadDirect {
@@ -505,7 +508,8 @@ impl Link {
                 let data = readable.read_prefix(&guard, readable.len());
                 let _ = vring.add_used(head, 0);
                 let Some(data) = data else {
-                    warn!("g2h queue {pair}: bad buffer: outside guest memory");
+                    // The walk checked the buffers against guest memory.
+                    warn_limited!("g2h queue {pair}: buffer outside guest memory");
                     continue;
                 };
                 if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(data, max)) {
@@ -566,6 +570,20 @@ impl Link {
     }
 }
 
+/// Takes the next chain's head from the available ring of `vring`, with the queue's
+/// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
+/// empty, an error when the ring itself is unusable (its index out of range).
+fn pop_head(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<(u16, GuestAddress, u16)>, virtio_queue::Error> {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
+    let head = queue.iter(mem)?.next().map(|c| c.head_index());
+    Ok(head.map(|h| (h, table, size)))
+}
+
 fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
     let bytes = bytes.map_err(|error| BadMessage {
         header: None,
@@ -600,18 +618,22 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         return false;
     };
     while let Some(channel) = tx.next_channel() {
-        let chain = {
-            let mut state = vring.get_mut();
-            match state.get_queue_mut().iter(&*guard) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    warn!("h2g queue {pair} unusable ({e}); stopped until the frontend sets it up again");
-                    inner.broken = true;
-                    break;
-                }
+        if tx.queues.get(&channel).is_none_or(VecDeque::is_empty) {
+            tx.in_progress = None;
+            tx.queues.remove(&channel);
+            continue;
+        }
+        let popped = match pop_head(&vring, &guard) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(
+                    "h2g queue {pair} unusable ({e}); stopped until the frontend sets it up again"
+                );
+                inner.broken = true;
+                break;
             }
         };
-        let Some(chain) = chain else {
+        let Some((head, table, size)) = popped else {
             // Out of buffers: ask the driver to kick when it posts more (with EVENT_IDX
             // this arms one notification), then look once more in case it posted some
             // meanwhile.
@@ -623,18 +645,31 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
                 }
             }
         };
-        let head = chain.head_index();
-        let Some(out) = tx.queues.get_mut(&channel).and_then(|q| q.front_mut()) else {
-            tx.in_progress = None;
-            continue;
-        };
-        let n = match chain.clone().writer(&*guard) {
-            Ok(mut w) => w.write(&out.bytes[out.written..]).unwrap_or(0),
+        let buffer = chain::walk(&guard, table, size, head, u32::MAX as usize).and_then(|c| {
+            if c.readable.buffers() > 0 {
+                Err(ChainError::NotDeviceWritable)
+            } else if c.writable.len() < MIN_H2G_BUFFER as usize {
+                Err(ChainError::TooSmall(c.writable.len()))
+            } else {
+                Ok(c.writable)
+            }
+        });
+        let buffer = match buffer {
+            Ok(b) => b,
             Err(e) => {
-                warn!("h2g queue {pair}: bad buffer: {e}");
-                0
+                // Passed by: the message goes into the next buffer.
+                warn_limited!("h2g queue {pair}: buffer refused: {e}");
+                if head < size {
+                    let _ = vring.add_used(head, 0);
+                    used_any = true;
+                }
+                continue;
             }
         };
+        let Some(out) = tx.queues.get_mut(&channel).and_then(|q| q.front_mut()) else {
+            continue; // checked above
+        };
+        let n = buffer.write_prefix(&guard, &out.bytes[out.written..]);
         let _ = vring.add_used(head, n as u32);
         used_any = true;
         out.written += n;

@@ -3,6 +3,7 @@
 //! sessions, replies, interrupts.
 
 mod backend;
+pub mod chain;
 pub mod direct;
 pub mod gate;
 mod link;
@@ -125,6 +126,11 @@ fn device_vm_gone(relay: &Relay) {
 pub fn dispatch(relay: &Relay, incoming: Incoming) {
     let msg = match incoming {
         Incoming::Direct(req) => return direct::serve(relay, req),
+        Incoming::BadChain(why) => {
+            // Logged by the link; the driver hears of it too.
+            report(relay, 0, 0, libc::EINVAL as u32, &why);
+            return;
+        }
         Incoming::Message(m) => m,
     };
     let msg = match msg {
