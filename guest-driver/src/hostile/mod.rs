@@ -206,7 +206,7 @@ cases! {
         "the SESSION_END of the client that left is never acknowledged",
     SessionEndWrongTag = "session_end_wrong_tag", SessionEnd:
         "the SESSION_END is acknowledged with a tag the relay never used",
-    // Floods, before the reply.
+    // Floods, after the reply.
     IrqFlood = "irq_flood", IdRead:
         "100000 interrupts on the client's MSI-X vector 0",
     UnsolicitedReplyFlood = "unsolicited_reply_flood", IdRead:
@@ -767,6 +767,7 @@ impl Hostile {
                 self.probe(case, NO_CHANNEL, Body::DmaRead { segments }, p, pairs)
             }
             Case::IrqFlood => {
+                pairs[p].send(&msg)?;
                 for _ in 0..100_000 {
                     pairs[p].send(&TunnelMessage::new(
                         channel,
@@ -777,9 +778,10 @@ impl Hostile {
                         }),
                     ))?;
                 }
-                pairs[p].send(&msg)
+                Ok(())
             }
             Case::UnsolicitedReplyFlood => {
+                pairs[p].send(&msg)?;
                 for i in 0..20_000u32 {
                     let request = Header::command(
                         0x9000 + (i % 0x1000) as u16,
@@ -796,17 +798,19 @@ impl Hostile {
                         }),
                     ))?;
                 }
-                pairs[p].send(&msg)
+                Ok(())
             }
             Case::MalformedMessageFlood => {
+                pairs[p].send(&msg)?;
                 for _ in 0..20_000 {
                     let mut bytes = TunnelMessage::new(channel, Body::SessionStart).encode();
                     bytes[10..12].copy_from_slice(&0x8000u16.to_le_bytes());
                     pairs[p].send_bytes(bytes)?;
                 }
-                pairs[p].send(&msg)
+                Ok(())
             }
             Case::ErrorReportFlood => {
+                pairs[p].send(&msg)?;
                 for i in 0..20_000 {
                     pairs[p].send(&TunnelMessage::new(
                         channel,
@@ -816,7 +820,7 @@ impl Hostile {
                         },
                     ))?;
                 }
-                pairs[p].send(&msg)
+                Ok(())
             }
             Case::DmaReadFloodUnread | Case::RemoteDmaFlood => {
                 pairs[p].send(&msg)?;
