@@ -175,13 +175,19 @@ impl PairTx {
     }
 }
 
+/// Ends the frontend connection of the device VM.
+pub type Dropper = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct Inner {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Vec<VringRwLock>,
-    /// A queue operation failed (the ring is stopped or corrupt): no more work on it
-    /// until the frontend sets the ring up again (a new connection).
+    /// A ring is unusable (its available index out of range): the device VM broke
+    /// it, and nothing moves until a new device VM connects (the relay drops this
+    /// one: [`Link::attach_dropper`]).
     broken: bool,
+    /// Drops the device VM's connection (once).
+    dropper: Option<Dropper>,
     up: Option<Negotiated>,
     tx: Vec<PairTx>,
     rx: Vec<Reassembly>,
@@ -286,6 +292,19 @@ impl Link {
         }
     }
 
+    /// How to drop the device VM of connection `generation`, should it break a ring
+    /// (called at once if it has already).
+    pub fn attach_dropper(&self, generation: u64, dropper: Dropper) {
+        if generation != self.generation() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.dropper = Some(dropper);
+        if inner.broken {
+            break_link(&mut inner);
+        }
+    }
+
     /// Remembers the vrings of connection `generation`.
     pub fn attach_vrings(&self, generation: u64, vrings: &[VringRwLock]) {
         if generation != self.generation() {
@@ -338,7 +357,7 @@ impl Link {
         let bytes = msg.encode();
         let budgeted = matches!(msg.body, Body::VfioUser(_));
         let mut inner = self.lock();
-        let Some(up) = inner.up else {
+        let Some(up) = inner.up.filter(|_| !inner.broken) else {
             return Err(LinkError::NotUp);
         };
         if bytes.len() > up.guest_max_msg {
@@ -429,8 +448,8 @@ impl Link {
                 let popped = match pop_head(&vring, &guard) {
                     Ok(p) => p,
                     Err(e) => {
-                        warn!("g2h queue {pair} unusable ({e}); stopped until the frontend sets it up again");
-                        inner.broken = true;
+                        warn!("g2h queue {pair} unusable ({e}); dropping the device VM");
+                        break_link(&mut inner);
                         break 'outer;
                     }
                 };
@@ -570,6 +589,16 @@ impl Link {
     }
 }
 
+/// A ring is unusable: nothing more is read or written, and the device VM's
+/// connection is dropped (its clients' requests fail at once, not at their timeouts;
+/// a new device VM serves them again).
+fn break_link(inner: &mut Inner) {
+    inner.broken = true;
+    if let Some(drop_device_vm) = inner.dropper.take() {
+        drop_device_vm();
+    }
+}
+
 /// Takes the next chain's head from the available ring of `vring`, with the queue's
 /// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
 /// empty, an error when the ring itself is unusable (its index out of range).
@@ -626,10 +655,8 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         let popped = match pop_head(&vring, &guard) {
             Ok(p) => p,
             Err(e) => {
-                warn!(
-                    "h2g queue {pair} unusable ({e}); stopped until the frontend sets it up again"
-                );
-                inner.broken = true;
+                warn!("h2g queue {pair} unusable ({e}); dropping the device VM");
+                break_link(inner);
                 break;
             }
         };
@@ -704,6 +731,8 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::RelayLimits;
+    use std::sync::Arc;
 
     /// A message split over several buffers is put back together; a buffer holding bytes
     /// of two messages, or a header over the limit, is a framing error after which the
@@ -728,6 +757,65 @@ mod tests {
         assert!(r.push(msg.to_vec(), 64).unwrap().is_err());
         assert_eq!(r.push(msg.to_vec(), 4096).unwrap().unwrap(), msg);
         assert!(r.push([1, 2, 3].to_vec(), 4096).unwrap().is_err());
+    }
+
+    /// A link over two queues of 16 entries in 1 MiB of guest memory (the g2h ring's
+    /// available ring at 0x2000 + 0x1000 = 0x3000), negotiated, with a dropper that
+    /// records being called.
+    fn link_over_rings() -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+        );
+        let vrings: Vec<VringRwLock> = (0..2u64)
+            .map(|q| {
+                let v = VringRwLock::new(mem.clone(), 256).unwrap();
+                let base = 0x10000 * (q + 1);
+                v.set_queue_size(16);
+                v.set_queue_info(base, base + 0x1000, base + 0x2000)
+                    .unwrap();
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        let generation = link.generation();
+        link.attach_memory(generation, mem.clone());
+        link.attach_vrings(generation, &vrings);
+        link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: 1 << 16,
+            features: 0,
+        });
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        link.attach_dropper(
+            generation,
+            Box::new(move || flag.store(true, Ordering::Release)),
+        );
+        (link, mem, dropped)
+    }
+
+    /// A device VM that moves its g2h available index out of range (here 100 ahead of a
+    /// ring of 16) is dropped, and the link takes no more messages for it: clients get
+    /// an error at once instead of their requests waiting in a queue nobody reads.
+    #[test]
+    fn a_broken_ring_drops_the_device_vm() {
+        let (link, mem, dropped) = link_over_rings();
+        let msg = TunnelMessage::new(1, Body::SessionStart);
+        // The driver posted no h2g buffer: the message waits, as it should.
+        assert_eq!(link.send(&msg), Ok(()));
+        use vm_memory::Bytes;
+        let g2h_avail = 0x20000 + 0x1000;
+        mem.memory()
+            .write_obj(100u16, GuestAddress(g2h_avail + 2))
+            .unwrap();
+        let (got, more) = link.receive(0);
+        assert!(got.is_empty() && !more);
+        assert!(dropped.load(Ordering::Acquire), "the device VM is dropped");
+        assert_eq!(link.send(&msg), Err(LinkError::NotUp));
+        // The next device VM starts from a clean link.
+        link.reset();
+        assert!(!link.lock().broken);
     }
 
     /// Round-robin starts after the channel served last and finishes a message in

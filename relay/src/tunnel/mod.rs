@@ -51,6 +51,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
     crate::service::ready("waiting for the device VM");
     while !relay.is_stopping() {
         let gate = Arc::new(Gate::default());
+        let generation = relay.link.generation();
         let backend = TunnelBackend::new(relay.clone(), gate.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
@@ -87,6 +88,11 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
         gate.decide(allowed);
         if !allowed {
             daemon.request_shutdown();
+        } else if let Some(handle) = daemon.shutdown_handle() {
+            // A device VM that breaks a ring of the tunnel is dropped.
+            relay
+                .link
+                .attach_dropper(generation, Box::new(move || handle.shutdown()));
         }
         let result = daemon.wait();
         // The queue worker threads of this connection end here.
