@@ -8,7 +8,7 @@ pub mod direct;
 pub mod gate;
 mod link;
 
-pub use backend::TunnelBackend;
+pub use backend::{ExitEvents, TunnelBackend};
 pub use link::{BadMessage, Incoming, Link, LinkError, Negotiated, CHANNEL_BUDGET};
 
 use std::os::fd::AsRawFd;
@@ -49,10 +49,13 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
     let listener_fd = listener.as_raw_fd();
     let mut listener = Listener::from(listener);
     crate::service::ready("waiting for the device VM");
+    let exits = ExitEvents::default();
     while !relay.is_stopping() {
+        // The exit events of the daemon before this one: its workers are gone.
+        exits.close_all();
         let gate = Arc::new(Gate::default());
         let generation = relay.link.generation();
-        let backend = TunnelBackend::new(relay.clone(), gate.clone());
+        let backend = TunnelBackend::new(relay.clone(), gate.clone(), exits.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
             .map_err(|e| Error::Backend(e.to_string()))?;
@@ -112,6 +115,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
         device_vm_gone(&relay);
         crate::service::status("device VM disconnected; waiting for it");
     }
+    exits.close_all();
     Ok(())
 }
 
