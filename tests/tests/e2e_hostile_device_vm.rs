@@ -718,8 +718,8 @@ impl Env {
     }
 
     /// The hostile device VM has gone (the relay dropped it): a well-behaved one takes
-    /// its place, and serves `dma0` to a new client.
-    fn replace_device_vm(&mut self) -> Result<(), String> {
+    /// its place, and serves the affected client `c` again on its old connection.
+    fn replace_device_vm(&mut self, c: &mut Client) -> Result<(), String> {
         let deadline = Instant::now() + WAIT;
         while self.guest.is_running() {
             if Instant::now() > deadline {
@@ -729,8 +729,14 @@ impl Env {
         }
         let log = self.scratch.join("guest2.log");
         self.guest = start_guest(&self.frontend, self.setup, None, &log);
-        let mut c = served(&self.dma0, SETUP)?;
-        ids_answered(&mut c, "a new client after the device VM was replaced")
+        let deadline = Instant::now() + SETUP;
+        while id_read(c).map_or(true, |ids| ids != IDS) {
+            if Instant::now() > deadline {
+                return Err("the new device VM never served the affected client".into());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
     }
 }
 
@@ -833,25 +839,29 @@ fn dropped(env: &mut Env) -> Result<(), String> {
         ENODEV,
         "the read when the device VM broke its g2h ring",
     )?;
-    env.replace_device_vm()?;
+    env.replace_device_vm(&mut c)?;
     ids_answered(&mut c, "the affected client, on its old connection")?;
     env.neighbour.tolerant.store(false, Ordering::Relaxed);
     env.neighbour.progress(3, SETUP)
 }
 
-/// As [`dropped`], for a broken `h2g` ring: the ID read is answered (the reply went
-/// out on the g2h ring before), the next request fails once the relay finds the ring
-/// broken.
+/// As [`dropped`], for a broken `h2g` ring: the relay finds it broken when it next
+/// writes to it, which may be for the neighbour's request before it has read the ID
+/// read's reply (then the read fails with ENODEV) or for the affected client's next
+/// request (then that one does).
 fn dropped_h2g(env: &mut Env) -> Result<(), String> {
     env.neighbour.tolerant.store(true, Ordering::Relaxed);
     let mut c = env.affected()?;
-    ids_answered(&mut c, "the read")?;
-    ids_fail_with(
-        &mut c,
-        ENODEV,
-        "the read after the device VM broke its h2g ring",
-    )?;
-    env.replace_device_vm()?;
+    match id_read(&mut c) {
+        Ok(ids) if ids == IDS => ids_fail_with(
+            &mut c,
+            ENODEV,
+            "the read after the device VM broke its h2g ring",
+        )?,
+        Err(ClientError::Errno(ENODEV)) => {}
+        other => return Err(format!("the ID read gave {other:?}")),
+    }
+    env.replace_device_vm(&mut c)?;
     ids_answered(&mut c, "the affected client, on its old connection")?;
     env.neighbour.tolerant.store(false, Ordering::Relaxed);
     env.neighbour.progress(3, SETUP)

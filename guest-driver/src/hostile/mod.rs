@@ -323,6 +323,8 @@ pub struct Hostile {
     scratch: Option<Allocation>,
     /// Shared memory region 0 (address, length) in this process.
     shm: Option<(usize, usize)>,
+    /// Queues to notify the device of now (the driver's own bookkeeping would not).
+    kicks: Vec<u16>,
 }
 
 // SAFETY: `scratch` points into the transport's shared memory, which outlives the
@@ -360,6 +362,7 @@ impl Hostile {
             rx_edits: Vec::new(),
             scratch,
             shm: shm.map(|(p, n)| (p as usize, n)),
+            kicks: Vec::new(),
         }
     }
 
@@ -377,6 +380,12 @@ impl Hostile {
 
     fn is_target(&self, channel: u32) -> bool {
         self.channel == Some(channel)
+    }
+
+    /// The queues the device must be notified of now: a misbehaviour it must see
+    /// (the driver's kick bookkeeping follows its own index, not the one published).
+    pub fn take_kicks(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.kicks)
     }
 
     /// Whether the `h2g` queue of pair `p` is still read.
@@ -617,12 +626,14 @@ impl Hostile {
                 let q = pairs[p].g2h_queue();
                 let bogus = q.size().wrapping_add(3);
                 q.publish_head(bogus);
+                self.kicks.push(pairs[p].g2h_index);
                 Ok(())
             }
             Case::AvailIndexJumps => {
                 let q = pairs[p].g2h_queue();
                 let idx = q.avail_idx().wrapping_add(q.size()).wrapping_add(1);
                 q.publish_avail_idx(idx);
+                self.kicks.push(pairs[p].g2h_index);
                 self.dead.push(p);
                 Ok(())
             }

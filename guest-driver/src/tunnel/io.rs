@@ -172,7 +172,11 @@ impl<T: Transport> Io<T> {
     pub(super) fn send(&mut self, msg: TunnelMessage) -> Result<(), PairError> {
         let p = self.pair_of(msg.channel);
         if let Some(h) = self.hostile.as_deref_mut() {
-            return h.send(msg, p, &mut self.pairs);
+            let sent = h.send(msg, p, &mut self.pairs);
+            for q in h.take_kicks() {
+                self.transport.notify(q);
+            }
+            return sent;
         }
         self.pairs[p].send(&msg)
     }
