@@ -120,6 +120,15 @@ pub struct Client {
     broken: bool,
 }
 
+/// The DMA regions of a client that went away, kept until the device VM acknowledges
+/// the end of its session (SESSION_END with `tag`) or `deadline` passes.
+#[derive(Debug)]
+struct Retired {
+    tag: u32,
+    regions: Vec<Region>,
+    deadline: Instant,
+}
+
 /// Mutable state of a channel.
 #[derive(Debug)]
 pub struct ChannelState {
@@ -132,8 +141,9 @@ pub struct ChannelState {
     /// client that went away) never matches a newer request that reused the ID.
     next_id: u16,
     /// Regions of clients that went away, by the tag of their SESSION_END: their
-    /// windows stay until the device VM acknowledges it.
-    retired: Vec<(u32, Vec<Region>)>,
+    /// windows stay until the device VM acknowledges it, or the request timeout
+    /// passes.
+    retired: Vec<Retired>,
     /// Relay message IDs of requests that were in flight when their client went: the
     /// device VM's late replies to them are expected and dropped quietly (a client
     /// that leaves with 1024 requests in flight, again and again, must not fill the
@@ -439,7 +449,11 @@ impl Channel {
             client.pending_bytes = 0;
             if st.guest == GuestState::Served && relay.link.is_up() {
                 let tag = relay.send_control(self.id, Body::SessionEnd);
-                st.retired.push((tag, regions));
+                st.retired.push(Retired {
+                    tag,
+                    regions,
+                    deadline: Instant::now() + relay.config.request_timeout(),
+                });
             } else {
                 release(relay, regions);
             }
@@ -474,8 +488,8 @@ impl Channel {
             relay.send_control(self.id, Body::ChannelDown);
             return true;
         }
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
         false
     }
@@ -484,8 +498,8 @@ impl Channel {
     /// relay stopped waiting for it: whatever it still had of the channel goes.
     pub fn on_channel_down_ack(&self, relay: &Relay) {
         let mut st = self.lock();
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
     }
 
@@ -815,9 +829,15 @@ impl Channel {
     /// go.
     pub fn on_session_end_ack(&self, relay: &Relay, tag: u32) {
         let mut st = self.lock();
-        if let Some(pos) = st.retired.iter().position(|(t, _)| *t == tag) {
-            let (_, regions) = st.retired.remove(pos);
-            release(relay, regions);
+        match st.retired.iter().position(|r| r.tag == tag) {
+            Some(pos) => {
+                let r = st.retired.remove(pos);
+                release(relay, r.regions);
+            }
+            None => warn_limited!(
+                "{}: the device VM acknowledged a SESSION_END (tag {tag}) the relay is not waiting for",
+                self.name
+            ),
         }
     }
 
@@ -826,8 +846,8 @@ impl Channel {
     /// the copy path.
     pub fn on_driver_restart(&self, relay: &Relay) {
         let mut st = self.lock();
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
         if let Some(client) = st.client.as_mut() {
             let mut windows = relay.windows();
@@ -992,9 +1012,32 @@ impl Channel {
         }
     }
 
-    /// Answers requests whose deadline passed with ETIMEDOUT.
+    /// The earliest deadline of the channel: a request's of its client, or the
+    /// acknowledgement of a session's end.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let st = self.lock();
+        let retired = st.retired.iter().map(|r| r.deadline).min();
+        let client = st.client.as_ref().and_then(Client::next_deadline);
+        retired.into_iter().chain(client).min()
+    }
+
+    /// Answers requests whose deadline passed with ETIMEDOUT; lets go of the memory of
+    /// clients that left whose session's end the device VM did not acknowledge in time.
     pub fn expire(&self, relay: &Relay, now: Instant) -> SendOutcome {
         let mut st = self.lock();
+        if st.retired.iter().any(|r| r.deadline <= now) {
+            let (late, kept) = std::mem::take(&mut st.retired)
+                .into_iter()
+                .partition(|r| r.deadline <= now);
+            st.retired = kept;
+            for r in late {
+                warn!(
+                    "{}: the device VM did not acknowledge the end of the session (tag {}) in time; the client's memory goes now",
+                    self.name, r.tag
+                );
+                release(relay, r.regions);
+            }
+        }
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
@@ -1435,13 +1478,55 @@ mod pipelined_dma_tests {
             ch.lock()
                 .retired
                 .iter()
-                .map(|(_, r)| r.len())
+                .map(|r| r.regions.len())
                 .sum::<usize>()
         };
         assert!(ch.lock().client.is_none());
         assert_eq!(kept(ch), 1, "the region waits for the device VM");
         ch.on_channel_down_ack(&relay);
         assert_eq!(kept(ch), 0);
+    }
+
+    /// A client that leaves with a DMA region mapped: the region (its fd, its
+    /// mapping, its window) waits for the device VM to acknowledge the end of the
+    /// session; a device VM that does not (or answers another tag) keeps it only until
+    /// the request timeout, which is the channel's next deadline meanwhile.
+    #[test]
+    fn unacknowledged_session_end_lets_go_at_the_timeout() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let file = memfd();
+        // The relay keeps this very descriptor; the test tells it by its file's inode.
+        let held = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let inode = |fd: std::os::fd::RawFd| {
+            // SAFETY: fstat writes into a local stat; a closed fd gives an error.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+        };
+        let ino = inode(held);
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![file]));
+        ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
+        ch.on_client_disconnected(&relay);
+        let deadline = {
+            let st = ch.lock();
+            assert_eq!(st.retired.len(), 1);
+            st.retired[0].deadline
+        };
+        assert_eq!(ch.next_deadline(), Some(deadline));
+        ch.on_session_end_ack(&relay, 0xdead_beef);
+        ch.expire(&relay, deadline - std::time::Duration::from_millis(1));
+        assert_eq!(ch.lock().retired.len(), 1, "kept until the deadline");
+        assert_eq!(inode(held), ino, "the relay still holds the file");
+        ch.expire(&relay, deadline);
+        assert!(ch.lock().retired.is_empty());
+        assert_eq!(ch.next_deadline(), None);
+        // Closed (or the number reused since, for another file).
+        assert_ne!(
+            inode(held),
+            ino,
+            "the relay's descriptor of the file is closed"
+        );
     }
 }
 

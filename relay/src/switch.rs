@@ -518,7 +518,7 @@ impl SwitchThread {
         let retiring = self.relay.next_retiring_deadline();
         self.devices
             .values()
-            .filter_map(|d| d.ch.lock().client.as_ref().and_then(|c| c.next_deadline()))
+            .filter_map(|d| d.ch.next_deadline())
             .chain(retiring)
             .min()
             .map_or(-1, |d| {
