@@ -216,23 +216,34 @@ impl VhostUserBackend for TunnelBackend {
         self.relay.link.attach_vrings(self.generation, vrings);
         let pair = device_event as usize / 2;
         if device_event % 2 == 1 {
-            loop {
-                // Bounded batches: the link lock is released between them, so the
-                // switch keeps forwarding requests while a busy driver talks.
-                let (messages, more) = self.relay.link.receive(pair);
-                for msg in messages {
-                    dispatch(&self.relay, msg);
-                }
-                self.relay.link.signal_pending();
-                if !more {
-                    break;
-                }
-            }
+            self.receive(pair);
         } else {
             self.relay.link.flush(pair);
         }
+        // A g2h queue held back for unread answers goes on once the driver took them.
+        for pair in self.relay.link.take_resume() {
+            self.receive(pair);
+        }
         self.relay.link.signal_pending();
         Ok(())
+    }
+}
+
+impl TunnelBackend {
+    /// Takes and handles what the driver sent on `pair`.
+    fn receive(&self, pair: usize) {
+        loop {
+            // Bounded batches: the link lock is released between them, so the switch
+            // keeps forwarding requests while a busy driver talks.
+            let (messages, more) = self.relay.link.receive(pair);
+            for msg in messages {
+                dispatch(&self.relay, msg);
+            }
+            self.relay.link.signal_pending();
+            if !more {
+                break;
+            }
+        }
     }
 }
 

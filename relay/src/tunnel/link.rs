@@ -40,6 +40,54 @@ pub const CHANNEL_BUDGET: usize = 4 << 20;
 /// Most messages taken from the driver in one [`Link::receive`] call.
 pub const RECEIVE_BATCH: usize = 64;
 
+/// Bytes of answers to the driver's own messages (DMA read data, statuses, ERROR
+/// reports) that may wait for `h2g` buffers on one queue pair. Beyond it, the relay
+/// takes no more `g2h` chains of that pair until the driver takes some of its answers:
+/// a driver that sends requests and reads none of the answers is held back, where the
+/// relay would otherwise queue the answers without bound.
+pub const ANSWER_BUDGET: usize = 4 << 20;
+
+/// What a message toward the driver counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// A client's vfio-user message: its channel's budget.
+    Channel,
+    /// An answer to the driver's own message: its pair's [`ANSWER_BUDGET`].
+    Answer,
+    /// The relay's own control message (channels, sessions): bounded by what clients
+    /// and the operator do, never refused.
+    Control,
+}
+
+impl Budget {
+    fn of(body: &Body) -> Self {
+        match body {
+            Body::VfioUser(_) => Budget::Channel,
+            Body::HelloReply(_)
+            | Body::Status { .. }
+            | Body::DmaReadReply { .. }
+            | Body::Error { .. } => Budget::Answer,
+            _ => Budget::Control,
+        }
+    }
+}
+
+/// Roughly how many bytes of answer the relay sends for `msg` from the driver.
+fn answer_size(msg: &Incoming) -> usize {
+    match msg {
+        Incoming::Message(Ok(TunnelMessage {
+            body: Body::DmaRead { segments },
+            ..
+        })) => segments
+            .iter()
+            .fold(64usize, |a, s| a.saturating_add(s.len as usize)),
+        // Answered in its own chain.
+        Incoming::Direct(_) => 0,
+        // A status, an ERROR, or nothing.
+        _ => 64,
+    }
+}
+
 /// Why a message could not be sent.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum LinkError {
@@ -146,8 +194,8 @@ impl Reassembly {
 struct Outgoing {
     bytes: Vec<u8>,
     written: usize,
-    /// Counted against the channel's budget (vfio-user messages).
-    budgeted: bool,
+    /// What it counts against.
+    budget: Budget,
 }
 
 /// Outbound state of one `h2g` queue.
@@ -159,6 +207,11 @@ struct PairTx {
     in_progress: Option<u32>,
     /// Channel served last, for round-robin.
     last: u32,
+    /// Bytes of answers waiting (see [`ANSWER_BUDGET`]).
+    answers: usize,
+    /// The answers went back under the budget: the pair's `g2h` queue is to be read
+    /// again.
+    resume: bool,
 }
 
 impl PairTx {
@@ -355,7 +408,7 @@ impl Link {
     /// vfio-user messages count against the channel's budget; control messages do not.
     pub fn send(&self, msg: &TunnelMessage) -> Result<(), LinkError> {
         let bytes = msg.encode();
-        let budgeted = matches!(msg.body, Body::VfioUser(_));
+        let budget = Budget::of(&msg.body);
         let mut inner = self.lock();
         let Some(up) = inner.up.filter(|_| !inner.broken) else {
             return Err(LinkError::NotUp);
@@ -367,14 +420,18 @@ impl Link {
         if pair >= inner.tx.len() {
             return Err(LinkError::NotUp);
         }
-        if budgeted {
-            let backlog = inner.backlog.entry(msg.channel).or_insert(0);
-            // The switch stops reading at the budget; this is the hard stop for anything
-            // that slips past (one message beyond the budget at most).
-            if *backlog >= 2 * CHANNEL_BUDGET {
-                return Err(LinkError::Full);
+        match budget {
+            Budget::Channel => {
+                let backlog = inner.backlog.entry(msg.channel).or_insert(0);
+                // The switch stops reading at the budget; this is the hard stop for
+                // anything that slips past (one message beyond the budget at most).
+                if *backlog >= 2 * CHANNEL_BUDGET {
+                    return Err(LinkError::Full);
+                }
+                *backlog += bytes.len();
             }
-            *backlog += bytes.len();
+            Budget::Answer => inner.tx[pair].answers += bytes.len(),
+            Budget::Control => {}
         }
         inner.tx[pair]
             .queues
@@ -383,7 +440,7 @@ impl Link {
             .push_back(Outgoing {
                 bytes,
                 written: 0,
-                budgeted,
+                budget,
             });
         let room = flush_pair(&mut inner, pair);
         drop(inner);
@@ -438,11 +495,22 @@ impl Link {
         let generation = self.generation();
         let guard = mem.memory();
         let mut more = false;
+        // Answers waiting on this pair, and those the messages taken now will get.
+        let waiting = inner.tx.get(pair).map_or(0, |t| t.answers);
+        let mut coming = 0usize;
         'outer: loop {
             let _ = vring.disable_notification();
             loop {
                 if out.len() == RECEIVE_BATCH {
                     more = true;
+                    break 'outer;
+                }
+                if waiting.saturating_add(coming) >= ANSWER_BUDGET {
+                    // Held back: the chains stay in the ring until the driver takes its
+                    // answers (`Link::take_resume`).
+                    warn_limited!(
+                        "g2h queue {pair}: the device VM does not take its answers ({waiting} bytes wait); its requests wait too"
+                    );
                     break 'outer;
                 }
                 let popped = match pop_head(&vring, &guard) {
@@ -474,7 +542,9 @@ impl Link {
                         if let Some(rx) = inner.rx.get_mut(pair) {
                             *rx = Reassembly::default();
                         }
-                        out.push(Incoming::BadChain(format!("descriptor chain refused: {e}")));
+                        let msg = Incoming::BadChain(format!("descriptor chain refused: {e}"));
+                        coming += answer_size(&msg);
+                        out.push(msg);
                         continue;
                     }
                 };
@@ -518,7 +588,9 @@ impl Link {
                         Ok(req) => out.push(Incoming::Direct(req)),
                         Err(BadDirect { header, error }) => {
                             let _ = vring.add_used(head, 0);
-                            out.push(Incoming::Message(Err(BadMessage { header, error })));
+                            let msg = Incoming::Message(Err(BadMessage { header, error }));
+                            coming += answer_size(&msg);
+                            out.push(msg);
                         }
                     }
                     continue;
@@ -532,7 +604,9 @@ impl Link {
                     continue;
                 };
                 if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(data, max)) {
-                    out.push(Incoming::Message(decode(done)));
+                    let msg = Incoming::Message(decode(done));
+                    coming += answer_size(&msg);
+                    out.push(msg);
                 }
             }
             if !vring.enable_notification().unwrap_or(false) {
@@ -543,6 +617,18 @@ impl Link {
             let _ = vring.signal_used_queue();
         }
         (out, more)
+    }
+
+    /// The pairs whose `g2h` queue was held back for unread answers and may be read
+    /// again (the driver took enough of them).
+    pub fn take_resume(&self) -> Vec<usize> {
+        let mut inner = self.lock();
+        inner
+            .tx
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(p, t)| std::mem::take(&mut t.resume).then_some(p))
+            .collect()
     }
 
     /// Keeps a direct request until its answer comes (from the client). Gives it back
@@ -700,19 +786,29 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         let _ = vring.add_used(head, n as u32);
         used_any = true;
         out.written += n;
-        let (total, budgeted) = (out.bytes.len(), out.budgeted);
+        let (total, budget) = (out.bytes.len(), out.budget);
         if out.written == total {
             tx.queues.get_mut(&channel).map(VecDeque::pop_front);
             tx.in_progress = None;
             tx.last = channel;
-            if budgeted {
-                if let Some(b) = inner.backlog.get_mut(&channel) {
-                    let before = *b;
-                    *b = b.saturating_sub(total);
-                    if before >= CHANNEL_BUDGET && *b < CHANNEL_BUDGET {
-                        room = true;
+            match budget {
+                Budget::Channel => {
+                    if let Some(b) = inner.backlog.get_mut(&channel) {
+                        let before = *b;
+                        *b = b.saturating_sub(total);
+                        if before >= CHANNEL_BUDGET && *b < CHANNEL_BUDGET {
+                            room = true;
+                        }
                     }
                 }
+                Budget::Answer => {
+                    let before = tx.answers;
+                    tx.answers = tx.answers.saturating_sub(total);
+                    if before >= ANSWER_BUDGET && tx.answers < ANSWER_BUDGET {
+                        tx.resume = true;
+                    }
+                }
+                Budget::Control => {}
             }
         } else {
             tx.in_progress = Some(channel);
@@ -763,9 +859,15 @@ mod tests {
     /// available ring at 0x2000 + 0x1000 = 0x3000), negotiated, with a dropper that
     /// records being called.
     fn link_over_rings() -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
+        link_over_rings_in(1 << 20)
+    }
+
+    fn link_over_rings_in(
+        mem_size: usize,
+    ) -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
         let link = Link::new(1, RelayLimits::DEFAULT, None);
         let mem = GuestMemoryAtomic::new(
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap(),
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap(),
         );
         let vrings: Vec<VringRwLock> = (0..2u64)
             .map(|q| {
@@ -783,7 +885,7 @@ mod tests {
         link.attach_vrings(generation, &vrings);
         link.set_up(Negotiated {
             pairs: 1,
-            guest_max_msg: 1 << 16,
+            guest_max_msg: 2 << 20,
             features: 0,
         });
         let dropped = Arc::new(AtomicBool::new(false));
@@ -818,6 +920,61 @@ mod tests {
         assert!(!link.lock().broken);
     }
 
+    /// Makes a one-descriptor chain of `len` bytes at `addr` available in queue `q` of
+    /// [`link_over_rings`] (descriptor and ring slot `n`).
+    fn post(mem: &GuestMemoryMmap, q: u64, n: u16, addr: u64, len: u32, writable: bool) {
+        use vm_memory::Bytes;
+        let base = 0x10000 * (q + 1);
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&addr.to_le_bytes());
+        desc.extend_from_slice(&len.to_le_bytes());
+        desc.extend_from_slice(&(if writable { 2u16 } else { 0 }).to_le_bytes());
+        desc.extend_from_slice(&0u16.to_le_bytes());
+        mem.write_slice(&desc, GuestAddress(base + 16 * u64::from(n)))
+            .unwrap();
+        let avail = base + 0x1000;
+        mem.write_obj(n, GuestAddress(avail + 4 + 2 * u64::from(n)))
+            .unwrap();
+        mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+    }
+
+    /// A driver that sends requests and takes none of the answers: once the answers
+    /// waiting on its pair reach the budget, the relay leaves its next g2h chains in
+    /// the ring (no more answers are made, none dropped); when the driver posts h2g
+    /// buffers and the answers go out, the pair is read again and the chain taken.
+    #[test]
+    fn unread_answers_hold_the_driver_back() {
+        let (link, mem, _) = link_over_rings_in(16 << 20);
+        let answer = TunnelMessage {
+            channel: 1,
+            tag: 7,
+            body: Body::DmaReadReply {
+                status: 0,
+                data: vec![0; 1 << 20],
+            },
+        };
+        for _ in 0..4 {
+            link.send(&answer).unwrap(); // no h2g buffer: all four wait
+        }
+        let request = TunnelMessage::new(1, Body::SessionStart).encode();
+        use vm_memory::Bytes;
+        mem.memory()
+            .write_slice(&request, GuestAddress(0x8000))
+            .unwrap();
+        post(&mem.memory(), 1, 0, 0x8000, request.len() as u32, false);
+        let (got, _) = link.receive(0);
+        assert!(got.is_empty(), "held back");
+        assert_eq!(link.take_resume(), Vec::<usize>::new());
+        for n in 0..6u16 {
+            let at = (1 << 20) * (u64::from(n) + 1);
+            post(&mem.memory(), 0, n, at, 1 << 20, true);
+        }
+        link.flush(0);
+        assert_eq!(link.take_resume(), vec![0], "the answers went out");
+        let (got, _) = link.receive(0);
+        assert_eq!(got.len(), 1, "the chain left in the ring is taken now");
+    }
+
     /// Round-robin starts after the channel served last and finishes a message in
     /// progress first.
     #[test]
@@ -827,7 +984,7 @@ mod tests {
             tx.queues.entry(c).or_default().push_back(Outgoing {
                 bytes: vec![0],
                 written: 0,
-                budgeted: true,
+                budget: Budget::Channel,
             });
         }
         tx.last = 1;
