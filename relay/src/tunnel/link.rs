@@ -505,12 +505,17 @@ impl Link {
                     more = true;
                     break 'outer;
                 }
-                if waiting.saturating_add(coming) >= ANSWER_BUDGET {
+                if waiting >= ANSWER_BUDGET {
                     // Held back: the chains stay in the ring until the driver takes its
                     // answers (`Link::take_resume`).
                     warn_limited!(
                         "g2h queue {pair}: the device VM does not take its answers ({waiting} bytes wait); its requests wait too"
                     );
+                    break 'outer;
+                }
+                if waiting.saturating_add(coming) >= ANSWER_BUDGET {
+                    // The batch ends here: once its answers are made, they count.
+                    more = true;
                     break 'outer;
                 }
                 let popped = match pop_head(&vring, &guard) {
@@ -973,6 +978,37 @@ mod tests {
         assert_eq!(link.take_resume(), vec![0], "the answers went out");
         let (got, _) = link.receive(0);
         assert_eq!(got.len(), 1, "the chain left in the ring is taken now");
+    }
+
+    /// Requests whose answers would pass the budget together end a batch (the caller
+    /// makes their answers, then asks again) without holding the pair: answers made
+    /// later (by the client, for memory mapped without an fd) never count against it.
+    #[test]
+    fn answers_to_come_end_a_batch() {
+        let (link, mem, _) = link_over_rings_in(16 << 20);
+        use vm_memory::Bytes;
+        for n in 0..6u16 {
+            let request = TunnelMessage {
+                channel: 1,
+                tag: u32::from(n) + 1,
+                body: Body::DmaRead {
+                    segments: vec![vfu_proto::tunnel::DmaSegment {
+                        iova: 0,
+                        len: 1 << 20,
+                    }],
+                },
+            }
+            .encode();
+            let at = 0x8000 + 0x100 * u64::from(n);
+            mem.memory()
+                .write_slice(&request, GuestAddress(at))
+                .unwrap();
+            post(&mem.memory(), 1, n, at, request.len() as u32, false);
+        }
+        let (got, more) = link.receive(0);
+        assert_eq!((got.len(), more), (4, true), "4 MiB of answers to come");
+        let (got, more) = link.receive(0);
+        assert_eq!((got.len(), more), (2, false));
     }
 
     /// Round-robin starts after the channel served last and finishes a message in
