@@ -896,6 +896,13 @@ impl Channel {
                 Err(e) => dma_read_error(e),
             }),
             Ok(None) => {
+                if !client.remote.has_room(total) {
+                    remote_full(&self.name);
+                    return Some(Body::DmaReadReply {
+                        status: libc::EAGAIN as u32,
+                        data: Vec::new(),
+                    });
+                }
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client.remote.start_read(tag, segments, max, deadline) {
@@ -969,6 +976,10 @@ impl Channel {
         match local {
             Ok(Some(written)) => Some(written.map_or_else(DmaError::errno, |()| 0)),
             Ok(None) => {
+                if !client.remote.has_room(data.len() as u64) {
+                    remote_full(&self.name);
+                    return Some(libc::EAGAIN as u32);
+                }
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client
@@ -1240,6 +1251,16 @@ fn release(relay: &Relay, regions: Vec<Region>) -> bool {
     }
     drop(regions);
     confirmed
+}
+
+/// Logs a DMA request of the device VM refused for the DMA operations already waiting
+/// for the client.
+fn remote_full(name: &str) {
+    warn_limited!(
+        "{name}: the device VM has {} DMA operations or {} MiB waiting for the client (memory mapped without an fd); EAGAIN",
+        crate::remote_dma::MAX_OPS,
+        crate::remote_dma::MAX_BYTES >> 20
+    );
 }
 
 /// Logs a DMA request of the device VM that the client's maps do not allow.
