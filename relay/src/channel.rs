@@ -134,6 +134,9 @@ struct Retired {
 pub struct ChannelState {
     /// Whether the device VM serves the device.
     pub guest: GuestState,
+    /// The tag of the CHANNEL_UP the relay waits to be answered, if any: a status under
+    /// another tag, or when none is outstanding, is not the device VM's answer.
+    channel_up: Option<u32>,
     /// The connected client, if any.
     pub client: Option<Client>,
     /// Message ID for the next request forwarded to the device VM. The relay numbers
@@ -320,6 +323,7 @@ impl Channel {
             access,
             state: Mutex::new(ChannelState {
                 guest: GuestState::Unknown,
+                channel_up: None,
                 client: None,
                 next_id: 0,
                 retired: Vec::new(),
@@ -334,6 +338,47 @@ impl Channel {
     /// take the other devices down).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the device VM whether it serves this channel's device (CHANNEL_UP); its
+    /// answer goes to [`Channel::on_channel_up_status`].
+    pub fn bring_up(&self, relay: &Relay) {
+        let mut st = self.lock();
+        let tag = relay.send_control(
+            self.id,
+            Body::ChannelUp {
+                name: self.name.clone(),
+            },
+        );
+        st.channel_up = Some(tag);
+    }
+
+    /// The device VM answered a CHANNEL_UP with `status` under `tag`. Only the answer
+    /// to the CHANNEL_UP outstanding counts: whether the device is served then decides
+    /// whether its client's session starts (and its setup is restored), which must
+    /// happen once per CHANNEL_UP, not whenever the device VM says so.
+    pub fn on_channel_up_status(&self, relay: &Relay, tag: u32, status: u32) {
+        let mut st = self.lock();
+        if st.channel_up != Some(tag) {
+            warn_limited!(
+                "{}: the device VM answered a CHANNEL_UP the relay did not ask for (tag {tag}); ignored",
+                self.name
+            );
+            return;
+        }
+        st.channel_up = None;
+        if status == 0 {
+            st.guest = GuestState::Served;
+            info!("{}: served by the device VM", self.name);
+            drop(st);
+            self.start_session(relay);
+        } else {
+            st.guest = GuestState::NotServed;
+            warn!(
+                "{}: the device VM does not serve this device (errno {status}); clients get ENODEV",
+                self.name
+            );
+        }
     }
 
     /// A client connected: tell the device VM a session starts.
@@ -1092,6 +1137,7 @@ impl Channel {
     pub fn fail_pending(&self, relay: &Relay, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
+        st.channel_up = None;
         // The frontend took its windows with it; what is left are fds and mappings.
         st.retired.clear();
         st.abandoned.clear();
@@ -1506,6 +1552,32 @@ mod pipelined_dma_tests {
         assert_eq!(kept(ch), 1, "the region waits for the device VM");
         ch.on_channel_down_ack(&relay);
         assert_eq!(kept(ch), 0);
+    }
+
+    /// Only the answer to the CHANNEL_UP the relay sent starts the client's session
+    /// (and restores its DMA maps in the device VM), once: an answer nobody asked for,
+    /// or a second one, changes nothing.
+    #[test]
+    fn only_the_channel_up_asked_for_starts_a_session() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
+        ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
+        let pending = |ch: &Channel| ch.lock().client.as_ref().unwrap().pending.len();
+        assert_eq!(pending(ch), 0);
+        ch.on_channel_up_status(&relay, 77, 0);
+        assert_eq!(pending(ch), 0, "no session started again, no map restored");
+        ch.lock().guest = GuestState::Unknown;
+        ch.bring_up(&relay);
+        let tag = ch.lock().channel_up.expect("a CHANNEL_UP is outstanding");
+        ch.on_channel_up_status(&relay, tag.wrapping_add(1), 0);
+        assert_eq!(ch.lock().guest, GuestState::Unknown, "another tag");
+        ch.on_channel_up_status(&relay, tag, 0);
+        assert_eq!(ch.lock().guest, GuestState::Served);
+        assert_eq!(pending(ch), 1, "the client's map restored, once");
+        ch.on_channel_up_status(&relay, tag, 0);
+        assert_eq!(pending(ch), 1, "a second answer changes nothing");
     }
 
     /// A client that leaves with a DMA region mapped: the region (its fd, its

@@ -148,12 +148,7 @@ impl Relay {
         let mut table = self.table();
         let ch = table.insert(device, access, &[&a, &b])?;
         if self.link.is_up() {
-            self.send_control(
-                ch.id,
-                Body::ChannelUp {
-                    name: ch.name.clone(),
-                },
-            );
+            ch.bring_up(self);
         }
         Ok(ch)
     }

@@ -25,7 +25,6 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::channel::GuestState;
 use crate::switch::Relay;
 use crate::{warn_limited, Error, Result};
 use gate::Gate;
@@ -340,12 +339,7 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
         }),
     );
     for ch in table.active() {
-        relay.send_control(
-            ch.id,
-            Body::ChannelUp {
-                name: ch.name.clone(),
-            },
-        );
+        ch.bring_up(relay);
     }
 }
 
@@ -364,21 +358,7 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
             }
             relay.on_channel_down_ack(channel);
         }
-        Some(Kind::ChannelUp) => {
-            let mut st = ch.lock();
-            if status == 0 {
-                st.guest = GuestState::Served;
-                info!("{}: served by the device VM", ch.name);
-                drop(st);
-                ch.start_session(relay);
-            } else {
-                st.guest = GuestState::NotServed;
-                warn!(
-                    "{}: the device VM does not serve this device (errno {status}); clients get ENODEV",
-                    ch.name
-                );
-            }
-        }
+        Some(Kind::ChannelUp) => ch.on_channel_up_status(relay, tag, status),
         Some(Kind::SessionEnd) => {
             if status != 0 {
                 warn!(
