@@ -880,6 +880,31 @@ fn probe(env: &mut Env, answer: &str) -> Result<(), String> {
     ids_answered(&mut c, "the next read")
 }
 
+/// The client maps a sealed memfd (a window); after the ID read the device VM says 50
+/// times that it serves the channel, unasked. The device VM's VMM (the loopback VMM,
+/// which keeps a descriptor per window) holds no more descriptors afterwards: no window
+/// was mapped again; the client's map and unmap work as before.
+fn unsolicited_channel_up(env: &mut Env) -> Result<(), String> {
+    let mut c = env.affected()?;
+    let mem = memfd(KIB64);
+    map(&mut c, 0x40_0000, KIB64, 0, true, Some(&mem))?;
+    ids_answered(&mut c, "a read before")?;
+    let vmm_fds = fd_count(env.guest.pid());
+    let relay_fds = fd_count(env.relay.pid());
+    // The trigger, and 50 unsolicited statuses after its reply.
+    ids_answered(&mut c, "the read")?;
+    ids_answered(&mut c, "the next read")?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (v, r) = (fd_count(env.guest.pid()), fd_count(env.relay.pid()));
+    if v > vmm_fds || r > relay_fds {
+        return Err(format!(
+            "the device VM's VMM holds {v} fds ({vmm_fds} before), the relay {r} ({relay_fds} before)"
+        ));
+    }
+    unmap(&mut c, 0x40_0000, KIB64)?;
+    ids_answered(&mut c, "a read after the unmap")
+}
+
 /// The model's DMA is redirected where the client gave it nothing: the copy fails with
 /// EFAULT, the client's memory is untouched, the next copy works.
 fn dma_refused(env: &mut Env) -> Result<(), String> {
@@ -1268,6 +1293,14 @@ fn cases() -> Vec<Case> {
         // Kinds only the relay sends, and a status for a channel that does not exist:
         // refused and logged; the client is served.
         case("device_only_kinds", &["which it must not"], answered),
+        // CHANNEL_UP statuses the relay did not ask for: ignored and logged; they do not
+        // start the client's session again (which would map its DMA regions into new
+        // windows, again and again, and send their maps anew).
+        case(
+            "channel_up_status_repeated",
+            &["did not ask for"],
+            unsolicited_channel_up,
+        ),
         case(
             "status_for_unknown_channel",
             &["status for unknown channel"],

@@ -169,6 +169,8 @@ cases! {
         "after the reply: CHANNEL_UP, SESSION_START and DOORBELL, which only the relay sends",
     StatusForUnknownChannel = "status_for_unknown_channel", IdRead:
         "after the reply: a CHANNEL_UP status for a channel that does not exist",
+    ChannelUpStatusRepeated = "channel_up_status_repeated", IdRead:
+        "after the reply: 50 CHANNEL_UP statuses (success) for the device's channel, which the relay did not ask for",
     // Probes: requests of the driver's own, after the reply.
     DmaSegmentsOneBad = "dma_segments_one_bad", IdRead:
         "a DMA_WRITE of 64 segments into the client's first writable map, the last one outside every map",
@@ -736,6 +738,20 @@ impl Hostile {
                         status: 0,
                     },
                 })
+            }
+            Case::ChannelUpStatusRepeated => {
+                pairs[p].send(&msg)?;
+                for i in 0..50 {
+                    pairs[p].send(&TunnelMessage {
+                        channel,
+                        tag: PROBE_TAGS - 1 - i,
+                        body: Body::Status {
+                            kind: Kind::ChannelUp as u16,
+                            status: 0,
+                        },
+                    })?;
+                }
+                Ok(())
             }
             Case::DmaSegmentsOneBad => {
                 pairs[p].send(&msg)?;
