@@ -30,6 +30,7 @@ use crate::sockets;
 use crate::table::ChannelTable;
 use crate::tunnel::Link;
 use crate::version::RelayLimits;
+use crate::warn_limited;
 use crate::{Config, Error, Result};
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -550,7 +551,9 @@ impl SwitchThread {
                     debug!("{}: connection from {cred}", ch.name);
                 }
                 Ok(cred) => {
-                    warn!(
+                    // A local user who may connect (by the socket's mode) can do so at any
+                    // rate: the log is rate-limited.
+                    warn_limited!(
                         "{}: refused a client on {}: {cred} is not allowed ({})",
                         ch.name,
                         ch.socket.display(),
@@ -559,7 +562,7 @@ impl SwitchThread {
                     continue; // dropping `sock` closes it
                 }
                 Err(e) => {
-                    warn!(
+                    warn_limited!(
                         "{}: refused a client on {}: its credentials cannot be read: {e}",
                         ch.name,
                         ch.socket.display()
@@ -580,7 +583,7 @@ impl SwitchThread {
                 // One client per device socket: the second is closed before the relay
                 // reads a byte from it, and the first never notices.
                 let who = access::peer_cred(&sock).map_or_else(|_| "?".into(), |c| c.to_string());
-                warn!(
+                warn_limited!(
                     "{}: refused a second client ({who}): one client per device socket, and one is connected",
                     ch.name
                 );

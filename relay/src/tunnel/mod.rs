@@ -72,7 +72,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 true
             }
             Ok(cred) => {
-                warn!(
+                warn_limited!(
                     "refused a device VM's VMM on {}: {cred} is not allowed ({})",
                     socket.display(),
                     access.describe()
@@ -80,7 +80,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 false
             }
             Err(e) => {
-                warn!(
+                warn_limited!(
                     "refused a connection on the frontend socket {}: its credentials cannot be read: {e}",
                     socket.display()
                 );
