@@ -329,10 +329,6 @@ pub struct Hostile {
     kicks: Vec<u16>,
 }
 
-// SAFETY: `scratch` points into the transport's shared memory, which outlives the
-// engine that owns this value; it is only accessed with volatile copies.
-unsafe impl Send for Hostile {}
-
 impl Hostile {
     /// The mode for `spec`; `scratch` is a page of shared memory of its own, `shm` where
     /// shared memory region 0 is mapped.

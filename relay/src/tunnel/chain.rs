@@ -120,9 +120,8 @@ pub fn walk(
         if flags & F_INDIRECT != 0 {
             return Err(ChainError::Indirect(at));
         }
-        let inside = addr
-            .checked_add(u64::from(len))
-            .is_some_and(|_| mem.check_range(GuestAddress(addr), len as usize));
+        let inside = addr.checked_add(u64::from(len)).is_some()
+            && mem.check_range(GuestAddress(addr), len as usize);
         if !inside {
             return Err(ChainError::OutsideMemory { at, addr, len });
         }
