@@ -11,11 +11,13 @@
 //! - [`tunnel`]: the tunnel protocol engine: HELLO, channels, dispatch to device servers.
 //! - [`crc32c`]: the CRC32C the models and the migration stream use.
 //! - [`bridge`]: a channel served by an unmodified vfio-user server in the device VM.
+//! - [`hostile`]: a test mode in which the driver misbehaves toward the relay on purpose.
 
 pub mod bridge;
 pub mod crc32c;
 pub mod device;
 pub mod direct;
+pub mod hostile;
 pub mod models;
 pub mod transport;
 pub mod tunnel;

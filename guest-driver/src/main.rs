@@ -17,6 +17,7 @@ use std::time::Duration;
 use clap::{ArgGroup, Parser};
 use log::{error, info};
 
+use vfu_guest::hostile::{Case, Misbehave};
 use vfu_guest::transport::loopback::Loopback;
 use vfu_guest::transport::pci::{find_tunnel, DriverChoice, PciOptions, PciTransport};
 use vfu_guest::transport::Transport;
@@ -91,6 +92,30 @@ struct Args {
     /// devices served on it) on this CPU.
     #[arg(long, value_name = "CPU")]
     engine_cpu: Option<usize>,
+    /// TESTING THE RELAY ONLY: misbehave toward the relay on purpose on device DEVICE's
+    /// channel, in the ways CASE names (one per trigger, in order), serving everything
+    /// else as usual; `--misbehave list` lists the cases. The hostile device VM suite
+    /// of vfu-relay runs this (docs/security.md, "Hostile device VM").
+    #[arg(long, value_name = "DEVICE:CASE[,CASE]", value_parser = MisbehaveArg::parse)]
+    misbehave: Option<MisbehaveArg>,
+}
+
+/// What `--misbehave` asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum MisbehaveArg {
+    /// `list`: print the cases.
+    List,
+    /// Misbehave so.
+    Spec(Misbehave),
+}
+
+impl MisbehaveArg {
+    fn parse(arg: &str) -> Result<Self, String> {
+        if arg == "list" {
+            return Ok(Self::List);
+        }
+        Misbehave::parse(arg).map(Self::Spec)
+    }
 }
 
 fn stop_on_signals() -> Arc<AtomicBool> {
@@ -120,6 +145,16 @@ fn register_stop(sig: i32, flag: Arc<AtomicBool>) -> std::io::Result<()> {
 }
 
 fn run(args: Args) -> Result<(), String> {
+    let misbehave = match args.misbehave {
+        Some(MisbehaveArg::List) => {
+            for case in Case::ALL {
+                println!("{:<36} {}", case.name(), case.about());
+            }
+            return Ok(());
+        }
+        Some(MisbehaveArg::Spec(m)) => Some(m),
+        None => None,
+    };
     if args.list_models {
         for name in models::NAMES {
             println!("{name}");
@@ -136,6 +171,14 @@ fn run(args: Args) -> Result<(), String> {
     let mut serve = args.serve;
     serve.extend(args.bridge);
     ServeSpec::check_all(&serve)?;
+    if let Some(m) = &misbehave {
+        if !serve.iter().any(|s| s.name == m.device) {
+            return Err(format!(
+                "--misbehave: device {:?} is not served here",
+                m.device
+            ));
+        }
+    }
     let config = DriverConfig {
         serve,
         queue_pairs: args.queue_pairs,
@@ -143,6 +186,7 @@ fn run(args: Args) -> Result<(), String> {
         direct_data: !args.no_direct_data,
         poll: Duration::from_micros(args.poll_us),
         engine_cpu: args.engine_cpu,
+        misbehave,
     };
     if let Some(bdf) = args.pci {
         let options = PciOptions {

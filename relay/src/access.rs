@@ -12,7 +12,6 @@
 use std::fmt;
 use std::os::fd::{AsRawFd, RawFd};
 use std::str::FromStr;
-use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
@@ -540,71 +539,6 @@ pub fn drop_privileges(uid: u32, gid: u32) -> Result<(), DropError> {
     Ok(())
 }
 
-/// Refusals logged per [`RefusalLog::PERIOD`] before the rest are only counted.
-const REFUSALS_LOGGED: u32 = 10;
-
-/// The log of refused connections on one kind of socket, limited: a local user who may
-/// reach a socket but not get past its allow-list must not be able to fill the log.
-/// The first [`REFUSALS_LOGGED`] refusals of each period are logged as they come; the
-/// rest are counted, and the count is logged with the first refusal of a later period.
-#[derive(Debug)]
-pub struct RefusalLog {
-    what: &'static str,
-    since: Instant,
-    logged: u32,
-    suppressed: u64,
-}
-
-impl RefusalLog {
-    /// Length of a period.
-    pub const PERIOD: Duration = Duration::from_secs(10);
-
-    /// A log for the refusals of `what` (e.g. "device sockets").
-    pub fn new(what: &'static str) -> Self {
-        Self {
-            what,
-            since: Instant::now(),
-            logged: 0,
-            suppressed: 0,
-        }
-    }
-
-    /// Logs `line` (a warning) unless this period's share is used up. Returns whether
-    /// it was logged.
-    pub fn refused(&mut self, line: fmt::Arguments<'_>) -> bool {
-        self.refused_at(Instant::now(), line)
-    }
-
-    fn refused_at(&mut self, now: Instant, line: fmt::Arguments<'_>) -> bool {
-        if now.saturating_duration_since(self.since) >= Self::PERIOD {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "{}: {} more refused connections were not logged",
-                    self.what,
-                    self.suppressed
-                );
-            }
-            self.since = now;
-            self.logged = 0;
-            self.suppressed = 0;
-        }
-        if self.logged < REFUSALS_LOGGED {
-            self.logged += 1;
-            log::warn!("{line}");
-            if self.logged == REFUSALS_LOGGED {
-                log::warn!(
-                    "{}: {REFUSALS_LOGGED} refusals in {} s; the next ones are counted, not logged",
-                    self.what,
-                    Self::PERIOD.as_secs()
-                );
-            }
-            return true;
-        }
-        self.suppressed += 1;
-        false
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -701,26 +635,5 @@ mod tests {
         assert_eq!(c.uid, unsafe { libc::geteuid() });
         let f = std::fs::File::open("/dev/null").unwrap();
         assert!(peer_cred(&f).is_err());
-    }
-}
-
-#[cfg(test)]
-mod refusal_log_tests {
-    use super::*;
-
-    /// Ten refusals per period are logged, the rest counted; a new period logs again
-    /// and starts a new count.
-    #[test]
-    fn refusals_are_logged_ten_per_period() {
-        let mut log = RefusalLog::new("test sockets");
-        let t0 = log.since;
-        let logged = (0..25)
-            .filter(|i| log.refused_at(t0, format_args!("refused {i}")))
-            .count();
-        assert_eq!(logged, 10);
-        assert_eq!(log.suppressed, 15);
-        let later = t0 + RefusalLog::PERIOD;
-        assert!(log.refused_at(later, format_args!("refused again")));
-        assert_eq!((log.logged, log.suppressed), (1, 0));
     }
 }

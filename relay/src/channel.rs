@@ -30,6 +30,7 @@ use crate::dma::{DmaError, DmaTable, Region, WindowMap, MAX_CLIENT_FDS};
 use crate::remote_dma::RemoteDma;
 use crate::switch::Relay;
 use crate::version::{negotiate, MIN_CLIENT_DATA_XFER_SIZE};
+use crate::warn_limited;
 
 /// Whether the device VM serves this channel's device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -122,11 +123,23 @@ pub struct Client {
     broken: bool,
 }
 
+/// The DMA regions of a client that went away, kept until the device VM acknowledges
+/// the end of its session (SESSION_END with `tag`) or `deadline` passes.
+#[derive(Debug)]
+struct Retired {
+    tag: u32,
+    regions: Vec<Region>,
+    deadline: Instant,
+}
+
 /// Mutable state of a channel.
 #[derive(Debug)]
 pub struct ChannelState {
     /// Whether the device VM serves the device.
     pub guest: GuestState,
+    /// The tag of the CHANNEL_UP the relay waits to be answered, if any: a status under
+    /// another tag, or when none is outstanding, is not the device VM's answer.
+    channel_up: Option<u32>,
     /// The connected client, if any.
     pub client: Option<Client>,
     /// Message ID for the next request forwarded to the device VM. The relay numbers
@@ -134,8 +147,9 @@ pub struct ChannelState {
     /// client that went away) never matches a newer request that reused the ID.
     next_id: u16,
     /// Regions of clients that went away, by the tag of their SESSION_END: their
-    /// windows stay until the device VM acknowledges it.
-    retired: Vec<(u32, Vec<Region>)>,
+    /// windows stay until the device VM acknowledges it, or the request timeout
+    /// passes.
+    retired: Vec<Retired>,
     /// Relay message IDs of requests that were in flight when their client went: the
     /// device VM's late replies to them are expected and dropped quietly (a client
     /// that leaves with 1024 requests in flight, again and again, must not fill the
@@ -312,6 +326,7 @@ impl Channel {
             access,
             state: Mutex::new(ChannelState {
                 guest: GuestState::Unknown,
+                channel_up: None,
                 client: None,
                 next_id: 0,
                 retired: Vec::new(),
@@ -326,6 +341,47 @@ impl Channel {
     /// take the other devices down).
     pub fn lock(&self) -> std::sync::MutexGuard<'_, ChannelState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Asks the device VM whether it serves this channel's device (CHANNEL_UP); its
+    /// answer goes to [`Channel::on_channel_up_status`].
+    pub fn bring_up(&self, relay: &Relay) {
+        let mut st = self.lock();
+        let tag = relay.send_control(
+            self.id,
+            Body::ChannelUp {
+                name: self.name.clone(),
+            },
+        );
+        st.channel_up = Some(tag);
+    }
+
+    /// The device VM answered a CHANNEL_UP with `status` under `tag`. Only the answer
+    /// to the CHANNEL_UP outstanding counts: whether the device is served then decides
+    /// whether its client's session starts (and its setup is restored), which must
+    /// happen once per CHANNEL_UP, not whenever the device VM says so.
+    pub fn on_channel_up_status(&self, relay: &Relay, tag: u32, status: u32) {
+        let mut st = self.lock();
+        if st.channel_up != Some(tag) {
+            warn_limited!(
+                "{}: the device VM answered a CHANNEL_UP the relay did not ask for (tag {tag}); ignored",
+                self.name
+            );
+            return;
+        }
+        st.channel_up = None;
+        if status == 0 {
+            st.guest = GuestState::Served;
+            info!("{}: served by the device VM", self.name);
+            drop(st);
+            self.start_session(relay);
+        } else {
+            st.guest = GuestState::NotServed;
+            warn!(
+                "{}: the device VM does not serve this device (errno {status}); clients get ENODEV",
+                self.name
+            );
+        }
     }
 
     /// A client connected: tell the device VM a session starts.
@@ -442,7 +498,11 @@ impl Channel {
             client.pending_bytes = 0;
             if st.guest == GuestState::Served && relay.link.is_up() {
                 let tag = relay.send_control(self.id, Body::SessionEnd);
-                st.retired.push((tag, regions));
+                st.retired.push(Retired {
+                    tag,
+                    regions,
+                    deadline: Instant::now() + relay.config.request_timeout(),
+                });
             } else {
                 release(relay, regions);
             }
@@ -477,8 +537,8 @@ impl Channel {
             relay.send_control(self.id, Body::ChannelDown);
             return true;
         }
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
         false
     }
@@ -487,8 +547,8 @@ impl Channel {
     /// relay stopped waiting for it: whatever it still had of the channel goes.
     pub fn on_channel_down_ack(&self, relay: &Relay) {
         let mut st = self.lock();
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
     }
 
@@ -709,9 +769,10 @@ impl Channel {
         };
         let h = frame.header;
         if h.msg_type != MessageType::Reply {
-            warn!(
+            warn_limited!(
                 "{}: device sent command {} toward the client; not supported yet",
-                self.name, h.command
+                self.name,
+                h.command
             );
             return SendOutcome::Done;
         }
@@ -729,9 +790,11 @@ impl Channel {
                     self.name, h.msg_id
                 );
             } else {
-                warn!(
+                warn_limited!(
                     "{}: reply to no request in flight (msg {}, command {}); dropped",
-                    self.name, h.msg_id, h.command
+                    self.name,
+                    h.msg_id,
+                    h.command
                 );
             }
             return SendOutcome::Done;
@@ -745,7 +808,7 @@ impl Channel {
             Some(errno) => Err(errno),
             None => match Reply::decode(h.command, &frame.payload, frame.slots.len()) {
                 Ok(_) if !frame.slots.is_empty() => {
-                    warn!(
+                    warn_limited!(
                         "{}: reply carries fd slots the relay does not hand out yet",
                         self.name
                     );
@@ -753,7 +816,7 @@ impl Channel {
                 }
                 Ok(r) => Ok(r),
                 Err(e) => {
-                    warn!("{}: invalid reply from the device VM: {e}", self.name);
+                    warn_limited!("{}: invalid reply from the device VM: {e}", self.name);
                     Err(libc::EIO as u32)
                 }
             },
@@ -856,9 +919,15 @@ impl Channel {
     /// go.
     pub fn on_session_end_ack(&self, relay: &Relay, tag: u32) {
         let mut st = self.lock();
-        if let Some(pos) = st.retired.iter().position(|(t, _)| *t == tag) {
-            let (_, regions) = st.retired.remove(pos);
-            release(relay, regions);
+        match st.retired.iter().position(|r| r.tag == tag) {
+            Some(pos) => {
+                let r = st.retired.remove(pos);
+                release(relay, r.regions);
+            }
+            None => warn_limited!(
+                "{}: the device VM acknowledged a SESSION_END (tag {tag}) the relay is not waiting for",
+                self.name
+            ),
         }
     }
 
@@ -867,8 +936,8 @@ impl Channel {
     /// the copy path.
     pub fn on_driver_restart(&self, relay: &Relay) {
         let mut st = self.lock();
-        for (_, regions) in std::mem::take(&mut st.retired) {
-            release(relay, regions);
+        for r in std::mem::take(&mut st.retired) {
+            release(relay, r.regions);
         }
         if let Some(client) = st.client.as_mut() {
             let mut windows = relay.windows();
@@ -886,6 +955,10 @@ impl Channel {
         // allocated.
         let total = segments.iter().fold(0u64, |a, s| a.saturating_add(s.1));
         if total.saturating_add(64) > relay.link.guest_max_msg() as u64 {
+            warn_limited!(
+                "{}: the device VM's DMA read of {total} bytes cannot fit a message; E2BIG",
+                self.name
+            );
             return Some(Body::DmaReadReply {
                 status: libc::E2BIG as u32,
                 data: Vec::new(),
@@ -913,6 +986,13 @@ impl Channel {
                 Err(e) => dma_read_error(e),
             }),
             Ok(None) => {
+                if !client.remote.has_room(total) {
+                    remote_full(&self.name);
+                    return Some(Body::DmaReadReply {
+                        status: libc::EAGAIN as u32,
+                        data: Vec::new(),
+                    });
+                }
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client.remote.start_read(tag, segments, max, deadline) {
@@ -922,7 +1002,7 @@ impl Channel {
                 None
             }
             Err(e) => {
-                debug!("{}: DMA read outside the client's maps", self.name);
+                dma_refused(&self.name, "read", segments, e);
                 Some(dma_read_error(e))
             }
         }
@@ -946,7 +1026,15 @@ impl Channel {
         match client.dma.local_spans(segments, write) {
             Ok(Some(spans)) => Some(client_memory::copy(&spans, buffers, direction)),
             Ok(None) => None,
-            Err(e) => Some(Err(e)),
+            Err(e) => {
+                dma_refused(
+                    &self.name,
+                    if write { "write" } else { "read" },
+                    segments,
+                    e,
+                );
+                Some(Err(e))
+            }
         }
     }
 
@@ -978,6 +1066,10 @@ impl Channel {
         match local {
             Ok(Some(written)) => Some(written.map_or_else(DmaError::errno, |()| 0)),
             Ok(None) => {
+                if !client.remote.has_room(data.len() as u64) {
+                    remote_full(&self.name);
+                    return Some(libc::EAGAIN as u32);
+                }
                 let max = client.caps.max_data_xfer_size() as usize;
                 let deadline = Instant::now() + relay.config.request_timeout();
                 for m in client
@@ -990,10 +1082,7 @@ impl Channel {
                 None
             }
             Err(e) => {
-                debug!(
-                    "{}: DMA write outside the client's maps or against permission",
-                    self.name
-                );
+                dma_refused(&self.name, "write", segments, e);
                 Some(e.errno())
             }
         }
@@ -1007,18 +1096,49 @@ impl Channel {
             return;
         };
         let end = u64::from(start) + u64::from(count);
+        let mut signalled = false;
         for (&(i, v), fd) in &client.irq_fds {
             if i == index && u64::from(v) >= u64::from(start) && u64::from(v) < end {
+                signalled = true;
                 if let Err(e) = signal_eventfd(fd) {
                     warn!("{}: signalling IRQ {index}/{v}: {e}", self.name);
                 }
             }
         }
+        if !signalled {
+            warn_limited!(
+                "{}: the device VM raised IRQ index {index} vectors {start}+{count}, where the client has no eventfd assigned; ignored",
+                self.name
+            );
+        }
     }
 
-    /// Answers requests whose deadline passed with ETIMEDOUT.
+    /// The earliest deadline of the channel: a request's of its client, or the
+    /// acknowledgement of a session's end.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let st = self.lock();
+        let retired = st.retired.iter().map(|r| r.deadline).min();
+        let client = st.client.as_ref().and_then(Client::next_deadline);
+        retired.into_iter().chain(client).min()
+    }
+
+    /// Answers requests whose deadline passed with ETIMEDOUT; lets go of the memory of
+    /// clients that left whose session's end the device VM did not acknowledge in time.
     pub fn expire(&self, relay: &Relay, now: Instant) -> SendOutcome {
         let mut st = self.lock();
+        if st.retired.iter().any(|r| r.deadline <= now) {
+            let (late, kept) = std::mem::take(&mut st.retired)
+                .into_iter()
+                .partition(|r| r.deadline <= now);
+            st.retired = kept;
+            for r in late {
+                warn!(
+                    "{}: the device VM did not acknowledge the end of the session (tag {}) in time; the client's memory goes now",
+                    self.name, r.tag
+                );
+                release(relay, r.regions);
+            }
+        }
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
@@ -1062,6 +1182,7 @@ impl Channel {
     pub fn fail_pending(&self, relay: &Relay, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
+        st.channel_up = None;
         // The frontend took its windows with it; what is left are fds and mappings.
         st.retired.clear();
         st.abandoned.clear();
@@ -1221,6 +1342,26 @@ fn release(relay: &Relay, regions: Vec<Region>) -> bool {
     }
     drop(regions);
     confirmed
+}
+
+/// Logs a DMA request of the device VM refused for the DMA operations already waiting
+/// for the client.
+fn remote_full(name: &str) {
+    warn_limited!(
+        "{name}: the device VM has {} DMA operations or {} MiB waiting for the client (memory mapped without an fd); EAGAIN",
+        crate::remote_dma::MAX_OPS,
+        crate::remote_dma::MAX_BYTES >> 20
+    );
+}
+
+/// Logs a DMA request of the device VM that the client's maps do not allow.
+fn dma_refused(name: &str, op: &str, segments: &[(u64, u64)], e: DmaError) {
+    let (iova, len) = segments.first().copied().unwrap_or_default();
+    warn_limited!(
+        "{name}: the device VM's DMA {op} of {} segment(s), the first {len:#x} bytes at {iova:#x}, is outside the client's maps or against their permission; errno {}",
+        segments.len(),
+        e.errno()
+    );
 }
 
 fn dma_read_error(e: DmaError) -> Body {
@@ -1449,13 +1590,81 @@ mod pipelined_dma_tests {
             ch.lock()
                 .retired
                 .iter()
-                .map(|(_, r)| r.len())
+                .map(|r| r.regions.len())
                 .sum::<usize>()
         };
         assert!(ch.lock().client.is_none());
         assert_eq!(kept(ch), 1, "the region waits for the device VM");
         ch.on_channel_down_ack(&relay);
         assert_eq!(kept(ch), 0);
+    }
+
+    /// Only the answer to the CHANNEL_UP the relay sent starts the client's session
+    /// (and restores its DMA maps in the device VM), once: an answer nobody asked for,
+    /// or a second one, changes nothing.
+    #[test]
+    fn only_the_channel_up_asked_for_starts_a_session() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![memfd()]));
+        ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
+        let pending = |ch: &Channel| ch.lock().client.as_ref().unwrap().pending.len();
+        assert_eq!(pending(ch), 0);
+        ch.on_channel_up_status(&relay, 77, 0);
+        assert_eq!(pending(ch), 0, "no session started again, no map restored");
+        ch.lock().guest = GuestState::Unknown;
+        ch.bring_up(&relay);
+        let tag = ch.lock().channel_up.expect("a CHANNEL_UP is outstanding");
+        ch.on_channel_up_status(&relay, tag.wrapping_add(1), 0);
+        assert_eq!(ch.lock().guest, GuestState::Unknown, "another tag");
+        ch.on_channel_up_status(&relay, tag, 0);
+        assert_eq!(ch.lock().guest, GuestState::Served);
+        assert_eq!(pending(ch), 1, "the client's map restored, once");
+        ch.on_channel_up_status(&relay, tag, 0);
+        assert_eq!(pending(ch), 1, "a second answer changes nothing");
+    }
+
+    /// A client that leaves with a DMA region mapped: the region (its fd, its
+    /// mapping, its window) waits for the device VM to acknowledge the end of the
+    /// session; a device VM that does not (or answers another tag) keeps it only until
+    /// the request timeout, which is the channel's next deadline meanwhile.
+    #[test]
+    fn unacknowledged_session_end_lets_go_at_the_timeout() {
+        let relay = relay();
+        let _peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let file = memfd();
+        // The relay keeps this very descriptor; the test tells it by its file's inode.
+        let held = std::os::fd::AsRawFd::as_raw_fd(&file);
+        let inode = |fd: std::os::fd::RawFd| {
+            // SAFETY: fstat writes into a local stat; a closed fd gives an error.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            (unsafe { libc::fstat(fd, &mut st) } == 0).then_some(st.st_ino)
+        };
+        let ino = inode(held);
+        ch.on_client_message(&relay, raw(1, &map_req(), false, vec![file]));
+        ch.on_device_message(&relay, device_reply(0, Command::DmaMap, None));
+        ch.on_client_disconnected(&relay);
+        let deadline = {
+            let st = ch.lock();
+            assert_eq!(st.retired.len(), 1);
+            st.retired[0].deadline
+        };
+        assert_eq!(ch.next_deadline(), Some(deadline));
+        ch.on_session_end_ack(&relay, 0xdead_beef);
+        ch.expire(&relay, deadline - std::time::Duration::from_millis(1));
+        assert_eq!(ch.lock().retired.len(), 1, "kept until the deadline");
+        assert_eq!(inode(held), ino, "the relay still holds the file");
+        ch.expire(&relay, deadline);
+        assert!(ch.lock().retired.is_empty());
+        assert_eq!(ch.next_deadline(), None);
+        // Closed (or the number reused since, for another file).
+        assert_ne!(
+            inode(held),
+            ino,
+            "the relay's descriptor of the file is closed"
+        );
     }
 }
 

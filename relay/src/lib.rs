@@ -15,6 +15,7 @@
 //! - [`tunnel`]: the vhost-user backend of the tunnel device, the queue-level link and
 //!   the tunnel protocol (HELLO, channels, sessions, replies, interrupts).
 //! - [`version`]: the honest VERSION negotiation between client and device model.
+//! - [`ratelimit`]: warnings about what an untrusted peer sends, rate-limited.
 
 pub mod access;
 pub mod channel;
@@ -23,6 +24,7 @@ pub mod config;
 pub mod control;
 pub mod dma;
 pub mod frontend_requests;
+pub mod ratelimit;
 pub mod remote_dma;
 pub mod service;
 pub mod sockets;

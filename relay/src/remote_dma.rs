@@ -34,7 +34,18 @@ struct Op {
     data: Vec<u8>,
     outstanding: usize,
     status: u32,
+    /// Bytes it moves.
+    bytes: u64,
 }
+
+/// Most DMA operations of the device VM that may wait for one client's answers at
+/// once. A driver waits for each of its DMA requests; one client's device has one or a
+/// few of them in flight.
+pub const MAX_OPS: usize = 16;
+
+/// Most bytes those operations may move together: what the relay holds for them (read
+/// buffers, write data in the client's socket) until the client answers.
+pub const MAX_BYTES: u64 = 16 << 20;
 
 impl Op {
     fn body(self) -> Body {
@@ -62,6 +73,8 @@ pub struct RemoteDma {
     next_id: u16,
     chunks: VecDeque<Chunk>,
     ops: HashMap<u32, Op>,
+    /// Bytes of the operations in `ops`.
+    bytes: u64,
 }
 
 /// A finished operation: the tunnel tag and the reply body for the device VM.
@@ -77,6 +90,13 @@ impl RemoteDma {
     /// tag gets EBUSY instead of mixing two operations).
     pub fn busy(&self, tag: u32) -> bool {
         self.ops.contains_key(&tag)
+    }
+
+    /// Whether another operation of `bytes` may start ([`MAX_OPS`], [`MAX_BYTES`]): a
+    /// device VM asking for more at once gets EAGAIN, where the relay would otherwise
+    /// hold any number of them until the client answers or the timeout passes.
+    pub fn has_room(&self, bytes: u64) -> bool {
+        self.ops.len() < MAX_OPS && self.bytes.saturating_add(bytes) <= MAX_BYTES
     }
 
     /// Starts reading `segments`; returns the messages to send to the client.
@@ -154,6 +174,8 @@ impl RemoteDma {
                 at += n;
             }
         }
+        let bytes = segments.iter().fold(0u64, |a, s| a.saturating_add(s.1));
+        self.bytes = self.bytes.saturating_add(bytes);
         self.ops.insert(
             tag,
             Op {
@@ -161,6 +183,7 @@ impl RemoteDma {
                 data: vec![0; read_len],
                 outstanding: out.len(),
                 status: 0,
+                bytes,
             },
         );
         out
@@ -233,6 +256,7 @@ impl RemoteDma {
             return None;
         }
         let op = self.ops.remove(&tag)?;
+        self.bytes = self.bytes.saturating_sub(op.bytes);
         Some((tag, op.body()))
     }
 
@@ -258,6 +282,7 @@ impl RemoteDma {
         for tag in tags {
             self.chunks.retain(|c| c.tag != tag);
             if let Some(mut op) = self.ops.remove(&tag) {
+                self.bytes = self.bytes.saturating_sub(op.bytes);
                 op.status = errno;
                 out.push((tag, op.body()));
             }
@@ -276,6 +301,29 @@ mod tests {
     use super::*;
     use std::time::Duration;
     use vfu_proto::vfio_user::{encode_error_reply, encode_reply, Reply, HEADER_SIZE};
+
+    /// At most 16 operations, and 16 MiB, wait for the client at once; an operation
+    /// that completes or fails makes room again.
+    #[test]
+    fn operations_in_flight_are_bounded() {
+        let mut r = RemoteDma::default();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for tag in 0..MAX_OPS as u32 {
+            assert!(r.has_room(4096));
+            r.start_read(tag, &[(0x1000, 4096)], 1 << 20, deadline);
+        }
+        assert!(!r.has_room(1), "16 operations");
+        assert_eq!(r.fail(vec![3], libc::EFAULT as u32).len(), 1);
+        assert!(r.has_room(4096));
+        let mut r = RemoteDma::default();
+        for tag in 0..15 {
+            r.start_read(tag, &[(0x1000, 1 << 20)], 1 << 20, deadline);
+        }
+        assert!(r.has_room(1 << 20));
+        assert!(!r.has_room((1 << 20) + 1), "16 MiB");
+        assert_eq!(r.fail_all(libc::ENODEV as u32).len(), 15);
+        assert!(r.has_room(MAX_BYTES));
+    }
 
     fn header(bytes: &[u8]) -> Header {
         Header::decode(bytes).unwrap()

@@ -31,6 +31,7 @@ use crate::sockets;
 use crate::table::ChannelTable;
 use crate::tunnel::Link;
 use crate::version::RelayLimits;
+use crate::warn_limited;
 use crate::{Config, Error, Result};
 
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -149,12 +150,7 @@ impl Relay {
         let mut table = self.table();
         let ch = table.insert(device, access, &[&a, &b])?;
         if self.link.is_up() {
-            self.send_control(
-                ch.id,
-                Body::ChannelUp {
-                    name: ch.name.clone(),
-                },
-            );
+            ch.bring_up(self);
         }
         Ok(ch)
     }
@@ -329,7 +325,6 @@ impl Switch {
             devices: HashMap::new(),
             control: ControlServer::new(control),
             reserve: None,
-            refusals: access::RefusalLog::new("device sockets"),
         };
         info!("control socket {}", control_path.display());
         let mut setup = || -> Result<()> {
@@ -400,8 +395,6 @@ struct SwitchThread {
     /// to accept the waiting connection and close it at once, instead of leaving it in
     /// the backlog, where it would wake the switch forever.
     reserve: Option<std::fs::File>,
-    /// Refused clients, logged within limits.
-    refusals: access::RefusalLog,
 }
 
 impl SwitchThread {
@@ -519,8 +512,7 @@ impl SwitchThread {
             if polling {
                 // The driver's messages, and the buffers it posted for ours.
                 for pair in 0..relay.link.pairs() {
-                    if relay.link.poll(pair) {
-                        crate::tunnel::drain_g2h(&relay, pair);
+                    if relay.link.poll(pair) && crate::tunnel::drain_g2h(&relay, pair) {
                         worked = true;
                     }
                 }
@@ -573,7 +565,7 @@ impl SwitchThread {
         let retiring = self.relay.next_retiring_deadline();
         self.devices
             .values()
-            .filter_map(|d| d.ch.lock().client.as_ref().and_then(|c| c.next_deadline()))
+            .filter_map(|d| d.ch.next_deadline())
             .chain(retiring)
             .min()
             .map_or(-1, |d| {
@@ -610,20 +602,22 @@ impl SwitchThread {
                     debug!("{}: connection from {cred}", ch.name);
                 }
                 Ok(cred) => {
-                    self.refusals.refused(format_args!(
+                    // A local user who may connect (by the socket's mode) can do so at any
+                    // rate: the log is rate-limited.
+                    warn_limited!(
                         "{}: refused a client on {}: {cred} is not allowed ({})",
                         ch.name,
                         ch.socket.display(),
                         ch.access.describe()
-                    ));
+                    );
                     continue; // dropping `sock` closes it
                 }
                 Err(e) => {
-                    self.refusals.refused(format_args!(
+                    warn_limited!(
                         "{}: refused a client on {}: its credentials cannot be read: {e}",
                         ch.name,
                         ch.socket.display()
-                    ));
+                    );
                     continue;
                 }
             }
@@ -640,10 +634,10 @@ impl SwitchThread {
                 // One client per device socket: the second is closed before the relay
                 // reads a byte from it, and the first never notices.
                 let who = access::peer_cred(&sock).map_or_else(|_| "?".into(), |c| c.to_string());
-                self.refusals.refused(format_args!(
+                warn_limited!(
                     "{}: refused a second client ({who}): one client per device socket, and one is connected",
                     ch.name
-                ));
+                );
                 continue; // dropping `sock` closes it
             }
             let setup = || -> std::io::Result<Arc<UnixStream>> {

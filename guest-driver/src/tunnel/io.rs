@@ -21,6 +21,7 @@ use super::queues::{PairError, QueuePair, DIRECT_READ_REPLY, DIRECT_WRITE_REQUES
 use super::{HANGUP_TOKEN, MAX_MSG_SIZE, MODEL_TOKEN, WAKE_TOKEN};
 use crate::device::errno::EFAULT;
 use crate::device::Errno;
+use crate::hostile::Hostile;
 use crate::transport::Transport;
 
 /// How long a model waits for the relay to answer a DMA request.
@@ -118,6 +119,8 @@ pub struct Io<T: Transport> {
     /// Per channel: the last posted request carried out and not reported yet. Sent as
     /// one POSTED_DONE per channel right before the relay is notified.
     done: BTreeMap<u32, u16>,
+    /// The misbehaving mode, when it is on (`--misbehave`).
+    pub(super) hostile: Option<Box<Hostile>>,
 }
 
 /// An answer a channel thread waits for.
@@ -166,6 +169,7 @@ impl<T: Transport> Io<T> {
             polling: false,
             posted_done: false,
             done: BTreeMap::new(),
+            hostile: None,
         })
     }
 
@@ -187,6 +191,13 @@ impl<T: Transport> Io<T> {
             return Ok(());
         }
         let p = self.pair_of(msg.channel);
+        if let Some(h) = self.hostile.as_deref_mut() {
+            let sent = h.send(msg, p, &mut self.pairs);
+            for q in h.take_kicks() {
+                self.transport.notify(q);
+            }
+            return sent;
+        }
         self.pairs[p].send(&msg)
     }
 
@@ -203,6 +214,15 @@ impl<T: Transport> Io<T> {
             if let Err(e) = self.pairs[p].send(&msg) {
                 warn!("POSTED_DONE on channel {channel} not sent: {e}");
             }
+        }
+    }
+
+    /// The IOVA a DMA request of `channel` goes to (the misbehaving mode may send it
+    /// elsewhere).
+    fn dma_iova(&mut self, channel: u32, iova: u64, len: usize, write: bool) -> u64 {
+        match self.hostile.as_deref_mut() {
+            Some(h) => h.dma_iova(channel, iova, len, write),
+            None => iova,
         }
     }
 
@@ -247,9 +267,24 @@ impl<T: Transport> Io<T> {
                     self.direct_use[p] = DirectUse::Answered;
                 }
             }
-            for msg in self.pairs[p].receive()? {
+            let received = match self.hostile.as_deref_mut() {
+                None => self.pairs[p].receive()?,
+                Some(h) if !h.reads_h2g(p) => {
+                    // Misbehaving: the relay's messages on this pair stay unread.
+                    self.pairs[p].flush_tx()?;
+                    return Ok(out);
+                }
+                Some(h) => {
+                    let edit = h.take_rx_edit(p);
+                    self.pairs[p].receive_with(edit)?
+                }
+            };
+            for msg in received {
                 match msg {
                     Ok(m) => {
+                        if self.hostile.as_deref_mut().is_some_and(|h| h.incoming(&m)) {
+                            continue;
+                        }
                         if let Some(m) = self.deliver(m) {
                             out.push(m);
                         }
@@ -605,6 +640,7 @@ impl<T: Transport> Io<T> {
         buf: Option<&mut [u8]>,
     ) -> Result<(), Errno> {
         let len = op.len();
+        let iova = self.dma_iova(channel, iova, len, matches!(op, DmaOp::Write(_)));
         let request = DmaRequest {
             channel,
             tag: self.next_tag(),
@@ -687,6 +723,7 @@ impl<T: Transport> SharedIo<T> {
         if io.gone {
             return Err(EIO);
         }
+        let iova = io.dma_iova(channel, iova, len, matches!(op, DmaOp::Write(_)));
         let request = DmaRequest {
             channel,
             tag: io.next_tag(),

@@ -15,7 +15,7 @@ mod channels;
 mod dma;
 mod io;
 mod model_channel;
-mod queues;
+pub(crate) mod queues;
 mod worker;
 
 pub use channel_server::{ChannelServer, Outlet, OutletError};
@@ -92,6 +92,8 @@ pub struct DriverConfig {
     pub poll: Duration,
     /// The CPU of the engine thread, if it is to be placed.
     pub engine_cpu: Option<usize>,
+    /// Misbehave on purpose (the test mode of [`crate::hostile`]).
+    pub misbehave: Option<crate::hostile::Misbehave>,
 }
 
 /// The driver engine over a transport.
@@ -159,7 +161,12 @@ impl<T: Transport + 'static> TunnelDriver<T> {
             "tunnel device ready: {npairs} queue pair(s) of {size} entries, event_idx {event_idx}"
         );
         let window_fds = transport.window_fds();
-        let io = Io::new(transport, pairs, epoll.clone())?;
+        let mut io = Io::new(transport, pairs, epoll.clone())?;
+        if let Some(spec) = config.misbehave {
+            let scratch = io.transport.memory().alloc(4096, 4096);
+            let shm = io.transport.shared_memory();
+            io.hostile = Some(Box::new(crate::hostile::Hostile::new(spec, scratch, shm)));
+        }
         epoll.ctl(
             ControlOperation::Add,
             io.wake.as_raw_fd(),

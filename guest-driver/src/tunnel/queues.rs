@@ -9,7 +9,7 @@ use log::warn;
 use vfu_proto::tunnel::{TunnelError, TunnelHeader, TunnelMessage, TUNNEL_HEADER_SIZE};
 use vm_memory::{VolatileSlice, WriteVolatile};
 
-use crate::virtqueue::{Allocation, DriverQueue, QueueError, Segment, SharedMemory};
+use crate::virtqueue::{Allocation, Descriptor, DriverQueue, QueueError, Segment, SharedMemory};
 
 /// Size of each buffer, both directions.
 pub const BUFFER_SIZE: usize = 16 << 10;
@@ -117,18 +117,84 @@ impl QueuePair {
     }
 
     fn post_rx(&mut self, buf: Allocation) -> Result<(), PairError> {
-        let head = self.h2g.add(&[Segment {
+        self.post_rx_with(buf, None::<fn(&mut [Descriptor], &[u16])>)
+    }
+
+    /// Posts an `h2g` buffer; `edit`, when given, changes its descriptor first
+    /// ([`crate::hostile`]).
+    fn post_rx_with(
+        &mut self,
+        buf: Allocation,
+        edit: Option<impl FnOnce(&mut [Descriptor], &[u16])>,
+    ) -> Result<(), PairError> {
+        let seg = [Segment {
             gpa: buf.gpa,
             len: buf.len as u32,
             device_writable: true,
-        }])?;
+        }];
+        let head = match edit {
+            None => self.h2g.add(&seg)?,
+            Some(edit) => self.h2g.add_with(&seg, edit)?,
+        };
         self.rx_buffers[head as usize] = Some(buf);
         Ok(())
     }
 
+    /// Sends `bytes` (one buffer's worth at most) as a chain of its own, shaped by the
+    /// misbehaving driver of [`crate::hostile`]: `shape` turns the buffer that holds the
+    /// bytes into the chain's segments (split, with other buffers around it), `edit`
+    /// changes the descriptors before they are published. Returns false, having sent
+    /// nothing, when the message cannot go in a chain of its own now (messages wait
+    /// before it, no buffer or descriptor is free, it is longer than a buffer).
+    pub fn send_shaped(
+        &mut self,
+        bytes: &[u8],
+        shape: impl FnOnce(Segment) -> Vec<Segment>,
+        edit: impl FnOnce(&mut [Descriptor], &[u16]),
+    ) -> Result<bool, PairError> {
+        let Some(buf) = self.tx_free.last().copied() else {
+            return Ok(false);
+        };
+        if !self.tx_pending.is_empty() || bytes.len() > buf.len {
+            return Ok(false);
+        }
+        let segments = shape(Segment {
+            gpa: buf.gpa,
+            len: bytes.len() as u32,
+            device_writable: false,
+        });
+        if segments.is_empty() || segments.len() > self.g2h.num_free() as usize {
+            return Ok(false);
+        }
+        self.tx_free.pop();
+        if let Some(s) = buf.slice(0, bytes.len()) {
+            s.copy_from(bytes);
+        }
+        let head = self.g2h.add_with(&segments, edit)?;
+        self.tx_in_flight[head as usize] = Some(buf);
+        Ok(true)
+    }
+
+    /// The `g2h` queue, for the index abuse of [`crate::hostile`].
+    pub fn g2h_queue(&mut self) -> &mut DriverQueue {
+        &mut self.g2h
+    }
+
+    /// The `h2g` queue, for the index abuse of [`crate::hostile`].
+    pub fn h2g_queue(&mut self) -> &mut DriverQueue {
+        &mut self.h2g
+    }
+
     /// Queues a message toward the device and writes what fits.
     pub fn send(&mut self, msg: &TunnelMessage) -> Result<(), PairError> {
-        self.tx_pending.push_back((msg.encode(), 0));
+        self.send_bytes(msg.encode())
+    }
+
+    /// Queues bytes toward the device as if they were a message (they need not be one:
+    /// the misbehaving driver of [`crate::hostile`] sends garbled ones this way) and
+    /// writes what fits.
+    pub fn send_bytes(&mut self, bytes: Vec<u8>) -> Result<(), PairError> {
+        self.tx_pending.push_back((bytes, 0));
         self.flush_tx()
     }
 
@@ -245,6 +311,15 @@ impl QueuePair {
     /// Collects complete messages from `h2g` and re-posts the buffers. Each buffer's
     /// bytes are copied once, straight into the message being reassembled.
     pub fn receive(&mut self) -> Result<Vec<Result<TunnelMessage, TunnelError>>, PairError> {
+        self.receive_with(None::<fn(&mut [Descriptor], &[u16])>)
+    }
+
+    /// [`QueuePair::receive`]; `edit`, when given, changes the descriptor of the first
+    /// buffer posted again ([`crate::hostile`]).
+    pub fn receive_with(
+        &mut self,
+        mut edit: Option<impl FnOnce(&mut [Descriptor], &[u16])>,
+    ) -> Result<Vec<Result<TunnelMessage, TunnelError>>, PairError> {
         let mut out = Vec::new();
         while let Some(used) = self.h2g.pop_used()? {
             let Some(buf) = self.rx_buffers[used.head as usize].take() else {
@@ -253,7 +328,7 @@ impl QueuePair {
             // The ring checked `used.len` against the descriptor; clamp all the same.
             let len = (used.len as usize).min(buf.len);
             let done = buf.slice(0, len).and_then(|s| self.reassemble(&s));
-            self.post_rx(buf)?;
+            self.post_rx_with(buf, edit.take())?;
             if let Some(done) = done {
                 out.push(done);
             }

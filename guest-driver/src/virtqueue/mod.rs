@@ -5,4 +5,7 @@ mod memory;
 mod split;
 
 pub use memory::{Allocation, SharedMemory};
-pub use split::{DriverQueue, QueueError, Segment, UsedElem};
+pub use split::{
+    Descriptor, DriverQueue, QueueError, Segment, UsedElem, VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+};

@@ -22,8 +22,13 @@ use thiserror::Error;
 use super::{Allocation, SharedMemory};
 
 const DESC_SIZE: usize = 16;
-const VIRTQ_DESC_F_NEXT: u16 = 1;
-const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the chain continues at `next`.
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the device writes the buffer.
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of descriptors (`VIRTIO_RING_F_INDIRECT_DESC`,
+/// which this driver never negotiates; only [`crate::hostile`] sets it).
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
 const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
 const VIRTQ_USED_F_NO_NOTIFY: u16 = 1;
 
@@ -67,6 +72,31 @@ pub struct Segment {
     pub len: u32,
     /// The device writes it (else it reads it).
     pub device_writable: bool,
+}
+
+/// One entry of the descriptor table, as the driver publishes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Descriptor {
+    /// Guest-physical address of the buffer.
+    pub addr: u64,
+    /// Length in bytes.
+    pub len: u32,
+    /// `VIRTQ_DESC_F_*` flags.
+    pub flags: u16,
+    /// Index of the next descriptor, with `VIRTQ_DESC_F_NEXT`.
+    pub next: u16,
+}
+
+impl Descriptor {
+    /// The 16 bytes of the table entry.
+    pub fn to_bytes(self) -> [u8; DESC_SIZE] {
+        let mut bytes = [0u8; DESC_SIZE];
+        bytes[0..8].copy_from_slice(&self.addr.to_le_bytes());
+        bytes[8..12].copy_from_slice(&self.len.to_le_bytes());
+        bytes[12..14].copy_from_slice(&self.flags.to_le_bytes());
+        bytes[14..16].copy_from_slice(&self.next.to_le_bytes());
+        bytes
+    }
 }
 
 /// A chain the device has finished with.
@@ -150,15 +180,10 @@ impl DriverQueue {
         unsafe { AtomicU16::from_ptr(a.ptr_at(offset) as *mut u16) }
     }
 
-    fn write_desc(&self, i: u16, seg: &Segment, flags: u16, next: u16) {
+    fn write_desc(&self, i: u16, desc: Descriptor) {
         let base = DESC_SIZE * i as usize;
-        let mut bytes = [0u8; DESC_SIZE];
-        bytes[0..8].copy_from_slice(&seg.gpa.to_le_bytes());
-        bytes[8..12].copy_from_slice(&seg.len.to_le_bytes());
-        bytes[12..14].copy_from_slice(&flags.to_le_bytes());
-        bytes[14..16].copy_from_slice(&next.to_le_bytes());
         if let Some(s) = self.desc.slice(base, DESC_SIZE) {
-            s.copy_from(&bytes);
+            s.copy_from(&desc.to_bytes());
         }
     }
 
@@ -167,6 +192,67 @@ impl DriverQueue {
     /// [`DriverQueue::kick_needed`] afterwards (once per batch) to learn whether to
     /// notify the device.
     pub fn add(&mut self, segments: &[Segment]) -> Result<u16, QueueError> {
+        self.check_room(segments)?;
+        let head = self.free_head;
+        let mut i = head;
+        let mut writable = 0u32;
+        for (k, seg) in segments.iter().enumerate() {
+            let last = k + 1 == segments.len();
+            let next = self.next[i as usize];
+            let desc = chain_descriptor(seg, last, next);
+            if seg.device_writable {
+                writable = writable.saturating_add(seg.len);
+            }
+            self.write_desc(i, desc);
+            if !last {
+                i = next;
+            }
+        }
+        self.commit(head, i, segments.len(), writable);
+        Ok(head)
+    }
+
+    /// [`DriverQueue::add`], with `edit` given the chain's descriptors (in chain order,
+    /// links filled in) and their indexes in the table, to change before they are
+    /// published: how the misbehaving driver
+    /// of [`crate::hostile`] makes chains that loop, point anywhere or claim any length
+    /// or direction. The driver's own bookkeeping stays with the descriptors it took
+    /// from its free list (its free list lives here, not in the shared table), so an
+    /// edited chain comes back like any other; the writable bytes it may be answered
+    /// with are counted from the descriptors as published. (`add` itself does not go
+    /// through here: the normal path pays nothing for the hook.)
+    pub fn add_with(
+        &mut self,
+        segments: &[Segment],
+        edit: impl FnOnce(&mut [Descriptor], &[u16]),
+    ) -> Result<u16, QueueError> {
+        self.check_room(segments)?;
+        let head = self.free_head;
+        let mut indexes = Vec::with_capacity(segments.len());
+        let mut descs = Vec::with_capacity(segments.len());
+        let mut i = head;
+        for (k, seg) in segments.iter().enumerate() {
+            let last = k + 1 == segments.len();
+            let next = self.next[i as usize];
+            indexes.push(i);
+            descs.push(chain_descriptor(seg, last, next));
+            if !last {
+                i = next;
+            }
+        }
+        edit(&mut descs, &indexes);
+        let mut writable = 0u32;
+        for (&at, &desc) in indexes.iter().zip(&descs) {
+            if desc.flags & VIRTQ_DESC_F_WRITE != 0 {
+                writable = writable.saturating_add(desc.len);
+            }
+            self.write_desc(at, desc);
+        }
+        self.commit(head, i, segments.len(), writable);
+        Ok(head)
+    }
+
+    fn check_room(&self, segments: &[Segment]) -> Result<(), QueueError> {
         if segments.is_empty() {
             return Err(QueueError::EmptyChain);
         }
@@ -176,34 +262,43 @@ impl DriverQueue {
                 free: self.num_free as usize,
             });
         }
-        let head = self.free_head;
-        let mut i = head;
-        let mut writable = 0u32;
-        for (k, seg) in segments.iter().enumerate() {
-            let last = k + 1 == segments.len();
-            let mut flags = if last { 0 } else { VIRTQ_DESC_F_NEXT };
-            if seg.device_writable {
-                flags |= VIRTQ_DESC_F_WRITE;
-                writable = writable.saturating_add(seg.len);
-            }
-            let next = self.next[i as usize];
-            self.write_desc(i, seg, flags, if last { 0 } else { next });
-            if !last {
-                i = next;
-            }
-        }
-        self.free_head = self.next[i as usize];
-        self.num_free -= segments.len() as u16;
-        self.chain_len[head as usize] = segments.len() as u16;
+        Ok(())
+    }
+
+    /// Takes the chain `head ..= tail` of `count` descriptors off the free list and
+    /// makes it available.
+    fn commit(&mut self, head: u16, tail: u16, count: usize, writable: u32) {
+        self.free_head = self.next[tail as usize];
+        self.num_free -= count as u16;
+        self.chain_len[head as usize] = count as u16;
         self.writable[head as usize] = writable;
         self.in_flight[head as usize] = true;
+        self.publish_head(head);
+    }
 
+    /// Puts `head` in the next slot of the available ring and publishes the new index.
+    /// [`DriverQueue::add_with`] does this for the chains it builds; called on its
+    /// own, it offers the device a head the driver never set up (misbehaviour for
+    /// [`crate::hostile`]: nothing of the driver's bookkeeping changes).
+    pub fn publish_head(&mut self, head: u16) {
         let slot = 4 + 2 * (self.avail_idx % self.size) as usize;
         Self::u16_at(&self.avail, slot).store(head.to_le(), Ordering::Relaxed);
         self.avail_idx = self.avail_idx.wrapping_add(1);
         // Publish the descriptors and the ring entry before the index.
         Self::u16_at(&self.avail, 2).store(self.avail_idx.to_le(), Ordering::Release);
-        Ok(head)
+    }
+
+    /// The available index the driver has published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
+    /// Writes `idx` into the available ring's index without adding anything: the
+    /// index abuse of [`crate::hostile`]. The driver's own count is unchanged, so its
+    /// next [`DriverQueue::add`] publishes a sane index again.
+    pub fn publish_avail_idx(&mut self, idx: u16) {
+        fence(Ordering::SeqCst);
+        Self::u16_at(&self.avail, 2).store(idx.to_le(), Ordering::Release);
     }
 
     /// Whether the device wants a notification for what was added since the last call.
@@ -294,6 +389,20 @@ impl DriverQueue {
             Self::u16_at(&self.avail, 0)
                 .store(VIRTQ_AVAIL_F_NO_INTERRUPT.to_le(), Ordering::Relaxed);
         }
+    }
+}
+
+/// The descriptor of `seg` in a chain: linked to `next` unless it is the last.
+fn chain_descriptor(seg: &Segment, last: bool, next: u16) -> Descriptor {
+    let mut flags = if last { 0 } else { VIRTQ_DESC_F_NEXT };
+    if seg.device_writable {
+        flags |= VIRTQ_DESC_F_WRITE;
+    }
+    Descriptor {
+        addr: seg.gpa,
+        len: seg.len,
+        flags,
+        next: if last { 0 } else { next },
     }
 }
 

@@ -36,7 +36,6 @@ pub struct ControlServer {
     listener: UnixListener,
     connections: HashMap<u64, Connection>,
     next_id: u64,
-    refusals: crate::access::RefusalLog,
 }
 
 impl ControlServer {
@@ -46,7 +45,6 @@ impl ControlServer {
             listener,
             connections: HashMap::new(),
             next_id: 0,
-            refusals: crate::access::RefusalLog::new("control socket"),
         }
     }
 
@@ -78,22 +76,22 @@ impl ControlServer {
             match peer_cred(&sock) {
                 Ok(cred) if Access::default().allows_now(&cred) => {}
                 Ok(cred) => {
-                    self.refusals.refused(format_args!(
+                    crate::warn_limited!(
                         "control socket: refused {cred}: only root and the relay's user may use it"
-                    ));
+                    );
                     continue;
                 }
                 Err(e) => {
-                    self.refusals.refused(format_args!(
+                    crate::warn_limited!(
                         "control socket: refused a connection whose credentials cannot be read: {e}"
-                    ));
+                    );
                     continue;
                 }
             }
             if self.connections.len() >= MAX_CONNECTIONS {
-                self.refusals.refused(format_args!(
+                crate::warn_limited!(
                     "control socket: {MAX_CONNECTIONS} connections open; refusing another"
-                ));
+                );
                 continue;
             }
             let id = self.next_id;

@@ -1,9 +1,11 @@
 //! The vhost-user backend of the tunnel device, on `vhost-user-backend`.
 
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
+use vfu_proto::transport::fds::is_eventfd;
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
@@ -55,6 +57,44 @@ fn place_worker_thread(cpu: Option<usize>) {
     }
 }
 
+/// The consumer ends of the exit events the backend hands the library's worker threads.
+///
+/// vhost-user-backend 0.24 registers each one in its worker's epoll with
+/// `EventConsumer::into_raw_fd()` and never closes it (`VringEpollHandler::new`,
+/// `event_loop.rs`): without this, every device VM connection would cost the relay an
+/// eventfd for good. They are closed once the daemon that used them is dropped.
+#[derive(Clone, Default)]
+pub struct ExitEvents(Arc<Mutex<Vec<RawFd>>>);
+
+impl ExitEvents {
+    fn record(&self, fd: RawFd) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(fd);
+    }
+
+    /// Closes the consumers recorded so far. Call only after the daemon whose worker
+    /// threads used them was dropped (dropping it joins them).
+    pub fn close_all(&self) {
+        let fds = std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()));
+        for fd in fds {
+            // SAFETY: `fd` is the consumer end of an exit event created in
+            // `exit_event`; the library took it over with `into_raw_fd`, never closes
+            // it, and no longer uses it (the daemon was dropped, its workers joined);
+            // nothing else in the relay knows the number, so it is still that eventfd.
+            let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+            if is_eventfd(owned.as_fd()) != Some(true) {
+                // Not ours after all (a library that closes it itself): leave it be.
+                warn!("exit event fd {fd} is no longer an eventfd; not closed");
+                let _ = owned.into_raw_fd();
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn recorded(&self) -> Vec<RawFd> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
 /// The backend of one frontend connection.
 #[derive(Clone)]
 pub struct TunnelBackend {
@@ -65,17 +105,20 @@ pub struct TunnelBackend {
     /// Whether this connection's peer may be the device VM's VMM: the callbacks that
     /// reach the relay wait for it.
     gate: Arc<Gate>,
+    /// The exit events given to the library, to be closed after it.
+    exits: ExitEvents,
 }
 
 impl TunnelBackend {
-    /// A backend feeding `relay`.
-    pub fn new(relay: Arc<Relay>, gate: Arc<Gate>) -> Self {
+    /// A backend feeding `relay`; the exit events it creates are recorded in `exits`.
+    pub fn new(relay: Arc<Relay>, gate: Arc<Gate>, exits: ExitEvents) -> Self {
         let generation = relay.link.generation();
         Self {
             relay,
             event_idx: Arc::new(AtomicBool::new(false)),
             generation,
             gate,
+            exits,
         }
     }
 }
@@ -96,8 +139,11 @@ impl VhostUserBackend for TunnelBackend {
     /// worker when the frontend disconnects, and waits for it forever: the relay would
     /// never serve the next device VM.
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        match new_event_consumer_and_notifier(EventFlag::NONBLOCK) {
-            Ok(pair) => Some(pair),
+        match new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC) {
+            Ok(pair) => {
+                self.exits.record(pair.0.as_raw_fd());
+                Some(pair)
+            }
             Err(e) => {
                 warn!("worker thread {thread_index}: no exit event ({e}); it cannot be stopped");
                 None
@@ -193,6 +239,10 @@ impl VhostUserBackend for TunnelBackend {
         } else {
             self.relay.link.flush(pair);
         }
+        // A g2h queue held back for unread answers goes on once the driver took them.
+        for pair in self.relay.link.take_resume() {
+            drain_g2h(&self.relay, pair);
+        }
         self.relay.link.signal_pending();
         Ok(())
     }
@@ -201,6 +251,47 @@ impl VhostUserBackend for TunnelBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, DeviceConfig};
+    use vhost_user_backend::VhostUserDaemon;
+
+    /// vhost-user-backend leaves the exit event of each worker open when its daemon is
+    /// dropped (if this fails, a newer library closes it itself: drop
+    /// [`ExitEvents`]); the relay closes it afterwards.
+    #[test]
+    fn exit_events_outlive_the_daemon_until_closed() {
+        let relay = Arc::new(
+            Relay::new(Config {
+                frontend_socket: "/tmp/exit-events-f.sock".into(),
+                control_socket: None,
+                devices: vec![DeviceConfig::parse("d=/tmp/exit-events-d.sock").unwrap()],
+                shm_size_mib: 0,
+                ..Config::default()
+            })
+            .unwrap(),
+        );
+        let exits = ExitEvents::default();
+        let backend = TunnelBackend::new(relay, Arc::new(Gate::default()), exits.clone());
+        let daemon = VhostUserDaemon::new(
+            "exit-events".into(),
+            backend,
+            GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+        )
+        .unwrap();
+        drop(daemon);
+        let fds = exits.recorded();
+        assert_eq!(fds.len(), 1, "one worker thread, one exit event");
+        for &fd in &fds {
+            // SAFETY: borrows a descriptor this test checks is open; not closed here.
+            let still = is_eventfd(unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) });
+            assert_eq!(
+                still,
+                Some(true),
+                "the library closed the exit event itself"
+            );
+        }
+        exits.close_all();
+        assert!(exits.recorded().is_empty());
+    }
 
     /// The configuration space is 256 zero bytes; reads past its end (or whose end
     /// overflows) get the empty error answer instead of bytes.

@@ -42,6 +42,22 @@ impl GuestRanges {
         self.len() == 0
     }
 
+    /// Number of buffers (of any length, 0 included).
+    pub fn buffers(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Copies as much of `bytes` as the ranges hold, from their start; returns how
+    /// much (0 if a range is outside guest memory).
+    pub fn write_prefix(&self, mem: &GuestMemoryMmap, bytes: &[u8]) -> usize {
+        let n = bytes.len().min(self.len());
+        if self.write(mem, 0, &bytes[..n]) {
+            n
+        } else {
+            0
+        }
+    }
+
     /// Slices of guest memory covering `[offset, offset + len)` of the ranges, or `None`
     /// when that lies outside them or outside guest memory.
     pub fn slices<'m>(
@@ -351,6 +367,8 @@ pub fn serve(relay: &Relay, req: DirectRequest) {
         }
         (Some(Ok(())), DirectOp::Write { .. }) => req.finish(&relay.link, 0, 0),
         (Some(Err(e)), _) => {
+            // Logged by copy_local (a range the client's maps do not allow), or an I/O
+            // error of the copy.
             debug!("{}: direct DMA request refused: {e:?}", ch.name);
             req.finish(&relay.link, e.errno(), 0)
         }

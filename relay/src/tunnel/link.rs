@@ -14,7 +14,6 @@
 //! while holding it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -22,15 +21,17 @@ use log::{debug, warn};
 use thiserror::Error;
 use vfu_proto::tunnel::{
     features, g2h_queue, h2g_queue, pair_of_channel, Body, TunnelError, TunnelHeader,
-    TunnelMessage, TUNNEL_HEADER_SIZE,
+    TunnelMessage, MIN_H2G_BUFFER, TUNNEL_HEADER_SIZE,
 };
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::direct::{BadDirect, DirectRequest, GuestRanges, HEAD_MAX};
+use super::chain::{self, Chain, ChainError};
+use super::direct::{BadDirect, DirectRequest, HEAD_MAX};
 use crate::version::RelayLimits;
+use crate::warn_limited;
 
 /// Bytes of vfio-user messages one channel may have waiting for the device VM. Above
 /// it, the switch stops reading that client.
@@ -38,6 +39,54 @@ pub const CHANNEL_BUDGET: usize = 4 << 20;
 
 /// Most messages taken from the driver in one [`Link::receive`] call.
 pub const RECEIVE_BATCH: usize = 64;
+
+/// Bytes of answers to the driver's own messages (DMA read data, statuses, ERROR
+/// reports) that may wait for `h2g` buffers on one queue pair. Beyond it, the relay
+/// takes no more `g2h` chains of that pair until the driver takes some of its answers:
+/// a driver that sends requests and reads none of the answers is held back, where the
+/// relay would otherwise queue the answers without bound.
+pub const ANSWER_BUDGET: usize = 4 << 20;
+
+/// What a message toward the driver counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Budget {
+    /// A client's vfio-user message: its channel's budget.
+    Channel,
+    /// An answer to the driver's own message: its pair's [`ANSWER_BUDGET`].
+    Answer,
+    /// The relay's own control message (channels, sessions): bounded by what clients
+    /// and the operator do, never refused.
+    Control,
+}
+
+impl Budget {
+    fn of(body: &Body) -> Self {
+        match body {
+            Body::VfioUser(_) => Budget::Channel,
+            Body::HelloReply(_)
+            | Body::Status { .. }
+            | Body::DmaReadReply { .. }
+            | Body::Error { .. } => Budget::Answer,
+            _ => Budget::Control,
+        }
+    }
+}
+
+/// Roughly how many bytes of answer the relay sends for `msg` from the driver.
+fn answer_size(msg: &Incoming) -> usize {
+    match msg {
+        Incoming::Message(Ok(TunnelMessage {
+            body: Body::DmaRead { segments },
+            ..
+        })) => segments
+            .iter()
+            .fold(64usize, |a, s| a.saturating_add(s.len as usize)),
+        // Answered in its own chain.
+        Incoming::Direct(_) => 0,
+        // A status, an ERROR, or nothing.
+        _ => 64,
+    }
+}
 
 /// Why a message could not be sent.
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -92,6 +141,8 @@ pub enum Incoming {
     Message(Result<TunnelMessage, BadMessage>),
     /// A DMA request to be answered in its own chain (`DIRECT_DATA`).
     Direct(DirectRequest),
+    /// A descriptor chain the relay refused (why): its message, if any, is lost.
+    BadChain(String),
 }
 
 /// Reassembles one `g2h` queue's messages.
@@ -143,8 +194,8 @@ impl Reassembly {
 struct Outgoing {
     bytes: Vec<u8>,
     written: usize,
-    /// Counted against the channel's budget (vfio-user messages).
-    budgeted: bool,
+    /// What it counts against.
+    budget: Budget,
 }
 
 /// Outbound state of one `h2g` queue.
@@ -156,6 +207,11 @@ struct PairTx {
     in_progress: Option<u32>,
     /// Channel served last, for round-robin.
     last: u32,
+    /// Bytes of answers waiting (see [`ANSWER_BUDGET`]).
+    answers: usize,
+    /// The answers went back under the budget: the pair's `g2h` queue is to be read
+    /// again.
+    resume: bool,
 }
 
 impl PairTx {
@@ -172,13 +228,19 @@ impl PairTx {
     }
 }
 
+/// Ends the frontend connection of the device VM.
+pub type Dropper = Box<dyn FnOnce() + Send>;
+
 #[derive(Default)]
 struct Inner {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
     vrings: Vec<VringRwLock>,
-    /// A queue operation failed (the ring is stopped or corrupt): no more work on it
-    /// until the frontend sets the ring up again (a new connection).
+    /// A ring is unusable (its available index out of range): the device VM broke
+    /// it, and nothing moves until a new device VM connects (the relay drops this
+    /// one: [`Link::attach_dropper`]).
     broken: bool,
+    /// Drops the device VM's connection (once).
+    dropper: Option<Dropper>,
     up: Option<Negotiated>,
     tx: Vec<PairTx>,
     rx: Vec<Reassembly>,
@@ -291,6 +353,19 @@ impl Link {
         }
     }
 
+    /// How to drop the device VM of connection `generation`, should it break a ring
+    /// (called at once if it has already).
+    pub fn attach_dropper(&self, generation: u64, dropper: Dropper) {
+        if generation != self.generation() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.dropper = Some(dropper);
+        if inner.broken {
+            break_link(&mut inner);
+        }
+    }
+
     /// Remembers the vrings of connection `generation`.
     pub fn attach_vrings(&self, generation: u64, vrings: &[VringRwLock]) {
         if generation != self.generation() {
@@ -341,9 +416,9 @@ impl Link {
     /// vfio-user messages count against the channel's budget; control messages do not.
     pub fn send(&self, msg: &TunnelMessage) -> Result<(), LinkError> {
         let bytes = msg.encode();
-        let budgeted = matches!(msg.body, Body::VfioUser(_));
+        let budget = Budget::of(&msg.body);
         let mut inner = self.lock();
-        let Some(up) = inner.up else {
+        let Some(up) = inner.up.filter(|_| !inner.broken) else {
             return Err(LinkError::NotUp);
         };
         if bytes.len() > up.guest_max_msg {
@@ -353,14 +428,18 @@ impl Link {
         if pair >= inner.tx.len() {
             return Err(LinkError::NotUp);
         }
-        if budgeted {
-            let backlog = inner.backlog.entry(msg.channel).or_insert(0);
-            // The switch stops reading at the budget; this is the hard stop for anything
-            // that slips past (one message beyond the budget at most).
-            if *backlog >= 2 * CHANNEL_BUDGET {
-                return Err(LinkError::Full);
+        match budget {
+            Budget::Channel => {
+                let backlog = inner.backlog.entry(msg.channel).or_insert(0);
+                // The switch stops reading at the budget; this is the hard stop for
+                // anything that slips past (one message beyond the budget at most).
+                if *backlog >= 2 * CHANNEL_BUDGET {
+                    return Err(LinkError::Full);
+                }
+                *backlog += bytes.len();
             }
-            *backlog += bytes.len();
+            Budget::Answer => inner.tx[pair].answers += bytes.len(),
+            Budget::Control => {}
         }
         inner.tx[pair]
             .queues
@@ -369,7 +448,7 @@ impl Link {
             .push_back(Outgoing {
                 bytes,
                 written: 0,
-                budgeted,
+                budget,
             });
         let room = flush_pair(&mut inner, pair);
         drop(inner);
@@ -424,6 +503,9 @@ impl Link {
         let generation = self.generation();
         let guard = mem.memory();
         let mut more = false;
+        // Answers waiting on this pair, and those the messages taken now will get.
+        let waiting = inner.tx.get(pair).map_or(0, |t| t.answers);
+        let mut coming = 0usize;
         'outer: loop {
             let _ = vring.disable_notification();
             loop {
@@ -431,39 +513,54 @@ impl Link {
                     more = true;
                     break 'outer;
                 }
-                let chain = {
-                    let mut state = vring.get_mut();
-                    match state.get_queue_mut().iter(&*guard) {
-                        Ok(mut it) => it.next(),
-                        Err(e) => {
-                            warn!("g2h queue {pair} unusable ({e}); stopped until the frontend sets it up again");
-                            inner.broken = true;
-                            break 'outer;
-                        }
+                if waiting >= ANSWER_BUDGET {
+                    // Held back: the chains stay in the ring until the driver takes its
+                    // answers (`Link::take_resume`).
+                    warn_limited!(
+                        "g2h queue {pair}: the device VM does not take its answers ({waiting} bytes wait); its requests wait too"
+                    );
+                    break 'outer;
+                }
+                if waiting.saturating_add(coming) >= ANSWER_BUDGET {
+                    // The batch ends here: once its answers are made, they count.
+                    more = true;
+                    break 'outer;
+                }
+                let popped = match pop_head(&vring, &guard) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        warn!("g2h queue {pair} unusable ({e}); dropping the device VM");
+                        break_link(&mut inner);
+                        break 'outer;
                     }
                 };
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                // The chain's buffers: readable ones first, then writable ones.
-                let (mut readable, mut writable) = (GuestRanges::default(), GuestRanges::default());
-                let mut order_ok = true;
-                for d in chain.clone() {
-                    if d.is_write_only() {
-                        writable.push(d.addr(), d.len() as usize);
+                let Some((head, table, size)) = popped else {
+                    break;
+                };
+                let walked = chain::walk(&guard, table, size, head, max).and_then(|c| {
+                    if c.readable.buffers() == 0 {
+                        Err(ChainError::NoReadable)
                     } else {
-                        order_ok &= writable.is_empty();
-                        readable.push(d.addr(), d.len() as usize);
+                        Ok(c)
                     }
-                }
-                if readable.len() > max || writable.len() > max || !order_ok {
-                    warn!(
-                        "g2h queue {pair}: bad buffer ({} readable, {} writable bytes, in order: {order_ok})",
-                        readable.len(),
-                        writable.len()
-                    );
-                    let _ = vring.add_used(head, 0);
-                    continue;
-                }
+                });
+                let Chain { readable, writable } = match walked {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn_limited!("g2h queue {pair}: descriptor chain refused: {e}");
+                        if head < size {
+                            let _ = vring.add_used(head, 0);
+                        }
+                        // A message the chain may have continued is lost with it.
+                        if let Some(rx) = inner.rx.get_mut(pair) {
+                            *rx = Reassembly::default();
+                        }
+                        let msg = Incoming::BadChain(format!("descriptor chain refused: {e}"));
+                        coming += answer_size(&msg);
+                        out.push(msg);
+                        continue;
+                    }
+                };
                 if !writable.is_empty() {
                     let parsed = if !direct_allowed {
                         Err(BadDirect {
@@ -504,7 +601,9 @@ impl Link {
                         Ok(req) => out.push(Incoming::Direct(req)),
                         Err(BadDirect { header, error }) => {
                             let _ = vring.add_used(head, 0);
-                            out.push(Incoming::Message(Err(BadMessage { header, error })));
+                            let msg = Incoming::Message(Err(BadMessage { header, error }));
+                            coming += answer_size(&msg);
+                            out.push(msg);
                         }
                     }
                     continue;
@@ -513,11 +612,14 @@ impl Link {
                 let data = readable.read_prefix(&guard, readable.len());
                 let _ = vring.add_used(head, 0);
                 let Some(data) = data else {
-                    warn!("g2h queue {pair}: bad buffer: outside guest memory");
+                    // The walk checked the buffers against guest memory.
+                    warn_limited!("g2h queue {pair}: buffer outside guest memory");
                     continue;
                 };
                 if let Some(done) = inner.rx.get_mut(pair).and_then(|rx| rx.push(data, max)) {
-                    out.push(Incoming::Message(decode(done)));
+                    let msg = Incoming::Message(decode(done));
+                    coming += answer_size(&msg);
+                    out.push(msg);
                 }
             }
             if self.polling.load(Ordering::Acquire) {
@@ -583,6 +685,13 @@ impl Link {
             self.note_room();
             inner = self.lock();
         }
+        if inner
+            .tx
+            .get(pair)
+            .is_some_and(|t| t.answers >= ANSWER_BUDGET)
+        {
+            return false; // held back until the driver takes its answers
+        }
         let (Some(mem), Some(vring)) = (
             inner.mem.as_ref(),
             inner.vrings.get(g2h_queue(pair as u16) as usize),
@@ -601,6 +710,18 @@ impl Link {
     /// Queue pairs set up by the frontend (0 before it set up any).
     pub fn pairs(&self) -> usize {
         self.lock().tx.len()
+    }
+
+    /// The pairs whose `g2h` queue was held back for unread answers and may be read
+    /// again (the driver took enough of them).
+    pub fn take_resume(&self) -> Vec<usize> {
+        let mut inner = self.lock();
+        inner
+            .tx
+            .iter_mut()
+            .enumerate()
+            .filter_map(|(p, t)| std::mem::take(&mut t.resume).then_some(p))
+            .collect()
     }
 
     /// Keeps a direct request until its answer comes (from the client). Gives it back
@@ -647,6 +768,30 @@ impl Link {
     }
 }
 
+/// A ring is unusable: nothing more is read or written, and the device VM's
+/// connection is dropped (its clients' requests fail at once, not at their timeouts;
+/// a new device VM serves them again).
+fn break_link(inner: &mut Inner) {
+    inner.broken = true;
+    if let Some(drop_device_vm) = inner.dropper.take() {
+        drop_device_vm();
+    }
+}
+
+/// Takes the next chain's head from the available ring of `vring`, with the queue's
+/// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
+/// empty, an error when the ring itself is unusable (its index out of range).
+fn pop_head(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<Option<(u16, GuestAddress, u16)>, virtio_queue::Error> {
+    let mut state = vring.get_mut();
+    let queue = state.get_queue_mut();
+    let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
+    let head = queue.iter(mem)?.next().map(|c| c.head_index());
+    Ok(head.map(|h| (h, table, size)))
+}
+
 fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
     let bytes = bytes.map_err(|error| BadMessage {
         header: None,
@@ -681,18 +826,20 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         return false;
     };
     while let Some(channel) = tx.next_channel() {
-        let chain = {
-            let mut state = vring.get_mut();
-            match state.get_queue_mut().iter(&*guard) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    warn!("h2g queue {pair} unusable ({e}); stopped until the frontend sets it up again");
-                    inner.broken = true;
-                    break;
-                }
+        if tx.queues.get(&channel).is_none_or(VecDeque::is_empty) {
+            tx.in_progress = None;
+            tx.queues.remove(&channel);
+            continue;
+        }
+        let popped = match pop_head(&vring, &guard) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("h2g queue {pair} unusable ({e}); dropping the device VM");
+                break_link(inner);
+                break;
             }
         };
-        let Some(chain) = chain else {
+        let Some((head, table, size)) = popped else {
             // Out of buffers: ask the driver to kick when it posts more (with EVENT_IDX
             // this arms one notification), then look once more in case it posted some
             // meanwhile.
@@ -704,34 +851,57 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
                 }
             }
         };
-        let head = chain.head_index();
-        let Some(out) = tx.queues.get_mut(&channel).and_then(|q| q.front_mut()) else {
-            tx.in_progress = None;
-            continue;
-        };
-        let n = match chain.clone().writer(&*guard) {
-            Ok(mut w) => w.write(&out.bytes[out.written..]).unwrap_or(0),
+        let buffer = chain::walk(&guard, table, size, head, u32::MAX as usize).and_then(|c| {
+            if c.readable.buffers() > 0 {
+                Err(ChainError::NotDeviceWritable)
+            } else if c.writable.len() < MIN_H2G_BUFFER as usize {
+                Err(ChainError::TooSmall(c.writable.len()))
+            } else {
+                Ok(c.writable)
+            }
+        });
+        let buffer = match buffer {
+            Ok(b) => b,
             Err(e) => {
-                warn!("h2g queue {pair}: bad buffer: {e}");
-                0
+                // Passed by: the message goes into the next buffer.
+                warn_limited!("h2g queue {pair}: buffer refused: {e}");
+                if head < size {
+                    let _ = vring.add_used(head, 0);
+                    used_any = true;
+                }
+                continue;
             }
         };
+        let Some(out) = tx.queues.get_mut(&channel).and_then(|q| q.front_mut()) else {
+            continue; // checked above
+        };
+        let n = buffer.write_prefix(&guard, &out.bytes[out.written..]);
         let _ = vring.add_used(head, n as u32);
         used_any = true;
         out.written += n;
-        let (total, budgeted) = (out.bytes.len(), out.budgeted);
+        let (total, budget) = (out.bytes.len(), out.budget);
         if out.written == total {
             tx.queues.get_mut(&channel).map(VecDeque::pop_front);
             tx.in_progress = None;
             tx.last = channel;
-            if budgeted {
-                if let Some(b) = inner.backlog.get_mut(&channel) {
-                    let before = *b;
-                    *b = b.saturating_sub(total);
-                    if before >= CHANNEL_BUDGET && *b < CHANNEL_BUDGET {
-                        room = true;
+            match budget {
+                Budget::Channel => {
+                    if let Some(b) = inner.backlog.get_mut(&channel) {
+                        let before = *b;
+                        *b = b.saturating_sub(total);
+                        if before >= CHANNEL_BUDGET && *b < CHANNEL_BUDGET {
+                            room = true;
+                        }
                     }
                 }
+                Budget::Answer => {
+                    let before = tx.answers;
+                    tx.answers = tx.answers.saturating_sub(total);
+                    if before >= ANSWER_BUDGET && tx.answers < ANSWER_BUDGET {
+                        tx.resume = true;
+                    }
+                }
+                Budget::Control => {}
             }
         } else {
             tx.in_progress = Some(channel);
@@ -750,6 +920,8 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::version::RelayLimits;
+    use std::sync::Arc;
 
     /// A message split over several buffers is put back together; a buffer holding bytes
     /// of two messages, or a header over the limit, is a framing error after which the
@@ -776,6 +948,157 @@ mod tests {
         assert!(r.push([1, 2, 3].to_vec(), 4096).unwrap().is_err());
     }
 
+    /// A link over two queues of 16 entries in 1 MiB of guest memory (the g2h ring's
+    /// available ring at 0x2000 + 0x1000 = 0x3000), negotiated, with a dropper that
+    /// records being called.
+    fn link_over_rings() -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
+        link_over_rings_in(1 << 20)
+    }
+
+    fn link_over_rings_in(
+        mem_size: usize,
+    ) -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap(),
+        );
+        let vrings: Vec<VringRwLock> = (0..2u64)
+            .map(|q| {
+                let v = VringRwLock::new(mem.clone(), 256).unwrap();
+                let base = 0x10000 * (q + 1);
+                v.set_queue_size(16);
+                v.set_queue_info(base, base + 0x1000, base + 0x2000)
+                    .unwrap();
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        let generation = link.generation();
+        link.attach_memory(generation, mem.clone());
+        link.attach_vrings(generation, &vrings);
+        link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: 2 << 20,
+            features: 0,
+        });
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        link.attach_dropper(
+            generation,
+            Box::new(move || flag.store(true, Ordering::Release)),
+        );
+        (link, mem, dropped)
+    }
+
+    /// A device VM that moves its g2h available index out of range (here 100 ahead of a
+    /// ring of 16) is dropped, and the link takes no more messages for it: clients get
+    /// an error at once instead of their requests waiting in a queue nobody reads.
+    #[test]
+    fn a_broken_ring_drops_the_device_vm() {
+        let (link, mem, dropped) = link_over_rings();
+        let msg = TunnelMessage::new(1, Body::SessionStart);
+        // The driver posted no h2g buffer: the message waits, as it should.
+        assert_eq!(link.send(&msg), Ok(()));
+        use vm_memory::Bytes;
+        let g2h_avail = 0x20000 + 0x1000;
+        mem.memory()
+            .write_obj(100u16, GuestAddress(g2h_avail + 2))
+            .unwrap();
+        let (got, more) = link.receive(0);
+        assert!(got.is_empty() && !more);
+        assert!(dropped.load(Ordering::Acquire), "the device VM is dropped");
+        assert_eq!(link.send(&msg), Err(LinkError::NotUp));
+        // The next device VM starts from a clean link.
+        link.reset();
+        assert!(!link.lock().broken);
+    }
+
+    /// Makes a one-descriptor chain of `len` bytes at `addr` available in queue `q` of
+    /// [`link_over_rings`] (descriptor and ring slot `n`).
+    fn post(mem: &GuestMemoryMmap, q: u64, n: u16, addr: u64, len: u32, writable: bool) {
+        use vm_memory::Bytes;
+        let base = 0x10000 * (q + 1);
+        let mut desc = Vec::new();
+        desc.extend_from_slice(&addr.to_le_bytes());
+        desc.extend_from_slice(&len.to_le_bytes());
+        desc.extend_from_slice(&(if writable { 2u16 } else { 0 }).to_le_bytes());
+        desc.extend_from_slice(&0u16.to_le_bytes());
+        mem.write_slice(&desc, GuestAddress(base + 16 * u64::from(n)))
+            .unwrap();
+        let avail = base + 0x1000;
+        mem.write_obj(n, GuestAddress(avail + 4 + 2 * u64::from(n)))
+            .unwrap();
+        mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+    }
+
+    /// A driver that sends requests and takes none of the answers: once the answers
+    /// waiting on its pair reach the budget, the relay leaves its next g2h chains in
+    /// the ring (no more answers are made, none dropped); when the driver posts h2g
+    /// buffers and the answers go out, the pair is read again and the chain taken.
+    #[test]
+    fn unread_answers_hold_the_driver_back() {
+        let (link, mem, _) = link_over_rings_in(16 << 20);
+        let answer = TunnelMessage {
+            channel: 1,
+            tag: 7,
+            body: Body::DmaReadReply {
+                status: 0,
+                data: vec![0; 1 << 20],
+            },
+        };
+        for _ in 0..4 {
+            link.send(&answer).unwrap(); // no h2g buffer: all four wait
+        }
+        let request = TunnelMessage::new(1, Body::SessionStart).encode();
+        use vm_memory::Bytes;
+        mem.memory()
+            .write_slice(&request, GuestAddress(0x8000))
+            .unwrap();
+        post(&mem.memory(), 1, 0, 0x8000, request.len() as u32, false);
+        let (got, _) = link.receive(0);
+        assert!(got.is_empty(), "held back");
+        assert_eq!(link.take_resume(), Vec::<usize>::new());
+        for n in 0..6u16 {
+            let at = (1 << 20) * (u64::from(n) + 1);
+            post(&mem.memory(), 0, n, at, 1 << 20, true);
+        }
+        link.flush(0);
+        assert_eq!(link.take_resume(), vec![0], "the answers went out");
+        let (got, _) = link.receive(0);
+        assert_eq!(got.len(), 1, "the chain left in the ring is taken now");
+    }
+
+    /// Requests whose answers would pass the budget together end a batch (the caller
+    /// makes their answers, then asks again) without holding the pair: answers made
+    /// later (by the client, for memory mapped without an fd) never count against it.
+    #[test]
+    fn answers_to_come_end_a_batch() {
+        let (link, mem, _) = link_over_rings_in(16 << 20);
+        use vm_memory::Bytes;
+        for n in 0..6u16 {
+            let request = TunnelMessage {
+                channel: 1,
+                tag: u32::from(n) + 1,
+                body: Body::DmaRead {
+                    segments: vec![vfu_proto::tunnel::DmaSegment {
+                        iova: 0,
+                        len: 1 << 20,
+                    }],
+                },
+            }
+            .encode();
+            let at = 0x8000 + 0x100 * u64::from(n);
+            mem.memory()
+                .write_slice(&request, GuestAddress(at))
+                .unwrap();
+            post(&mem.memory(), 1, n, at, request.len() as u32, false);
+        }
+        let (got, more) = link.receive(0);
+        assert_eq!((got.len(), more), (4, true), "4 MiB of answers to come");
+        let (got, more) = link.receive(0);
+        assert_eq!((got.len(), more), (2, false));
+    }
+
     /// Round-robin starts after the channel served last and finishes a message in
     /// progress first.
     #[test]
@@ -785,7 +1108,7 @@ mod tests {
             tx.queues.entry(c).or_default().push_back(Outgoing {
                 bytes: vec![0],
                 written: 0,
-                budgeted: true,
+                budget: Budget::Channel,
             });
         }
         tx.last = 1;

@@ -3,11 +3,12 @@
 //! sessions, replies, interrupts.
 
 mod backend;
+pub mod chain;
 pub mod direct;
 pub mod gate;
 mod link;
 
-pub use backend::TunnelBackend;
+pub use backend::{ExitEvents, TunnelBackend};
 pub use link::{BadMessage, Incoming, Link, LinkError, Negotiated, CHANNEL_BUDGET};
 
 use std::os::fd::AsRawFd;
@@ -24,9 +25,8 @@ use vhost::vhost_user::{Error as VhostUserError, Listener};
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
-use crate::channel::GuestState;
 use crate::switch::Relay;
-use crate::{Error, Result};
+use crate::{warn_limited, Error, Result};
 use gate::Gate;
 
 /// Features the relay supports today.
@@ -47,11 +47,14 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
     listener.set_nonblocking(false)?;
     let listener_fd = listener.as_raw_fd();
     let mut listener = Listener::from(listener);
-    let mut refusals = crate::access::RefusalLog::new("frontend socket");
     crate::service::ready("waiting for the device VM");
+    let exits = ExitEvents::default();
     while !relay.is_stopping() {
+        // The exit events of the daemon before this one: its workers are gone.
+        exits.close_all();
         let gate = Arc::new(Gate::default());
-        let backend = TunnelBackend::new(relay.clone(), gate.clone());
+        let generation = relay.link.generation();
+        let backend = TunnelBackend::new(relay.clone(), gate.clone(), exits.clone());
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
             .map_err(|e| Error::Backend(e.to_string()))?;
@@ -69,24 +72,29 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
                 true
             }
             Ok(cred) => {
-                refusals.refused(format_args!(
+                warn_limited!(
                     "refused a device VM's VMM on {}: {cred} is not allowed ({})",
                     socket.display(),
                     access.describe()
-                ));
+                );
                 false
             }
             Err(e) => {
-                refusals.refused(format_args!(
+                warn_limited!(
                     "refused a connection on the frontend socket {}: its credentials cannot be read: {e}",
                     socket.display()
-                ));
+                );
                 false
             }
         };
         gate.decide(allowed);
         if !allowed {
             daemon.request_shutdown();
+        } else if let Some(handle) = daemon.shutdown_handle() {
+            // A device VM that breaks a ring of the tunnel is dropped.
+            relay
+                .link
+                .attach_dropper(generation, Box::new(move || handle.shutdown()));
         }
         let result = daemon.wait();
         // The queue worker threads of this connection end here.
@@ -106,6 +114,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
         device_vm_gone(&relay);
         crate::service::status("device VM disconnected; waiting for it");
     }
+    exits.close_all();
     Ok(())
 }
 
@@ -127,12 +136,15 @@ fn device_vm_gone(relay: &Relay) {
 /// forwarding requests while a busy driver talks). Called by the queue worker on a
 /// notification and by the switch when it polls; one at a time per queue, so that a
 /// channel's messages are handled in order.
-pub fn drain_g2h(relay: &Relay, pair: usize) {
+/// Returns whether it took any.
+pub fn drain_g2h(relay: &Relay, pair: usize) -> bool {
     let Some(_held) = relay.link.draining(pair) else {
-        return;
+        return false;
     };
+    let mut took = false;
     loop {
         let (messages, more) = relay.link.receive(pair);
+        took |= !messages.is_empty();
         for msg in messages {
             dispatch(relay, msg);
         }
@@ -141,12 +153,18 @@ pub fn drain_g2h(relay: &Relay, pair: usize) {
             break;
         }
     }
+    took
 }
 
 /// Handles one message from the device VM.
 pub fn dispatch(relay: &Relay, incoming: Incoming) {
     let msg = match incoming {
         Incoming::Direct(req) => return direct::serve(relay, req),
+        Incoming::BadChain(why) => {
+            // Logged by the link; the driver hears of it too.
+            report(relay, 0, 0, libc::EINVAL as u32, &why);
+            return;
+        }
         Incoming::Message(m) => m,
     };
     let msg = match msg {
@@ -156,7 +174,7 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             error: TunnelError::UnknownKind { kind },
         }) => {
             // The spec's answer to a request of unknown kind.
-            debug!("device VM sent unknown kind {kind:#x}; answering ENOSYS");
+            warn_limited!("device VM sent unknown kind {kind:#x}; answering ENOSYS");
             send_reply(
                 relay,
                 h.channel,
@@ -169,7 +187,7 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             return;
         }
         Err(BadMessage { header, error }) => {
-            warn!("malformed message from the device VM: {error}");
+            warn_limited!("malformed message from the device VM: {error}");
             let (channel, tag) = header.map_or((0, 0), |h| (h.channel, h.tag));
             report(relay, channel, tag, error.errno(), &error.to_string());
             return;
@@ -184,11 +202,11 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
                 let outcome = ch.on_device_message(relay, frame);
                 relay.after_send(&ch, outcome);
             }
-            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+            None => no_channel(relay, "a vfio-user message", channel, tag),
         },
         Body::Irq(t) => match relay.channel(channel) {
             Some(ch) => ch.on_irq(t.index, t.start, t.count),
-            None => report(relay, channel, tag, libc::ENOENT as u32, "no such channel"),
+            None => no_channel(relay, "an interrupt", channel, tag),
         },
         Body::PostedDone { msg_id } if relay.link.features() & features::POSTED_DONE != 0 => {
             match relay.channel(channel) {
@@ -200,10 +218,15 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let reply = match relay.channel(channel) {
                 Some(ch) => ch.on_dma_read(relay, tag, &segs),
-                None => Some(Body::DmaReadReply {
-                    status: libc::ENOENT as u32,
-                    data: Vec::new(),
-                }),
+                None => {
+                    warn_limited!(
+                        "device VM sent a DMA read for channel {channel}, which does not exist"
+                    );
+                    Some(Body::DmaReadReply {
+                        status: libc::ENOENT as u32,
+                        data: Vec::new(),
+                    })
+                }
             };
             if let Some(reply) = reply {
                 send_reply(relay, channel, tag, reply);
@@ -213,7 +236,12 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             let segs: Vec<(u64, u64)> = segments.iter().map(|s| (s.iova, s.len)).collect();
             let status = match relay.channel(channel) {
                 Some(ch) => ch.on_dma_write(relay, tag, &segs, &mut data),
-                None => Some(libc::ENOENT as u32),
+                None => {
+                    warn_limited!(
+                        "device VM sent a DMA write for channel {channel}, which does not exist"
+                    );
+                    Some(libc::ENOENT as u32)
+                }
             };
             if let Some(status) = status {
                 send_reply(
@@ -228,11 +256,13 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             }
         }
         Body::Error { errno, text } => {
-            warn!("device VM reports error {errno} on channel {channel}: {text}")
+            warn_limited!("device VM reports error {errno} on channel {channel}: {text}")
         }
         other => {
             let (kind, reply) = other.kind();
-            warn!("device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored");
+            warn_limited!(
+                "device VM sent kind {kind:#x} (reply {reply}), which it must not; ignored"
+            );
             report(
                 relay,
                 channel,
@@ -242,6 +272,13 @@ pub fn dispatch(relay: &Relay, incoming: Incoming) {
             );
         }
     }
+}
+
+/// The device VM sent `what` for a channel that does not exist: logged, and answered
+/// with ERROR (ENOENT).
+fn no_channel(relay: &Relay, what: &str, channel: u32, tag: u32) {
+    warn_limited!("device VM sent {what} for channel {channel}, which does not exist");
+    report(relay, channel, tag, libc::ENOENT as u32, "no such channel");
 }
 
 fn send_reply(relay: &Relay, channel: u32, tag: u32, body: Body) {
@@ -333,18 +370,13 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
         }),
     );
     for ch in table.active() {
-        relay.send_control(
-            ch.id,
-            Body::ChannelUp {
-                name: ch.name.clone(),
-            },
-        );
+        ch.bring_up(relay);
     }
 }
 
 fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
     let Some(ch) = relay.channel(channel) else {
-        warn!("status for unknown channel {channel}");
+        warn_limited!("device VM sent a status for unknown channel {channel}");
         return;
     };
     match Kind::from_u16(kind) {
@@ -357,21 +389,7 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
             }
             relay.on_channel_down_ack(channel);
         }
-        Some(Kind::ChannelUp) => {
-            let mut st = ch.lock();
-            if status == 0 {
-                st.guest = GuestState::Served;
-                info!("{}: served by the device VM", ch.name);
-                drop(st);
-                ch.start_session(relay);
-            } else {
-                st.guest = GuestState::NotServed;
-                warn!(
-                    "{}: the device VM does not serve this device (errno {status}); clients get ENODEV",
-                    ch.name
-                );
-            }
-        }
+        Some(Kind::ChannelUp) => ch.on_channel_up_status(relay, tag, status),
         Some(Kind::SessionEnd) => {
             if status != 0 {
                 warn!(
@@ -382,9 +400,9 @@ fn on_status(relay: &Relay, channel: u32, tag: u32, kind: u16, status: u32) {
             ch.on_session_end_ack(relay, tag);
         }
         Some(k) if status != 0 => {
-            warn!("{}: device VM answered {k:?} with errno {status}", ch.name)
+            warn_limited!("{}: device VM answered {k:?} with errno {status}", ch.name)
         }
         Some(_) => {}
-        None => warn!("{}: status for unknown kind {kind:#x}", ch.name),
+        None => warn_limited!("{}: status for unknown kind {kind:#x}", ch.name),
     }
 }

@@ -257,3 +257,46 @@ fn need_event_formula() {
     assert!(need_event(0xffff, 0, 0xfffe));
     assert!(!need_event(1, 0, 0xffff));
 }
+
+/// An edited chain reaches the device as edited (here: its descriptor links to
+/// itself and is device-writable), while the driver's own bookkeeping follows the
+/// descriptors it took: the head comes back as usual, with the writable length as
+/// published, and the free list is whole again. The index helpers publish what they
+/// are given: a head nobody set up, an index the device must refuse.
+#[test]
+fn edited_chains_and_index_abuse() {
+    let f = fixture();
+    let mut q = DriverQueue::new(&f.shared, 8, false).unwrap();
+    let mut dq = device_queue(&q, false);
+    let buf = f.shared.alloc(64, 8).unwrap();
+    let seg = Segment {
+        gpa: buf.gpa,
+        len: 32,
+        device_writable: false,
+    };
+    let head = q
+        .add_with(&[seg], |d, at| {
+            d[0].flags |= VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE;
+            d[0].next = at[0];
+        })
+        .unwrap();
+    let chain = dq.iter(&f.device_mem).unwrap().next().unwrap();
+    let descs: Vec<_> = chain.clone().collect();
+    assert_eq!(descs.len(), 8, "the device walks the loop until its bound");
+    assert!(descs.iter().all(|d| d.is_write_only() && d.has_next()));
+    dq.add_used(&f.device_mem, chain.head_index(), 32).unwrap();
+    assert_eq!(q.pop_used().unwrap(), Some(UsedElem { head, len: 32 }));
+    assert_eq!(q.num_free(), 8);
+
+    q.publish_head(11);
+    let chain = dq.iter(&f.device_mem).unwrap().next().unwrap();
+    assert_eq!(chain.head_index(), 11);
+    assert_eq!(chain.count(), 0, "no descriptor behind a head out of range");
+    let idx = q.avail_idx();
+    q.publish_avail_idx(idx.wrapping_add(9));
+    assert!(
+        dq.iter(&f.device_mem).is_err(),
+        "an index 9 ahead of 8 entries"
+    );
+    assert_eq!(q.avail_idx(), idx, "the driver's own count is unchanged");
+}
