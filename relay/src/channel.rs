@@ -176,6 +176,35 @@ pub struct Channel {
     pub state: Mutex<ChannelState>,
 }
 
+/// What a channel holds (for the fuzz targets' checks that it stays bounded and goes
+/// back to nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelCounts {
+    /// A client is connected.
+    pub clients: usize,
+    /// Its requests in flight.
+    pub pending: usize,
+    /// Payload bytes of those requests.
+    pub pending_bytes: usize,
+    /// The device VM's DMA operations waiting for the client, and the commands sent
+    /// to the client for them.
+    pub remote_ops: usize,
+    /// Commands sent to the client for those operations.
+    pub remote_chunks: usize,
+    /// DMA regions: mapped, and with an unmap in flight.
+    pub dma_regions: usize,
+    /// Memory files the client's regions hold.
+    pub dma_files: usize,
+    /// Interrupt eventfds assigned.
+    pub irq_fds: usize,
+    /// Sessions of clients that left, waiting for the device VM's SESSION_END reply.
+    pub retired_sessions: usize,
+    /// Their regions.
+    pub retired_regions: usize,
+    /// Relay message IDs of requests whose client left.
+    pub abandoned: usize,
+}
+
 /// Outcome of sending bytes to a client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -550,6 +579,27 @@ impl Channel {
         for r in std::mem::take(&mut st.retired) {
             release(relay, r.regions);
         }
+    }
+
+    /// What the channel holds now.
+    pub fn counts(&self) -> ChannelCounts {
+        let st = self.lock();
+        let mut c = ChannelCounts {
+            retired_sessions: st.retired.len(),
+            retired_regions: st.retired.iter().map(|r| r.regions.len()).sum(),
+            abandoned: st.abandoned.len(),
+            ..ChannelCounts::default()
+        };
+        if let Some(client) = st.client.as_ref() {
+            (c.remote_ops, c.remote_chunks) = client.remote.in_flight();
+            c.clients = 1;
+            c.pending = client.pending.len();
+            c.pending_bytes = client.pending_bytes;
+            c.dma_regions = client.dma.len() + client.dma.unmapping_len();
+            c.dma_files = client.dma.files_held();
+            c.irq_fds = client.irq_fds.len();
+        }
+        c
     }
 
     /// The channel as `vfu-relay ctl list` shows it.

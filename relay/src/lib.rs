@@ -25,6 +25,8 @@ pub mod control;
 pub mod dma;
 pub mod frontend_requests;
 pub mod ratelimit;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod remote_dma;
 pub mod service;
 pub mod sockets;

@@ -86,6 +86,11 @@ impl RemoteDma {
         self.ops.is_empty()
     }
 
+    /// Operations in flight, and commands sent to the client for them.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (self.ops.len(), self.chunks.len())
+    }
+
     /// Whether an operation with tunnel tag `tag` is in flight (a device VM reusing a
     /// tag gets EBUSY instead of mixing two operations).
     pub fn busy(&self, tag: u32) -> bool {

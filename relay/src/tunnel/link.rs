@@ -124,6 +124,20 @@ pub struct Negotiated {
     pub features: u64,
 }
 
+/// What the link holds (for the fuzz targets' checks that it stays bounded and goes
+/// back to nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounts {
+    /// Messages waiting for the driver's `h2g` buffers.
+    pub queued: usize,
+    /// Their bytes not yet written.
+    pub queued_bytes: usize,
+    /// Channels with vfio-user bytes counted against their budget.
+    pub backlog_channels: usize,
+    /// Direct requests waiting for a client's answer.
+    pub parked: usize,
+}
+
 /// A message from the driver that could not be decoded; the header, when it could be
 /// read, lets the relay answer it.
 #[derive(Debug)]
@@ -724,6 +738,18 @@ impl Link {
             .collect()
     }
 
+    /// What the link holds now.
+    pub fn counts(&self) -> LinkCounts {
+        let inner = self.lock();
+        let queued = inner.tx.iter().flat_map(|t| t.queues.values()).flatten();
+        LinkCounts {
+            queued: queued.clone().count(),
+            queued_bytes: queued.map(|o| o.bytes.len() - o.written).sum(),
+            backlog_channels: inner.backlog.len(),
+            parked: inner.parked.len(),
+        }
+    }
+
     /// Keeps a direct request until its answer comes (from the client). Gives it back
     /// when one with the same channel and tag is already waiting, or when the device VM
     /// it came from is gone.
@@ -792,7 +818,7 @@ fn pop_head(
     Ok(head.map(|h| (h, table, size)))
 }
 
-fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
+pub(crate) fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
     let bytes = bytes.map_err(|error| BadMessage {
         header: None,
         error,
