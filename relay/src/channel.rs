@@ -1228,7 +1228,7 @@ impl Channel {
     /// The device VM went away or restarted: requests in flight fail with `errno`
     /// (posted ones silently), and what forwarding them did to the DMA table is taken
     /// back: maps the device never accepted and unmaps it never finished release their
-    /// regions.
+    /// regions. The device VM's DMA requests that wait for the client are forgotten.
     pub fn fail_pending(&self, relay: &Relay, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
@@ -1242,6 +1242,10 @@ impl Channel {
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
+        // The device VM's DMA requests waiting for the client are its old instance's:
+        // an answer would reach the new one as a reply to a tag it may be using (and
+        // the tag, still busy, would refuse its new request).
+        client.remote.forget_all();
         let mut outcome = SendOutcome::Done;
         while let Some(p) = client.pop_pending() {
             undo(relay, client, p.kind);
@@ -2072,5 +2076,76 @@ mod posted_tests {
         p.extend_from_slice(&2u32.to_le_bytes());
         p.extend_from_slice(&(1u32 << 20).to_le_bytes());
         p
+    }
+}
+
+/// The device VM's DMA requests that wait for a client (memory mapped without an fd)
+/// belong to the device VM instance that sent them.
+#[cfg(test)]
+mod remote_dma_restart_tests {
+    use super::*;
+    use vfu_proto::vfio_user::encode_request;
+
+    /// A DMA_READ waiting for the client when the driver restarts (a second HELLO, or
+    /// a new device VM) is forgotten, not answered: the new instance may use the same
+    /// tag at once and gets its own answer, not EBUSY, and when the client leaves the
+    /// relay answers only that one. (Found by the `tunnel_control` fuzz target: the old
+    /// request got ENODEV sent to the new driver, and the new one EBUSY.)
+    #[test]
+    fn a_restarted_driver_gets_no_answer_for_its_old_instance() {
+        let relay = pipelined_dma_tests::relay();
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let map = Request::DmaMap(DmaMap {
+            read: true,
+            write: true,
+            offset: 0,
+            address: 0x10_0000,
+            size: 0x1000,
+        });
+        let b = encode_request(1, &map, false);
+        ch.on_client_message(
+            &relay,
+            RawMessage {
+                header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+                payload: b[HEADER_SIZE..].to_vec(),
+                fds: Vec::new(),
+            },
+        );
+        let relay_id = ch.lock().client.as_ref().unwrap().pending[0].relay_id;
+        let req = Header::command(relay_id, Command::DmaMap as u16, 0);
+        ch.on_device_message(
+            &relay,
+            VfioUserFrame {
+                header: Header::reply_to(&req, 0),
+                payload: vec![],
+                slots: vec![],
+            },
+        );
+        let segments = [(0x10_0000, 16)];
+        assert!(
+            ch.on_dma_read(&relay, 12, &segments).is_none(),
+            "asked of the client"
+        );
+        assert_eq!(ch.counts().remote_ops, 1);
+
+        ch.fail_pending(&relay, libc::ECONNRESET as u32);
+        assert_eq!(ch.counts().remote_ops, 0, "forgotten with its driver");
+        assert!(
+            ch.on_dma_read(&relay, 12, &segments).is_none(),
+            "the new driver's request with the same tag is asked of the client too"
+        );
+        let mut st = ch.lock();
+        let answers = st
+            .client
+            .as_mut()
+            .unwrap()
+            .remote
+            .fail_all(libc::ENODEV as u32);
+        assert_eq!(
+            answers.len(),
+            1,
+            "one answer when the client leaves: the new one"
+        );
     }
 }

@@ -276,6 +276,14 @@ impl RemoteDma {
         self.fail(late, libc::ETIMEDOUT as u32)
     }
 
+    /// Forgets every operation without an answer: the device VM that asked is gone (or
+    /// restarted and knows nothing of them). Message IDs go on from where they were, so
+    /// the client's late replies to the forgotten commands match nothing.
+    pub fn forget_all(&mut self) {
+        self.ops.clear();
+        self.chunks.clear();
+    }
+
     /// Every operation fails with `errno` (the client went away).
     pub fn fail_all(&mut self, errno: u32) -> Vec<Done> {
         let tags: Vec<u32> = self.ops.keys().copied().collect();

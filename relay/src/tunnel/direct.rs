@@ -536,6 +536,31 @@ mod tests {
         assert_eq!(req.data().unwrap(), vec![9; 16]);
     }
 
+    /// A direct request waiting for its client when the driver restarts (a second
+    /// HELLO) is dropped: its chain was the old driver instance's, and giving it back
+    /// later would put a head the new instance never posted in its used ring.
+    #[test]
+    fn a_driver_restart_drops_parked_requests() {
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let mem = memory();
+        let req = read_request(16);
+        let parked = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 24 + 16)]),
+        )
+        .unwrap();
+        assert!(link.park_direct(parked).is_none());
+        assert_eq!(link.counts().parked, 1);
+        link.set_up(crate::tunnel::Negotiated {
+            pairs: 1,
+            guest_max_msg: 1 << 20,
+            features: 0,
+        });
+        assert_eq!(link.counts().parked, 0);
+    }
+
     /// Proves that an answer lands in the chain as a well-formed reply (head, status,
     /// data) and that data that does not fit becomes E2BIG instead of an overrun.
     #[test]

@@ -396,13 +396,15 @@ impl Link {
     }
 
     /// HELLO settled these parameters: from now on messages flow. Anything queued for a
-    /// previous driver instance is dropped.
+    /// previous driver instance is dropped, and so are its direct requests waiting for
+    /// a client: their chains are not the new instance's to get back.
     pub fn set_up(&self, negotiated: Negotiated) {
         let mut inner = self.lock();
         inner.up = Some(negotiated);
         inner.tx.iter_mut().for_each(|t| *t = PairTx::default());
         inner.rx.iter_mut().for_each(|r| *r = Reassembly::default());
         inner.backlog.clear();
+        inner.parked.clear();
         drop(inner);
         self.note_room();
     }
