@@ -24,9 +24,9 @@ pub mod config;
 pub mod control;
 pub mod dma;
 pub mod frontend_requests;
-pub mod ratelimit;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod ratelimit;
 pub mod remote_dma;
 pub mod service;
 pub mod sockets;

@@ -25,7 +25,9 @@ use vfu_proto::tunnel::{
 };
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, Chain, ChainError};
@@ -808,7 +810,8 @@ fn break_link(inner: &mut Inner) {
 
 /// Takes the next chain's head from the available ring of `vring`, with the queue's
 /// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
-/// empty, an error when the ring itself is unusable (its index out of range).
+/// empty, an error when the ring itself is unusable (its index out of range, or the
+/// entry naming the next buffer outside guest memory).
 fn pop_head(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
@@ -817,6 +820,23 @@ fn pop_head(
     let queue = state.get_queue_mut();
     let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
     let head = queue.iter(mem)?.next().map(|c| c.head_index());
+    if head.is_none() {
+        // `virtio-queue` reports an entry it cannot read as an empty ring. But the
+        // index says a buffer is there, and re-enabling notifications says so again:
+        // the callers would look for ever (a device VM holding a queue worker and the
+        // link's lock for good). The entry's place does not depend on the index, so a
+        // buffer the driver posts meanwhile is not taken for this.
+        let next = queue.next_avail();
+        let posted = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != next);
+        let entry = queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(next % size.max(1)));
+        if posted && !entry.is_some_and(|a| mem.check_range(GuestAddress(a), 2)) {
+            return Err(virtio_queue::Error::FindMemoryRegion);
+        }
+    }
     Ok(head.map(|h| (h, table, size)))
 }
 
@@ -1039,6 +1059,102 @@ mod tests {
         // The next device VM starts from a clean link.
         link.reset();
         assert!(!link.lock().broken);
+    }
+
+    /// A link over a queue pair in 4 KiB of guest memory: descriptor tables at 0
+    /// (h2g) and 0x200 (g2h), used rings at 0x400 and 0x600 unless given, the available
+    /// rings at `h2g_avail` and `g2h_avail`; queues of 8, each available index saying
+    /// one buffer is there (the used index the driver leaves is where the relay starts
+    /// counting, as vhost-user-backend's SET_VRING_ADDR takes it). With the vrings (to
+    /// keep) and a dropper that records being called.
+    fn link_in_4k(
+        h2g_avail: u64,
+        g2h_avail: u64,
+        g2h_used: u64,
+    ) -> (
+        Link,
+        GuestMemoryAtomic<GuestMemoryMmap>,
+        Vec<VringRwLock>,
+        Arc<AtomicBool>,
+    ) {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+        );
+        let vrings: Vec<VringRwLock> = [(0, h2g_avail, 0x400), (0x200, g2h_avail, g2h_used)]
+            .into_iter()
+            .map(|(desc, avail, used)| {
+                mem.memory()
+                    .write_obj(1u16, GuestAddress(avail + 2))
+                    .unwrap();
+                let v = VringRwLock::new(mem.clone(), 8).unwrap();
+                v.set_queue_size(8);
+                v.set_queue_info(desc, avail, used).unwrap();
+                v.set_queue_next_used(v.queue_used_idx().unwrap());
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let generation = link.generation();
+        link.attach_memory(generation, mem.clone());
+        link.attach_vrings(generation, &vrings);
+        link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: 1 << 20,
+            features: 0,
+        });
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        link.attach_dropper(
+            generation,
+            Box::new(move || flag.store(true, Ordering::Release)),
+        );
+        (link, mem, vrings, dropped)
+    }
+
+    /// Runs `f` on its own thread; whether it returned within a generous bound (a
+    /// loop that never ends would otherwise hang the test).
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok()
+    }
+
+    /// An available ring whose index says a buffer came but whose entry naming it lies
+    /// outside guest memory is unusable: the device VM is dropped. Found by the
+    /// g2h_rings fuzz target: receive and the h2g flush looked again for ever (the
+    /// index kept saying a buffer was there), holding a queue worker and the link's
+    /// lock.
+    #[test]
+    fn an_unreadable_available_ring_drops_the_device_vm_instead_of_spinning() {
+        let (link, _mem, vrings, dropped) = link_in_4k(0x800, 0xffc, 0x600);
+        let link = Arc::new(link);
+        let l = link.clone();
+        assert!(returns(move || {
+            let (got, more) = l.receive(0);
+            assert!(got.is_empty() && !more);
+        }));
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "g2h: the device VM is dropped"
+        );
+        assert!(!link.poll(0));
+        drop(vrings);
+
+        let (link, _mem, vrings, dropped) = link_in_4k(0xffc, 0x800, 0x600);
+        assert!(returns(move || {
+            // The flush finds the h2g ring unusable while it sends.
+            let _ = link.send(&TunnelMessage::new(1, Body::SessionStart));
+        }));
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "h2g: the device VM is dropped"
+        );
+        drop(vrings);
     }
 
     /// Makes a one-descriptor chain of `len` bytes at `addr` available in queue `q` of
