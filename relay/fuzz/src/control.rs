@@ -38,8 +38,8 @@ use vfu_proto::tunnel::{
     TunnelHeader, TunnelMessage, VfioUserFrame,
 };
 use vfu_proto::vfio_user::{
-    Capabilities, DeviceFeature, DmaMap, DmaUnmap, GetInfoRequest, Header, IrqData, MessageType,
-    MigDataRead, MultiWrite, RegionAccess, RegionWrite, Request, SetIrqs, Version,
+    Capabilities, Command, DeviceFeature, DmaMap, DmaUnmap, GetInfoRequest, Header, IrqData,
+    MessageType, MigDataRead, MultiWrite, RegionAccess, RegionWrite, Request, SetIrqs, Version,
     IRQ_SET_ACTION_TRIGGER,
 };
 use vfu_relay::fuzzing::{self, Counts};
@@ -122,8 +122,11 @@ pub mod dev {
     pub const WRONG_WAY: u8 = 8;
     /// `ch: u8, tag: u16, kind: u8, reply: u8, blob`: an unknown kind.
     pub const UNKNOWN: u8 = 9;
+    /// `sel: u8, msg_id: u16, flags: u8`: POSTED_DONE for a posted request the relay
+    /// forwarded (flags bit 0: for `msg_id` on a channel `sel` picks instead).
+    pub const POSTED_DONE: u8 = 10;
     /// Number of kinds.
-    pub const COUNT: u8 = 10;
+    pub const COUNT: u8 = 11;
 }
 
 /// Client requests (byte after the channel selector of [`op::REQUEST`]; bit 7: posted).
@@ -184,6 +187,8 @@ struct Target {
     /// The relay's requests the device VM has not answered: channel, tag, kind.
     relay_requests: Vec<(u32, u32, u16)>,
     forwarded: Vec<Forwarded>,
+    /// Posted requests the relay forwarded (POSTED_DONE): channel, message ID.
+    posted: Vec<(u32, u16)>,
     /// Relay message IDs in flight, per channel (current device VM).
     in_flight: HashSet<(u32, u16)>,
     /// The current device VM's requests that want a reply, by channel and tag.
@@ -239,6 +244,7 @@ impl Target {
             added: 0,
             relay_requests: Vec::new(),
             forwarded: Vec::new(),
+            posted: Vec::new(),
             in_flight: HashSet::new(),
             device_requests: HashMap::new(),
             device_sent: HashSet::new(),
@@ -540,10 +546,33 @@ impl Target {
                 };
                 self.send_device(TunnelMessage { channel, tag, body });
             }
+            dev::POSTED_DONE => {
+                let sel = inp.u8();
+                let raw = inp.u16();
+                let flags = inp.u8();
+                let (channel, msg_id) = if self.posted.is_empty() || flags & 1 != 0 {
+                    (self.channel(sel), raw)
+                } else {
+                    let (channel, msg_id) = self.posted[usize::from(sel) % self.posted.len()];
+                    // Done up to it: the earlier ones of its channel are done too.
+                    let at = self
+                        .posted
+                        .iter()
+                        .position(|&p| p == (channel, msg_id))
+                        .expect("picked from the list");
+                    let mut i = 0;
+                    self.posted.retain(|&(c, _)| {
+                        i += 1;
+                        c != channel || i > at + 1
+                    });
+                    (channel, msg_id)
+                };
+                self.send_device(TunnelMessage::new(channel, Body::PostedDone { msg_id }));
+            }
             _ => {
                 let channel = self.channel(inp.u8());
                 let tag = u32::from(inp.u16());
-                let kind = 0x0c + u16::from(inp.u8());
+                let kind = 0x0d + u16::from(inp.u8());
                 let reply = inp.u8() & 1 != 0;
                 let body = inp.blob().to_vec();
                 let header = TunnelHeader {
@@ -860,6 +889,7 @@ impl Target {
             .attach_vrings(self.relay.link.generation(), &self.fe.vrings);
         self.relay_requests.clear();
         self.forwarded.clear();
+        self.posted.clear();
         self.in_flight.clear();
         self.device_requests.clear();
         self.driver_max = 0;
@@ -969,15 +999,37 @@ impl Target {
             }
             Body::VfioUser(f) => {
                 assert!(
-                    f.header.msg_type == MessageType::Command && !f.header.no_reply,
-                    "the relay forwarded {:?}: not a command that asks for a reply",
+                    f.header.msg_type == MessageType::Command,
+                    "the relay forwarded {:?}: not a command",
                     f.header
                 );
-                assert!(
-                    self.in_flight.insert((channel, f.header.msg_id)),
-                    "two requests in flight on channel {channel} with message ID {}",
-                    f.header.msg_id
-                );
+                if f.header.no_reply {
+                    // Posted: only with POSTED_DONE, and only requests whose reply the
+                    // relay does not need for its own tables.
+                    let posted_done = self.relay.link.features() & features::POSTED_DONE != 0;
+                    let needs_reply = matches!(
+                        Command::try_from(f.header.command),
+                        Ok(Command::Version
+                            | Command::DmaMap
+                            | Command::DmaUnmap
+                            | Command::DeviceSetIrqs)
+                    );
+                    assert!(
+                        posted_done && !needs_reply,
+                        "the relay forwarded {:?} posted (POSTED_DONE in force: {posted_done})",
+                        f.header
+                    );
+                    if self.posted.len() == REMEMBERED {
+                        self.posted.remove(0);
+                    }
+                    self.posted.push((channel, f.header.msg_id));
+                } else {
+                    assert!(
+                        self.in_flight.insert((channel, f.header.msg_id)),
+                        "two requests in flight on channel {channel} with message ID {}",
+                        f.header.msg_id
+                    );
+                }
                 if self.forwarded.len() == REMEMBERED {
                     self.forwarded.remove(0);
                 }
@@ -1289,6 +1341,27 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
                 .encode()[..28],
             ),
     );
+    add("posted_done", {
+        let b = Builder::new(1)
+            .hello_with(
+                0,
+                1,
+                1,
+                8,
+                (features::DIRECT_DATA | features::POSTED_DONE) as u8,
+                1,
+            )
+            .ack(0, 0);
+        version(b.op(op::CONNECT, &[0]).ack(0, 0), 0)
+            .reply(0, 0, 0)
+            .request(0, req::REGION_WRITE | req::POSTED, &[2, 4, 0, 1, 0, 0x5a])
+            .request(0, req::REGION_WRITE | req::POSTED, &[2, 4, 0, 1, 0, 0x5b])
+            .request(0, req::DMA_MAP | req::POSTED, &[1, 2, 3, 1])
+            .device(dev::POSTED_DONE, &[1, 0, 0, 0])
+            .reply(0, 0, 0)
+            .request(0, req::REGION_WRITE | req::POSTED, &[2, 4, 0, 1, 0, 0x5c])
+            .device(dev::POSTED_DONE, &[0, 9, 0, 1])
+    });
     add(
         "bad_replies",
         session(up(1))

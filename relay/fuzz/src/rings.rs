@@ -88,6 +88,8 @@ pub mod flag {
     pub const HELLO_IN_RING: u8 = 8;
     /// Ring addresses come from the input.
     pub const RING_ADDRESSES: u8 = 16;
+    /// The HELLO offers POSTED_DONE.
+    pub const POSTED_DONE: u8 = 32;
 }
 
 /// Step codes.
@@ -239,12 +241,14 @@ impl Target {
             allowed: vec![false; FLAT_SIZE],
         };
         if flags & flag::HELLO_IN_RING == 0 {
-            let features = if flags & flag::DIRECT != 0 {
-                features::DIRECT_DATA
-            } else {
-                0
-            };
-            t.set_up(pairs, max_msg, features);
+            let mut offered = 0;
+            if flags & flag::DIRECT != 0 {
+                offered |= features::DIRECT_DATA;
+            }
+            if flags & flag::POSTED_DONE != 0 {
+                offered |= features::POSTED_DONE;
+            }
+            t.set_up(pairs, max_msg, offered);
         }
         t
     }
