@@ -19,8 +19,8 @@ use std::sync::Arc;
 use vfu_proto::transport::{Frame, Limits, MessageReader, RawMessage};
 use vfu_proto::tunnel::{TunnelHeader, TunnelMessage, TUNNEL_HEADER_SIZE};
 use vfu_proto::vfio_user::{
-    encode_error_reply, encode_reply, encode_request, Command, CountWidth, DmaReadReply,
-    DmaWriteReply, Header, MessageType, Reply, Request, HEADER_SIZE,
+    encode_error_reply, encode_reply, encode_request, CountWidth, DmaReadReply, DmaWriteReply,
+    Header, MessageType, Reply, Request, HEADER_SIZE,
 };
 use vfu_relay::channel::{Channel, SendOutcome};
 use vfu_relay::config::{Config, DeviceConfig};
@@ -95,23 +95,6 @@ impl Ring {
             .write_slice(&d, GuestAddress(self.desc.wrapping_add(16 * u64::from(i))));
     }
 
-    /// Reads descriptor `i`: address, length, flags, next.
-    pub fn read_desc(&self, mem: &Memory, i: u16) -> Option<(u64, u32, u16, u16)> {
-        let mut d = [0u8; 16];
-        mem.memory()
-            .read_slice(
-                &mut d,
-                GuestAddress(self.desc.checked_add(16 * u64::from(i))?),
-            )
-            .ok()?;
-        Some((
-            u64::from_le_bytes(d[..8].try_into().ok()?),
-            u32::from_le_bytes(d[8..12].try_into().ok()?),
-            u16::from_le_bytes(d[12..14].try_into().ok()?),
-            u16::from_le_bytes(d[14..].try_into().ok()?),
-        ))
-    }
-
     fn read_u16(mem: &Memory, at: u64) -> u16 {
         mem.memory()
             .read_obj::<u16>(GuestAddress(at))
@@ -160,11 +143,6 @@ impl Ring {
             .read_obj::<u32>(GuestAddress(at.wrapping_add(4)))
             .unwrap_or(0);
         (u32::from_le(id), u32::from_le(len))
-    }
-
-    /// Bytes of the used ring the device may write (with the `avail_event` field).
-    pub fn used_bytes(&self) -> u64 {
-        4 + 8 * u64::from(self.size) + 2
     }
 }
 
@@ -748,11 +726,6 @@ impl H2gDriver {
     pub fn forget_partial(&mut self) {
         self.partial = None;
     }
-
-    /// Whether a message is partly received.
-    pub fn mid_message(&self) -> bool {
-        self.partial.is_some()
-    }
 }
 
 /// The reply a device model would give to a forwarded request (what the target's
@@ -786,9 +759,4 @@ pub fn good_reply(command: u16, payload: &[u8], nfds: usize) -> Option<Reply> {
         }),
         _ => return None,
     })
-}
-
-/// Whether `command` is one the relay may forward to the device VM.
-pub fn is_command(command: u16) -> bool {
-    Command::try_from(command).is_ok()
 }
