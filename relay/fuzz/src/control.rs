@@ -195,6 +195,13 @@ struct Target {
     device_requests: HashMap<(u32, u32), usize>,
     /// Channel and tag of every message the device VM sent (ERROR names one).
     device_sent: HashSet<(u32, u32)>,
+    /// The interrupt eventfds each channel's client passed (it keeps a duplicate):
+    /// index, vector.
+    irq_fds: BTreeMap<u32, Vec<(u32, u32, std::fs::File)>>,
+    /// The IRQ messages of the device VM in this step: channel and trigger.
+    raised: Vec<(u32, IrqTrigger)>,
+    /// Eventfds found signalled (each checked).
+    signalled: usize,
 }
 
 fn units(c: &Counts) -> usize {
@@ -248,6 +255,9 @@ impl Target {
             in_flight: HashSet::new(),
             device_requests: HashMap::new(),
             device_sent: HashSet::new(),
+            irq_fds: BTreeMap::new(),
+            raised: Vec::new(),
+            signalled: 0,
         }
     }
 
@@ -299,6 +309,9 @@ impl Target {
         match TunnelMessage::decode(&bytes, usize::MAX) {
             Ok(m) => {
                 self.device_sent.insert((m.channel, m.tag));
+                if let Body::Irq(t) = m.body {
+                    self.raised.push((m.channel, t));
+                }
                 let (kind, reply) = m.body.kind();
                 let wants_reply =
                     !reply && matches!(Kind::from_u16(kind), Some(Kind::DmaRead | Kind::DmaWrite));
@@ -684,7 +697,15 @@ impl Target {
                 let count = u32::from(inp.u8() % 4) + 1;
                 let data = match how % 3 {
                     0 => {
-                        fds.extend((0..count).map(|_| eventfd()));
+                        for k in 0..count {
+                            let e = eventfd();
+                            let mine = std::fs::File::from(e.try_clone().expect("dup"));
+                            self.irq_fds
+                                .entry(channel)
+                                .or_default()
+                                .push((index, start + k, mine));
+                            fds.push(e);
+                        }
                         IrqData::EventFd { assign: true }
                     }
                     1 => IrqData::EventFd { assign: false },
@@ -775,6 +796,7 @@ impl Target {
 
     /// What the switch does when a client goes.
     fn drop_client(&mut self, channel: u32) {
+        self.irq_fds.remove(&channel);
         if self.clients.remove(&channel).is_some() {
             if let Some(ch) = self.relay.channel(channel) {
                 ch.on_client_disconnected(&self.relay);
@@ -843,6 +865,7 @@ impl Target {
                     // requests in flight and closes the connection.
                     self.clients.remove(&channel);
                     self.maps.remove(&channel);
+                    self.irq_fds.remove(&channel);
                     self.relay.remove_channel(channel);
                 }
             }
@@ -858,6 +881,7 @@ impl Target {
             }
         }
         self.settle();
+        self.check_interrupts();
         let after = fuzzing::counts(&self.relay);
         let grown = units(&after).saturating_sub(before);
         assert!(
@@ -868,6 +892,32 @@ impl Target {
             after.channels.remote_chunks <= after.channels.remote_ops * (256 + 64),
             "more DMA commands to clients than their operations need: {after:?}"
         );
+    }
+
+    /// Every client eventfd the relay signalled was one the device VM's IRQ of this
+    /// step named: its channel, index and vector.
+    fn check_interrupts(&mut self) {
+        use std::io::Read;
+        let raised = std::mem::take(&mut self.raised);
+        for (&channel, fds) in &mut self.irq_fds {
+            for (index, vector, fd) in fds {
+                let mut count = [0u8; 8];
+                if fd.read(&mut count).is_err() {
+                    continue; // not signalled
+                }
+                self.signalled += 1;
+                let named = raised.iter().any(|&(c, t)| {
+                    c == channel
+                        && t.index == *index
+                        && u64::from(*vector) >= u64::from(t.start)
+                        && u64::from(*vector) < u64::from(t.start) + u64::from(t.count)
+                });
+                assert!(
+                    named,
+                    "the relay signalled the eventfd of channel {channel}, index {index}, vector {vector}; the device VM raised {raised:?}"
+                );
+            }
+        }
     }
 
     /// The device VM's VMM disconnects; a new one connects with new rings.
@@ -1071,6 +1121,11 @@ impl Target {
 
 /// Runs one input.
 pub fn run(data: &[u8]) {
+    execute(data).finish();
+}
+
+/// Runs the steps of one input.
+fn execute(data: &[u8]) -> Target {
     let mut inp = Input::new(data);
     let devices = 1 + usize::from(inp.u8() % 3);
     let mut t = Target::new(devices);
@@ -1079,7 +1134,7 @@ pub fn run(data: &[u8]) {
         t.step(&mut inp);
         steps += 1;
     }
-    t.finish();
+    t
 }
 
 /// Builds inputs for this target.
@@ -1379,12 +1434,42 @@ pub fn seeds() -> Vec<(String, Vec<u8>)> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn seed(name: &str) -> Vec<u8> {
+        seeds()
+            .into_iter()
+            .find(|(n, _)| n == name)
+            .expect("seed")
+            .1
+    }
+
     /// Every seed runs through the target without a finding.
     #[test]
     fn seeds_pass() {
-        for (name, input) in super::seeds() {
+        for (name, input) in seeds() {
             eprintln!("seed {name}");
-            super::run(&input);
+            run(&input);
         }
+    }
+
+    /// The seeds reach what they are named for: a session's requests answered, the
+    /// client's eventfd signalled by an IRQ, DMA commands to a client answered, a
+    /// removed channel's CHANNEL_DOWN.
+    #[test]
+    fn seeds_reach_their_paths() {
+        let t = execute(&seed("session_register_access"));
+        assert!(t.clients.is_empty() && t.forwarded.is_empty());
+        t.finish();
+        let t = execute(&seed("interrupts"));
+        assert_eq!(t.signalled, 2, "vectors 0 and 1 of MSI-X, raised once");
+        assert_eq!(t.clients[&1].replies, 3, "VERSION and two SET_IRQS");
+        t.finish();
+        let t = execute(&seed("remove_with_requests_in_flight"));
+        assert!(t.down.contains(&1));
+        t.finish();
+        let t = execute(&seed("dma_copy_path"));
+        assert_eq!(t.clients[&1].replies, 3, "VERSION, DMA_MAP, DMA_UNMAP");
+        t.finish();
     }
 }
