@@ -18,6 +18,7 @@ use vm_memory::{
     GuestMemoryMmap, VolatileSlice,
 };
 
+use super::link::overlaps_any;
 use super::Link;
 use crate::client_memory::Direction;
 use crate::switch::Relay;
@@ -45,6 +46,13 @@ impl GuestRanges {
     /// Number of buffers (of any length, 0 included).
     pub fn buffers(&self) -> usize {
         self.0.len()
+    }
+
+    /// Whether a buffer meets one of `areas` (guest-physical address, bytes).
+    pub fn meets(&self, areas: &[(u64, u64)]) -> bool {
+        self.0
+            .iter()
+            .any(|&(a, n)| overlaps_any(areas, a.raw_value(), n as u64))
     }
 
     /// Copies as much of `bytes` as the ranges hold, from their start; returns how

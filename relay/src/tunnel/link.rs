@@ -520,6 +520,9 @@ impl Link {
             .is_some_and(|u| u.features & features::DIRECT_DATA != 0);
         let generation = self.generation();
         let guard = mem.memory();
+        let Some(avail_rings) = available_rings(&mut inner, "g2h", pair) else {
+            return (out, false);
+        };
         let mut more = false;
         // Answers waiting on this pair, and those the messages taken now will get.
         let waiting = inner.tx.get(pair).map_or(0, |t| t.answers);
@@ -558,6 +561,8 @@ impl Link {
                 let walked = chain::walk(&guard, table, size, head, max).and_then(|c| {
                     if c.readable.buffers() == 0 {
                         Err(ChainError::NoReadable)
+                    } else if c.writable.meets(&avail_rings) {
+                        Err(ChainError::OverAvailableRing)
                     } else {
                         Ok(c)
                     }
@@ -808,6 +813,49 @@ fn break_link(inner: &mut Inner) {
     }
 }
 
+/// Where the available rings of the queues the driver set up lie (address, bytes),
+/// which the relay must never write: a used ring or a device-writable buffer over one
+/// would make each of the relay's own writes look like a buffer the driver posted (a
+/// used ring at the address of its available ring: every buffer returned "posts" the
+/// next), and the relay would feed itself for ever, at no cost to the device VM.
+/// `None` when a used ring lies over one: the rings are unusable, the device VM is
+/// dropped.
+fn available_rings(inner: &mut Inner, which: &str, pair: usize) -> Option<Vec<(u64, u64)>> {
+    // (Queues the driver did not set up are not ready, and lie nowhere.)
+    let rings: Vec<_> = inner
+        .vrings
+        .iter()
+        .filter_map(|v| {
+            let state = v.get_ref();
+            let q = state.get_queue();
+            let n = u64::from(q.size());
+            q.ready()
+                .then(|| ((q.avail_ring(), 6 + 2 * n), (q.used_ring(), 6 + 8 * n)))
+        })
+        .collect();
+    let avail: Vec<(u64, u64)> = rings.iter().map(|r| r.0).collect();
+    if rings
+        .iter()
+        .any(|&(_, (at, len))| overlaps_any(&avail, at, len))
+    {
+        warn!(
+            "{which} queue {pair}: a used ring lies over an available ring; dropping the device VM"
+        );
+        break_link(inner);
+        return None;
+    }
+    Some(avail)
+}
+
+/// Whether `[at, at + len)` meets one of `areas` (address, bytes).
+pub(crate) fn overlaps_any(areas: &[(u64, u64)], at: u64, len: u64) -> bool {
+    let end = at.saturating_add(len);
+    len > 0
+        && areas
+            .iter()
+            .any(|&(a, n)| n > 0 && at < a.saturating_add(n) && a < end)
+}
+
 /// Takes the next chain's head from the available ring of `vring`, with the queue's
 /// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
 /// empty, an error when the ring itself is unusable (its index out of range, or the
@@ -868,6 +916,9 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         return false;
     };
     let guard = mem.memory();
+    let Some(avail_rings) = available_rings(inner, "h2g", pair) else {
+        return false;
+    };
     let mut used_any = false;
     let mut room = false;
     let Some(mut tx) = inner.tx.get_mut(pair).map(std::mem::take) else {
@@ -902,6 +953,8 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         let buffer = chain::walk(&guard, table, size, head, u32::MAX as usize).and_then(|c| {
             if c.readable.buffers() > 0 {
                 Err(ChainError::NotDeviceWritable)
+            } else if c.writable.meets(&avail_rings) {
+                Err(ChainError::OverAvailableRing)
             } else if c.writable.len() < MIN_H2G_BUFFER as usize {
                 Err(ChainError::TooSmall(c.writable.len()))
             } else {
@@ -1154,6 +1207,58 @@ mod tests {
             dropped.load(Ordering::Acquire),
             "h2g: the device VM is dropped"
         );
+        drop(vrings);
+    }
+
+    /// The relay never writes over an available ring, where its own writes would look
+    /// like buffers the driver posted. Found by the g2h_rings fuzz target: with the
+    /// g2h used ring at the address of its available ring, every buffer returned
+    /// "posted" the next, and the queue worker took buffers for ever.
+    #[test]
+    fn the_relay_never_writes_over_an_available_ring() {
+        use vm_memory::Bytes;
+        // A used ring over an available ring: the device VM is dropped at once.
+        let (link, _mem, vrings, dropped) = link_in_4k(0x800, 0x900, 0x900);
+        let link = Arc::new(link);
+        let l = link.clone();
+        assert!(returns(move || {
+            let (got, more) = l.receive(0);
+            assert!(got.is_empty() && !more);
+        }));
+        assert!(dropped.load(Ordering::Acquire));
+        drop(vrings);
+
+        // An h2g buffer over the g2h available ring is returned unwritten.
+        let (link, mem, vrings, dropped) = link_in_4k(0x800, 0x900, 0x600);
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&0x900u64.to_le_bytes());
+        d[8..12].copy_from_slice(&256u32.to_le_bytes());
+        d[12..14].copy_from_slice(&2u16.to_le_bytes()); // WRITE
+        mem.memory().write_slice(&d, GuestAddress(0)).unwrap();
+        let mut before = [0u8; 256];
+        mem.memory()
+            .read_slice(&mut before, GuestAddress(0x900))
+            .unwrap();
+        assert_eq!(
+            link.send(&TunnelMessage::new(1, Body::SessionStart)),
+            Ok(())
+        );
+        let mut after = [0u8; 256];
+        mem.memory()
+            .read_slice(&mut after, GuestAddress(0x900))
+            .unwrap();
+        assert_eq!(
+            before, after,
+            "the g2h available ring is as the driver left it"
+        );
+        let used_len: u32 = mem.memory().read_obj(GuestAddress(0x400 + 8)).unwrap();
+        assert_eq!(used_len, 0, "the buffer is returned with nothing in it");
+        assert_eq!(
+            link.counts().queued,
+            1,
+            "the message waits for a good buffer"
+        );
+        assert!(!dropped.load(Ordering::Acquire));
         drop(vrings);
     }
 
