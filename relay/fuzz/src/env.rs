@@ -7,7 +7,7 @@
 //!
 //! The checks the targets share live here too: what the relay writes into a client's
 //! socket (replies only to requests in flight, each once; DMA commands only for memory
-//! the client mapped without an fd) and into the driver's `h2g` buffers (whole
+//! the client mapped, with the permission) and into the driver's `h2g` buffers (whole
 //! messages, one per buffer sequence, each decodable).
 
 use std::collections::{BTreeMap, VecDeque};
@@ -330,8 +330,10 @@ pub struct ClientSide {
     /// DMA commands of the relay not answered yet.
     pub commands: VecDeque<RawMessage>,
     /// Memory mapped without an fd (requested; the relay may use it from its map
-    /// until the reply to its unmap).
+    /// until the reply to its unmap): the client serves it.
     pub remote: Vec<RemoteRegion>,
+    /// Every DMA map requested, with or without an fd: IOVA, size, read, write.
+    pub maps: Vec<(u64, u64, bool, bool)>,
     /// Replies received, successful or not.
     pub replies: usize,
 }
@@ -354,6 +356,7 @@ impl ClientSide {
             awaiting: BTreeMap::new(),
             commands: VecDeque::new(),
             remote: Vec::new(),
+            maps: Vec::new(),
             replies: 0,
         }
     }
@@ -437,24 +440,28 @@ impl ClientSide {
         alive
     }
 
-    /// Keeps track of memory mapped without an fd, which the relay may ask for.
+    /// Keeps track of the memory the client maps: the relay may ask for any of it (all
+    /// of a request goes to the client when one of its segments has no fd), and the
+    /// client serves what it mapped without an fd.
     fn note_map(&mut self, header: &Header, payload: &[u8], no_fd: bool) {
-        match Request::decode(header.command, payload, usize::from(!no_fd)) {
-            Ok(Request::DmaMap(m)) if no_fd && m.size <= 1 << 20 => {
+        if let Ok(Request::DmaMap(m)) =
+            Request::decode(header.command, payload, usize::from(!no_fd))
+        {
+            self.maps.push((m.address, m.size, m.read, m.write));
+            if no_fd && m.size <= 1 << 20 {
                 self.remote.push(RemoteRegion {
                     iova: m.address,
                     write: m.write,
                     data: vec![0x5a; m.size as usize],
                 });
             }
-            _ => {}
         }
     }
 
     /// Takes what the relay wrote to this client (flushing the relay's queue for it
     /// first, as the switch does when the socket is writable), checking it: replies
-    /// only to requests in flight, each once; DMA commands only for memory mapped
-    /// without an fd, with the permission. Returns false when the relay broke the
+    /// only to requests in flight, each once; DMA commands only for memory the client
+    /// mapped, with the permission. Returns false when the relay broke the
     /// connection.
     pub fn pump(&mut self, ch: &Channel) -> Result<bool, String> {
         // Each round drains the socket, so each flush makes progress; a reply of 1 MiB
@@ -516,15 +523,20 @@ impl ClientSide {
             Ok(Request::DmaWrite(w)) => (w.address, w.data.len() as u64, true),
             other => return Err(format!("the relay sent a client {h:?}: {other:?}")),
         };
-        let allowed = self
-            .remote
-            .iter()
-            .any(|r| r.covers(address, len).is_some() && (r.write || !write));
+        // (A request with a segment mapped without an fd goes to the client whole, its
+        // segments mapped with one included.)
+        let allowed = self.maps.iter().any(|&(iova, size, r, w)| {
+            address >= iova
+                && address
+                    .checked_add(len)
+                    .is_some_and(|end| end <= iova + size)
+                && if write { w } else { r }
+        });
         if !allowed {
             return Err(format!(
-                "the relay asked the client to {} {len} bytes at {address:#x}, which it did not map without an fd{}",
+                "the relay asked the client to {} {len} bytes at {address:#x}, which it did not map{}",
                 if write { "write" } else { "read" },
-                if write { " writable" } else { "" }
+                if write { " writable" } else { " readable" }
             ));
         }
         self.commands.push_back(m);

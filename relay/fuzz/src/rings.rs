@@ -19,7 +19,7 @@
 //! - the relay wrote guest memory only inside buffers the driver made device-writable
 //!   (at any time) and the used rings;
 //! - the client got replies only to its requests in flight, each once, and DMA
-//!   commands only for memory it mapped without an fd, with the permission.
+//!   commands only for memory it mapped, with the permission.
 //!
 //! At the end: the read-only region and the memfd bytes outside the maps are as they
 //! were; once the client and the device VM are gone, the relay holds nothing
