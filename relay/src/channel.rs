@@ -385,6 +385,11 @@ impl Channel {
         st.channel_up = Some(tag);
     }
 
+    /// The tag of the CHANNEL_UP the relay waits to be answered, if any.
+    pub(crate) fn channel_up_tag(&self) -> Option<u32> {
+        self.lock().channel_up
+    }
+
     /// The device VM answered a CHANNEL_UP with `status` under `tag`. Only the answer
     /// to the CHANNEL_UP outstanding counts: whether the device is served then decides
     /// whether its client's session starts (and its setup is restored), which must

@@ -70,6 +70,11 @@ pub fn decode_g2h(bytes: Vec<u8>) -> Result<TunnelMessage, BadMessage> {
     crate::tunnel::decode(Ok(bytes))
 }
 
+/// The tag of the CHANNEL_UP of channel `id` the relay waits to be answered, if any.
+pub fn channel_up_tag(relay: &Relay, id: u32) -> Option<u32> {
+    relay.channel(id)?.channel_up_tag()
+}
+
 /// The device VM's VMM disconnected (what the frontend loop does then).
 pub fn device_vm_gone(relay: &Relay) {
     crate::tunnel::device_vm_gone(relay);

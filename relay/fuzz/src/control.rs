@@ -1464,12 +1464,14 @@ mod tests {
         let t = execute(&seed("interrupts"));
         assert_eq!(t.signalled, 2, "vectors 0 and 1 of MSI-X, raised once");
         assert_eq!(t.clients[&1].replies, 3, "VERSION and two SET_IRQS");
+        assert_eq!(t.clients[&1].errors, 0);
         t.finish();
         let t = execute(&seed("remove_with_requests_in_flight"));
         assert!(t.down.contains(&1));
         t.finish();
         let t = execute(&seed("dma_copy_path"));
         assert_eq!(t.clients[&1].replies, 3, "VERSION, DMA_MAP, DMA_UNMAP");
+        assert_eq!(t.clients[&1].errors, 0);
         t.finish();
     }
 }

@@ -26,7 +26,7 @@ use vfu_relay::channel::{Channel, SendOutcome};
 use vfu_relay::config::{Config, DeviceConfig};
 use vfu_relay::switch::Relay;
 use vfu_relay::tunnel::gate::Gate;
-use vfu_relay::tunnel::TunnelBackend;
+use vfu_relay::tunnel::{ExitEvents, TunnelBackend};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -192,7 +192,7 @@ impl Frontend {
     pub fn connect(relay: &Arc<Relay>, mem: &Memory, rings: &[Ring], event_idx: bool) -> Self {
         let gate = Arc::new(Gate::default());
         gate.decide(true);
-        let backend = TunnelBackend::new(relay.clone(), gate);
+        let backend = TunnelBackend::new(relay.clone(), gate, ExitEvents::default());
         backend.set_event_idx(event_idx);
         backend
             .update_memory(mem.clone())
@@ -336,6 +336,8 @@ pub struct ClientSide {
     pub maps: Vec<(u64, u64, bool, bool)>,
     /// Replies received, successful or not.
     pub replies: usize,
+    /// Error replies among them.
+    pub errors: usize,
 }
 
 impl ClientSide {
@@ -358,6 +360,7 @@ impl ClientSide {
             remote: Vec::new(),
             maps: Vec::new(),
             replies: 0,
+            errors: 0,
         }
     }
 
@@ -507,6 +510,7 @@ impl ClientSide {
             return match self.awaiting.remove(&h.msg_id) {
                 Some(command) if command == h.command => {
                     self.replies += 1;
+                    self.errors += usize::from(h.error.is_some());
                     Ok(())
                 }
                 Some(command) => Err(format!(

@@ -272,9 +272,11 @@ impl Target {
             }),
         });
         for channel in [1, 2] {
+            let tag = vfu_relay::fuzzing::channel_up_tag(&self.relay, channel)
+                .expect("the relay sent CHANNEL_UP");
             self.dispatch(TunnelMessage {
                 channel,
-                tag: 2,
+                tag,
                 body: Body::Status {
                     kind: Kind::ChannelUp as u16,
                     status: 0,
@@ -324,8 +326,10 @@ impl Target {
         }
         c.pump(&self.ch1).expect("setup replies");
         assert!(
-            c.awaiting.is_empty() && c.replies == 5,
-            "setup: the client's VERSION and maps are answered"
+            c.awaiting.is_empty() && c.replies == 5 && c.errors == 0,
+            "setup: the client's VERSION and maps succeed ({} replies, {} errors)",
+            c.replies,
+            c.errors
         );
         self.client = Some(c);
         self.sealed = Some(sealed);
