@@ -248,7 +248,7 @@ impl Target {
             if flags & flag::POSTED_DONE != 0 {
                 offered |= features::POSTED_DONE;
             }
-            t.set_up(pairs, max_msg, offered);
+            t.set_up(pairs, max_msg, offered, flags & flag::RING_ADDRESSES == 0);
         }
         t
     }
@@ -259,7 +259,7 @@ impl Target {
 
     /// HELLO, both channels served, and channel 1's client with its regions: every
     /// message of the device VM handed to the relay as the backend would.
-    fn set_up(&mut self, pairs: u16, max_msg: u32, features: u64) {
+    fn set_up(&mut self, pairs: u16, max_msg: u32, features: u64, usual_layout: bool) {
         self.dispatch(TunnelMessage {
             channel: 0,
             tag: 1,
@@ -272,8 +272,9 @@ impl Target {
             }),
         });
         for channel in [1, 2] {
-            let tag = vfu_relay::fuzzing::channel_up_tag(&self.relay, channel)
-                .expect("the relay sent CHANNEL_UP");
+            let Some(tag) = vfu_relay::fuzzing::channel_up_tag(&self.relay, channel) else {
+                continue; // the HELLO did not bring the channel up
+            };
             self.dispatch(TunnelMessage {
                 channel,
                 tag,
@@ -325,9 +326,11 @@ impl Target {
             self.dispatch(device_reply(1, 1 + i as u16, &Reply::DmaMap));
         }
         c.pump(&self.ch1).expect("setup replies");
+        // Rings the input placed over each other make the relay drop the device VM
+        // at its first write (the requests then fail); in the usual layout they work.
         assert!(
-            c.awaiting.is_empty() && c.replies == 5 && c.errors == 0,
-            "setup: the client's VERSION and maps succeed ({} replies, {} errors)",
+            c.awaiting.is_empty() && c.replies == 5 && (c.errors == 0 || !usual_layout),
+            "setup: the client's VERSION and maps are answered, and succeed in the usual layout ({} replies, {} errors)",
             c.replies,
             c.errors
         );
