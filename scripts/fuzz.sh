@@ -11,8 +11,10 @@
 # and Rust's own bounds checks and the targets' assertions catch the bugs that matter
 # for safe code. Each crate's corpus lives in CRATE/corpus/TARGET and is kept in git
 # (minimised with `cargo fuzz cmin` before committing; relay/fuzz's seeds come from
-# `cargo run --example seeds` there); crashes, and inputs that run for more than 10 s
-# (hangs), land in CRATE/artifacts/TARGET. A relay target replays one step by step
+# `cargo run --example seeds` there). A run reads that corpus and writes what it finds
+# new to CRATE/target/new-corpus/TARGET (outside git), so the suite leaves the tree
+# clean; FUZZ_GROW=1 writes into the kept corpus instead. Crashes, and inputs that run
+# for more than 10 s (hangs), land in CRATE/artifacts/TARGET. A relay target replays one step by step
 # with VFU_FUZZ_TRACE=1.
 set -euo pipefail
 seconds=${1:-60}
@@ -26,9 +28,16 @@ for crate in proto/fuzz relay/fuzz; do
     cd "$root/$crate"
     for target in $(cargo fuzz list); do
         mkdir -p "corpus/$target"
+        if [ "${FUZZ_GROW:-0}" = 1 ]; then
+            dirs=("corpus/$target")
+        else
+            new="target/new-corpus/$target"
+            mkdir -p "$new"
+            dirs=("$new" "corpus/$target")
+        fi
         log=$(mktemp)
         echo "fuzz: $crate $target for ${seconds}s" >&2
-        if cargo fuzz run -s none "$target" "corpus/$target" -- \
+        if cargo fuzz run -s none "$target" "${dirs[@]}" -- \
             -max_total_time="$seconds" -max_len=4096 -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
             result="no crash"
         else
