@@ -176,6 +176,35 @@ pub struct Channel {
     pub state: Mutex<ChannelState>,
 }
 
+/// What a channel holds (for the fuzz targets' checks that it stays bounded and goes
+/// back to nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChannelCounts {
+    /// A client is connected.
+    pub clients: usize,
+    /// Its requests in flight.
+    pub pending: usize,
+    /// Payload bytes of those requests.
+    pub pending_bytes: usize,
+    /// The device VM's DMA operations waiting for the client, and the commands sent
+    /// to the client for them.
+    pub remote_ops: usize,
+    /// Commands sent to the client for those operations.
+    pub remote_chunks: usize,
+    /// DMA regions: mapped, and with an unmap in flight.
+    pub dma_regions: usize,
+    /// Memory files the client's regions hold.
+    pub dma_files: usize,
+    /// Interrupt eventfds assigned.
+    pub irq_fds: usize,
+    /// Sessions of clients that left, waiting for the device VM's SESSION_END reply.
+    pub retired_sessions: usize,
+    /// Their regions.
+    pub retired_regions: usize,
+    /// Relay message IDs of requests whose client left.
+    pub abandoned: usize,
+}
+
 /// Outcome of sending bytes to a client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -354,6 +383,11 @@ impl Channel {
             },
         );
         st.channel_up = Some(tag);
+    }
+
+    /// The tag of the CHANNEL_UP the relay waits to be answered, if any.
+    pub(crate) fn channel_up_tag(&self) -> Option<u32> {
+        self.lock().channel_up
     }
 
     /// The device VM answered a CHANNEL_UP with `status` under `tag`. Only the answer
@@ -550,6 +584,27 @@ impl Channel {
         for r in std::mem::take(&mut st.retired) {
             release(relay, r.regions);
         }
+    }
+
+    /// What the channel holds now.
+    pub fn counts(&self) -> ChannelCounts {
+        let st = self.lock();
+        let mut c = ChannelCounts {
+            retired_sessions: st.retired.len(),
+            retired_regions: st.retired.iter().map(|r| r.regions.len()).sum(),
+            abandoned: st.abandoned.len(),
+            ..ChannelCounts::default()
+        };
+        if let Some(client) = st.client.as_ref() {
+            (c.remote_ops, c.remote_chunks) = client.remote.in_flight();
+            c.clients = 1;
+            c.pending = client.pending.len();
+            c.pending_bytes = client.pending_bytes;
+            c.dma_regions = client.dma.len() + client.dma.unmapping_len();
+            c.dma_files = client.dma.files_held();
+            c.irq_fds = client.irq_fds.len();
+        }
+        c
     }
 
     /// The channel as `vfu-relay ctl list` shows it.
@@ -1178,7 +1233,7 @@ impl Channel {
     /// The device VM went away or restarted: requests in flight fail with `errno`
     /// (posted ones silently), and what forwarding them did to the DMA table is taken
     /// back: maps the device never accepted and unmaps it never finished release their
-    /// regions.
+    /// regions. The device VM's DMA requests that wait for the client are forgotten.
     pub fn fail_pending(&self, relay: &Relay, errno: u32) -> SendOutcome {
         let mut st = self.lock();
         st.guest = GuestState::Unknown;
@@ -1192,6 +1247,10 @@ impl Channel {
         let Some(client) = st.client.as_mut() else {
             return SendOutcome::Done;
         };
+        // The device VM's DMA requests waiting for the client are its old instance's:
+        // an answer would reach the new one as a reply to a tag it may be using (and
+        // the tag, still busy, would refuse its new request).
+        client.remote.forget_all();
         let mut outcome = SendOutcome::Done;
         while let Some(p) = client.pop_pending() {
             undo(relay, client, p.kind);
@@ -2022,5 +2081,76 @@ mod posted_tests {
         p.extend_from_slice(&2u32.to_le_bytes());
         p.extend_from_slice(&(1u32 << 20).to_le_bytes());
         p
+    }
+}
+
+/// The device VM's DMA requests that wait for a client (memory mapped without an fd)
+/// belong to the device VM instance that sent them.
+#[cfg(test)]
+mod remote_dma_restart_tests {
+    use super::*;
+    use vfu_proto::vfio_user::encode_request;
+
+    /// A DMA_READ waiting for the client when the driver restarts (a second HELLO, or
+    /// a new device VM) is forgotten, not answered: the new instance may use the same
+    /// tag at once and gets its own answer, not EBUSY, and when the client leaves the
+    /// relay answers only that one. (Found by the `tunnel_control` fuzz target: the old
+    /// request got ENODEV sent to the new driver, and the new one EBUSY.)
+    #[test]
+    fn a_restarted_driver_gets_no_answer_for_its_old_instance() {
+        let relay = pipelined_dma_tests::relay();
+        let _peer = pipelined_dma_tests::connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        let map = Request::DmaMap(DmaMap {
+            read: true,
+            write: true,
+            offset: 0,
+            address: 0x10_0000,
+            size: 0x1000,
+        });
+        let b = encode_request(1, &map, false);
+        ch.on_client_message(
+            &relay,
+            RawMessage {
+                header: Header::decode(&b[..HEADER_SIZE]).unwrap(),
+                payload: b[HEADER_SIZE..].to_vec(),
+                fds: Vec::new(),
+            },
+        );
+        let relay_id = ch.lock().client.as_ref().unwrap().pending[0].relay_id;
+        let req = Header::command(relay_id, Command::DmaMap as u16, 0);
+        ch.on_device_message(
+            &relay,
+            VfioUserFrame {
+                header: Header::reply_to(&req, 0),
+                payload: vec![],
+                slots: vec![],
+            },
+        );
+        let segments = [(0x10_0000, 16)];
+        assert!(
+            ch.on_dma_read(&relay, 12, &segments).is_none(),
+            "asked of the client"
+        );
+        assert_eq!(ch.counts().remote_ops, 1);
+
+        ch.fail_pending(&relay, libc::ECONNRESET as u32);
+        assert_eq!(ch.counts().remote_ops, 0, "forgotten with its driver");
+        assert!(
+            ch.on_dma_read(&relay, 12, &segments).is_none(),
+            "the new driver's request with the same tag is asked of the client too"
+        );
+        let mut st = ch.lock();
+        let answers = st
+            .client
+            .as_mut()
+            .unwrap()
+            .remote
+            .fail_all(libc::ENODEV as u32);
+        assert_eq!(
+            answers.len(),
+            1,
+            "one answer when the client leaves: the new one"
+        );
     }
 }

@@ -222,6 +222,11 @@ impl DmaTable {
         self.regions.is_empty()
     }
 
+    /// Number of regions whose unmap is in flight.
+    pub fn unmapping_len(&self) -> usize {
+        self.unmapping.iter().map(|(_, v)| v.len()).sum()
+    }
+
     /// The shared [`ClientFile`] for a DMA_MAP's descriptor: the one the table has
     /// for the same file and open mode (`fd` is closed), else a new one, if the client
     /// holds fewer than `max` descriptors (`others()` besides its files) after it.

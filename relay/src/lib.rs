@@ -16,6 +16,8 @@
 //!   the tunnel protocol (HELLO, channels, sessions, replies, interrupts).
 //! - [`version`]: the honest VERSION negotiation between client and device model.
 //! - [`ratelimit`]: warnings about what an untrusted peer sends, rate-limited.
+//! - `fuzzing` (hidden): what the fuzz targets in `relay/fuzz` call, and counts of what
+//!   the relay holds.
 
 pub mod access;
 pub mod channel;
@@ -24,6 +26,8 @@ pub mod config;
 pub mod control;
 pub mod dma;
 pub mod frontend_requests;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ratelimit;
 pub mod remote_dma;
 pub mod service;

@@ -86,6 +86,11 @@ impl RemoteDma {
         self.ops.is_empty()
     }
 
+    /// Operations in flight, and commands sent to the client for them.
+    pub fn in_flight(&self) -> (usize, usize) {
+        (self.ops.len(), self.chunks.len())
+    }
+
     /// Whether an operation with tunnel tag `tag` is in flight (a device VM reusing a
     /// tag gets EBUSY instead of mixing two operations).
     pub fn busy(&self, tag: u32) -> bool {
@@ -269,6 +274,14 @@ impl RemoteDma {
             .map(|c| c.tag)
             .collect();
         self.fail(late, libc::ETIMEDOUT as u32)
+    }
+
+    /// Forgets every operation without an answer: the device VM that asked is gone (or
+    /// restarted and knows nothing of them). Message IDs go on from where they were, so
+    /// the client's late replies to the forgotten commands match nothing.
+    pub fn forget_all(&mut self) {
+        self.ops.clear();
+        self.chunks.clear();
     }
 
     /// Every operation fails with `errno` (the client went away).

@@ -185,7 +185,7 @@ impl Relay {
     }
 
     /// Stops waiting for CHANNEL_DOWN acknowledgements whose deadline passed.
-    fn expire_retiring(&self, now: Instant) {
+    pub(crate) fn expire_retiring(&self, now: Instant) {
         if self.next_retiring_deadline().is_none_or(|d| d > now) {
             return;
         }

@@ -80,6 +80,10 @@ pub enum ChainError {
     /// An `h2g` chain smaller than the spec allows.
     #[error("{0} bytes, fewer than the 256 an h2g buffer must hold")]
     TooSmall(usize),
+    /// A device-writable buffer over an available ring: what the relay wrote there
+    /// would look like buffers the driver posted.
+    #[error("a device-writable buffer over an available ring")]
+    OverAvailableRing,
 }
 
 /// The buffers of a chain, in chain order: the device-readable ones, then the

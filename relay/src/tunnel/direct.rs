@@ -18,6 +18,7 @@ use vm_memory::{
     GuestMemoryMmap, VolatileSlice,
 };
 
+use super::link::overlaps_any;
 use super::Link;
 use crate::client_memory::Direction;
 use crate::switch::Relay;
@@ -45,6 +46,13 @@ impl GuestRanges {
     /// Number of buffers (of any length, 0 included).
     pub fn buffers(&self) -> usize {
         self.0.len()
+    }
+
+    /// Whether a buffer meets one of `areas` (guest-physical address, bytes).
+    pub fn meets(&self, areas: &[(u64, u64)]) -> bool {
+        self.0
+            .iter()
+            .any(|&(a, n)| overlaps_any(areas, a.raw_value(), n as u64))
     }
 
     /// Copies as much of `bytes` as the ranges hold, from their start; returns how
@@ -534,6 +542,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(req.data().unwrap(), vec![9; 16]);
+    }
+
+    /// A direct request waiting for its client when the driver restarts (a second
+    /// HELLO) is dropped: its chain was the old driver instance's, and giving it back
+    /// later would put a head the new instance never posted in its used ring.
+    #[test]
+    fn a_driver_restart_drops_parked_requests() {
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let mem = memory();
+        let req = read_request(16);
+        let parked = chain(
+            &mem,
+            &req,
+            ranges(&[(0x100, req.len())]),
+            ranges(&[(0x1000, 24 + 16)]),
+        )
+        .unwrap();
+        assert!(link.park_direct(parked).is_none());
+        assert_eq!(link.counts().parked, 1);
+        link.set_up(crate::tunnel::Negotiated {
+            pairs: 1,
+            guest_max_msg: 1 << 20,
+            features: 0,
+        });
+        assert_eq!(link.counts().parked, 0);
     }
 
     /// Proves that an answer lands in the chain as a well-formed reply (head, status,

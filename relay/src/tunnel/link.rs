@@ -25,7 +25,9 @@ use vfu_proto::tunnel::{
 };
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{
+    GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap,
+};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::chain::{self, Chain, ChainError};
@@ -122,6 +124,20 @@ pub struct Negotiated {
     pub guest_max_msg: usize,
     /// Tunnel features in force.
     pub features: u64,
+}
+
+/// What the link holds (for the fuzz targets' checks that it stays bounded and goes
+/// back to nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkCounts {
+    /// Messages waiting for the driver's `h2g` buffers.
+    pub queued: usize,
+    /// Their bytes not yet written.
+    pub queued_bytes: usize,
+    /// Channels with vfio-user bytes counted against their budget.
+    pub backlog_channels: usize,
+    /// Direct requests waiting for a client's answer.
+    pub parked: usize,
 }
 
 /// A message from the driver that could not be decoded; the header, when it could be
@@ -382,13 +398,15 @@ impl Link {
     }
 
     /// HELLO settled these parameters: from now on messages flow. Anything queued for a
-    /// previous driver instance is dropped.
+    /// previous driver instance is dropped, and so are its direct requests waiting for
+    /// a client: their chains are not the new instance's to get back.
     pub fn set_up(&self, negotiated: Negotiated) {
         let mut inner = self.lock();
         inner.up = Some(negotiated);
         inner.tx.iter_mut().for_each(|t| *t = PairTx::default());
         inner.rx.iter_mut().for_each(|r| *r = Reassembly::default());
         inner.backlog.clear();
+        inner.parked.clear();
         drop(inner);
         self.note_room();
     }
@@ -502,6 +520,9 @@ impl Link {
             .is_some_and(|u| u.features & features::DIRECT_DATA != 0);
         let generation = self.generation();
         let guard = mem.memory();
+        let Some(avail_rings) = available_rings(&mut inner, "g2h", pair) else {
+            return (out, false);
+        };
         let mut more = false;
         // Answers waiting on this pair, and those the messages taken now will get.
         let waiting = inner.tx.get(pair).map_or(0, |t| t.answers);
@@ -540,6 +561,8 @@ impl Link {
                 let walked = chain::walk(&guard, table, size, head, max).and_then(|c| {
                     if c.readable.buffers() == 0 {
                         Err(ChainError::NoReadable)
+                    } else if c.writable.meets(&avail_rings) {
+                        Err(ChainError::OverAvailableRing)
                     } else {
                         Ok(c)
                     }
@@ -724,6 +747,18 @@ impl Link {
             .collect()
     }
 
+    /// What the link holds now.
+    pub fn counts(&self) -> LinkCounts {
+        let inner = self.lock();
+        let queued = inner.tx.iter().flat_map(|t| t.queues.values()).flatten();
+        LinkCounts {
+            queued: queued.clone().count(),
+            queued_bytes: queued.map(|o| o.bytes.len() - o.written).sum(),
+            backlog_channels: inner.backlog.len(),
+            parked: inner.parked.len(),
+        }
+    }
+
     /// Keeps a direct request until its answer comes (from the client). Gives it back
     /// when one with the same channel and tag is already waiting, or when the device VM
     /// it came from is gone.
@@ -778,9 +813,53 @@ fn break_link(inner: &mut Inner) {
     }
 }
 
+/// Where the available rings of the queues the driver set up lie (address, bytes),
+/// which the relay must never write: a used ring or a device-writable buffer over one
+/// would make each of the relay's own writes look like a buffer the driver posted (a
+/// used ring at the address of its available ring: every buffer returned "posts" the
+/// next), and the relay would feed itself for ever, at no cost to the device VM.
+/// `None` when a used ring lies over one: the rings are unusable, the device VM is
+/// dropped.
+fn available_rings(inner: &mut Inner, which: &str, pair: usize) -> Option<Vec<(u64, u64)>> {
+    // (Queues the driver did not set up are not ready, and lie nowhere.)
+    let rings: Vec<_> = inner
+        .vrings
+        .iter()
+        .filter_map(|v| {
+            let state = v.get_ref();
+            let q = state.get_queue();
+            let n = u64::from(q.size());
+            q.ready()
+                .then(|| ((q.avail_ring(), 6 + 2 * n), (q.used_ring(), 6 + 8 * n)))
+        })
+        .collect();
+    let avail: Vec<(u64, u64)> = rings.iter().map(|r| r.0).collect();
+    if rings
+        .iter()
+        .any(|&(_, (at, len))| overlaps_any(&avail, at, len))
+    {
+        warn!(
+            "{which} queue {pair}: a used ring lies over an available ring; dropping the device VM"
+        );
+        break_link(inner);
+        return None;
+    }
+    Some(avail)
+}
+
+/// Whether `[at, at + len)` meets one of `areas` (address, bytes).
+pub(crate) fn overlaps_any(areas: &[(u64, u64)], at: u64, len: u64) -> bool {
+    let end = at.saturating_add(len);
+    len > 0
+        && areas
+            .iter()
+            .any(|&(a, n)| n > 0 && at < a.saturating_add(n) && a < end)
+}
+
 /// Takes the next chain's head from the available ring of `vring`, with the queue's
 /// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
-/// empty, an error when the ring itself is unusable (its index out of range).
+/// empty, an error when the ring itself is unusable (its index out of range, or the
+/// entry naming the next buffer outside guest memory).
 fn pop_head(
     vring: &VringRwLock,
     mem: &GuestMemoryMmap,
@@ -789,10 +868,27 @@ fn pop_head(
     let queue = state.get_queue_mut();
     let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
     let head = queue.iter(mem)?.next().map(|c| c.head_index());
+    if head.is_none() {
+        // `virtio-queue` reports an entry it cannot read as an empty ring. But the
+        // index says a buffer is there, and re-enabling notifications says so again:
+        // the callers would look for ever (a device VM holding a queue worker and the
+        // link's lock for good). The entry's place does not depend on the index, so a
+        // buffer the driver posts meanwhile is not taken for this.
+        let next = queue.next_avail();
+        let posted = queue
+            .avail_idx(mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != next);
+        let entry = queue
+            .avail_ring()
+            .checked_add(4 + 2 * u64::from(next % size.max(1)));
+        if posted && !entry.is_some_and(|a| mem.check_range(GuestAddress(a), 2)) {
+            return Err(virtio_queue::Error::FindMemoryRegion);
+        }
+    }
     Ok(head.map(|h| (h, table, size)))
 }
 
-fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
+pub(crate) fn decode(bytes: Result<Vec<u8>, TunnelError>) -> Result<TunnelMessage, BadMessage> {
     let bytes = bytes.map_err(|error| BadMessage {
         header: None,
         error,
@@ -820,6 +916,9 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         return false;
     };
     let guard = mem.memory();
+    let Some(avail_rings) = available_rings(inner, "h2g", pair) else {
+        return false;
+    };
     let mut used_any = false;
     let mut room = false;
     let Some(mut tx) = inner.tx.get_mut(pair).map(std::mem::take) else {
@@ -854,6 +953,8 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
         let buffer = chain::walk(&guard, table, size, head, u32::MAX as usize).and_then(|c| {
             if c.readable.buffers() > 0 {
                 Err(ChainError::NotDeviceWritable)
+            } else if c.writable.meets(&avail_rings) {
+                Err(ChainError::OverAvailableRing)
             } else if c.writable.len() < MIN_H2G_BUFFER as usize {
                 Err(ChainError::TooSmall(c.writable.len()))
             } else {
@@ -1011,6 +1112,154 @@ mod tests {
         // The next device VM starts from a clean link.
         link.reset();
         assert!(!link.lock().broken);
+    }
+
+    /// A link over a queue pair in 4 KiB of guest memory: descriptor tables at 0
+    /// (h2g) and 0x200 (g2h), used rings at 0x400 and 0x600 unless given, the available
+    /// rings at `h2g_avail` and `g2h_avail`; queues of 8, each available index saying
+    /// one buffer is there (the used index the driver leaves is where the relay starts
+    /// counting, as vhost-user-backend's SET_VRING_ADDR takes it). With the vrings (to
+    /// keep) and a dropper that records being called.
+    fn link_in_4k(
+        h2g_avail: u64,
+        g2h_avail: u64,
+        g2h_used: u64,
+    ) -> (
+        Link,
+        GuestMemoryAtomic<GuestMemoryMmap>,
+        Vec<VringRwLock>,
+        Arc<AtomicBool>,
+    ) {
+        use vm_memory::Bytes;
+        let mem = GuestMemoryAtomic::new(
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap(),
+        );
+        let vrings: Vec<VringRwLock> = [(0, h2g_avail, 0x400), (0x200, g2h_avail, g2h_used)]
+            .into_iter()
+            .map(|(desc, avail, used)| {
+                mem.memory()
+                    .write_obj(1u16, GuestAddress(avail + 2))
+                    .unwrap();
+                let v = VringRwLock::new(mem.clone(), 8).unwrap();
+                v.set_queue_size(8);
+                v.set_queue_info(desc, avail, used).unwrap();
+                v.set_queue_next_used(v.queue_used_idx().unwrap());
+                v.set_queue_ready(true);
+                v
+            })
+            .collect();
+        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let generation = link.generation();
+        link.attach_memory(generation, mem.clone());
+        link.attach_vrings(generation, &vrings);
+        link.set_up(Negotiated {
+            pairs: 1,
+            guest_max_msg: 1 << 20,
+            features: 0,
+        });
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = dropped.clone();
+        link.attach_dropper(
+            generation,
+            Box::new(move || flag.store(true, Ordering::Release)),
+        );
+        (link, mem, vrings, dropped)
+    }
+
+    /// Runs `f` on its own thread; whether it returned within a generous bound (a
+    /// loop that never ends would otherwise hang the test).
+    fn returns(f: impl FnOnce() + Send + 'static) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            f();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(30)).is_ok()
+    }
+
+    /// An available ring whose index says a buffer came but whose entry naming it lies
+    /// outside guest memory is unusable: the device VM is dropped. Found by the
+    /// g2h_rings fuzz target: receive and the h2g flush looked again for ever (the
+    /// index kept saying a buffer was there), holding a queue worker and the link's
+    /// lock.
+    #[test]
+    fn an_unreadable_available_ring_drops_the_device_vm_instead_of_spinning() {
+        let (link, _mem, vrings, dropped) = link_in_4k(0x800, 0xffc, 0x600);
+        let link = Arc::new(link);
+        let l = link.clone();
+        assert!(returns(move || {
+            let (got, more) = l.receive(0);
+            assert!(got.is_empty() && !more);
+        }));
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "g2h: the device VM is dropped"
+        );
+        assert!(!link.poll(0));
+        drop(vrings);
+
+        let (link, _mem, vrings, dropped) = link_in_4k(0xffc, 0x800, 0x600);
+        assert!(returns(move || {
+            // The flush finds the h2g ring unusable while it sends.
+            let _ = link.send(&TunnelMessage::new(1, Body::SessionStart));
+        }));
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "h2g: the device VM is dropped"
+        );
+        drop(vrings);
+    }
+
+    /// The relay never writes over an available ring, where its own writes would look
+    /// like buffers the driver posted. Found by the g2h_rings fuzz target: with the
+    /// g2h used ring at the address of its available ring, every buffer returned
+    /// "posted" the next, and the queue worker took buffers for ever.
+    #[test]
+    fn the_relay_never_writes_over_an_available_ring() {
+        use vm_memory::Bytes;
+        // A used ring over an available ring: the device VM is dropped at once.
+        let (link, _mem, vrings, dropped) = link_in_4k(0x800, 0x900, 0x900);
+        let link = Arc::new(link);
+        let l = link.clone();
+        assert!(returns(move || {
+            let (got, more) = l.receive(0);
+            assert!(got.is_empty() && !more);
+        }));
+        assert!(dropped.load(Ordering::Acquire));
+        drop(vrings);
+
+        // An h2g buffer over the g2h available ring is returned unwritten.
+        let (link, mem, vrings, dropped) = link_in_4k(0x800, 0x900, 0x600);
+        let mut d = [0u8; 16];
+        d[..8].copy_from_slice(&0x900u64.to_le_bytes());
+        d[8..12].copy_from_slice(&256u32.to_le_bytes());
+        d[12..14].copy_from_slice(&2u16.to_le_bytes()); // WRITE
+        mem.memory().write_slice(&d, GuestAddress(0)).unwrap();
+        let mut before = [0u8; 256];
+        mem.memory()
+            .read_slice(&mut before, GuestAddress(0x900))
+            .unwrap();
+        assert_eq!(
+            link.send(&TunnelMessage::new(1, Body::SessionStart)),
+            Ok(())
+        );
+        let mut after = [0u8; 256];
+        mem.memory()
+            .read_slice(&mut after, GuestAddress(0x900))
+            .unwrap();
+        assert_eq!(
+            before, after,
+            "the g2h available ring is as the driver left it"
+        );
+        let used_len: u32 = mem.memory().read_obj(GuestAddress(0x400 + 8)).unwrap();
+        assert_eq!(used_len, 0, "the buffer is returned with nothing in it");
+        assert_eq!(
+            link.counts().queued,
+            1,
+            "the message waits for a good buffer"
+        );
+        assert!(!dropped.load(Ordering::Acquire));
+        drop(vrings);
     }
 
     /// Makes a one-descriptor chain of `len` bytes at `addr` available in queue `q` of

@@ -9,7 +9,8 @@ pub mod gate;
 mod link;
 
 pub use backend::{ExitEvents, TunnelBackend};
-pub use link::{BadMessage, Incoming, Link, LinkError, Negotiated, CHANNEL_BUDGET};
+pub(crate) use link::decode;
+pub use link::{BadMessage, Incoming, Link, LinkCounts, LinkError, Negotiated, CHANNEL_BUDGET};
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;
@@ -120,7 +121,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
 
 /// The device VM went away: requests in flight fail, channels wait for the next HELLO;
 /// removed channels are forgotten (the next device VM never knew them).
-fn device_vm_gone(relay: &Relay) {
+pub(crate) fn device_vm_gone(relay: &Relay) {
     let mut table = relay.table();
     relay.link.reset();
     relay.windows().detach();
