@@ -66,6 +66,21 @@ pub fn check_positional_io(fd: BorrowedFd<'_>, offset: u64, size: u64) -> io::Re
     holds(meta.len(), offset, size)
 }
 
+/// Whether `fd` is a file of a memory file system: tmpfs (memfds, `/dev/shm`) or
+/// hugetlbfs (hugetlb memfds, `/dev/hugepages`), where pread, pwrite and page faults
+/// never wait for a device or another process (as they may on FUSE or a network
+/// mount). `false` for other file systems and for fds fstatfs cannot describe.
+pub fn is_memory_file(fd: BorrowedFd<'_>) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    // SAFETY: fstatfs writes only into the local struct; a bad fd gives an error.
+    let kind = unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        (libc::fstatfs(fd.as_raw_fd(), &mut st) == 0).then_some(st.f_type as i64)
+    };
+    matches!(kind, Some(TMPFS_MAGIC | HUGETLBFS_MAGIC))
+}
+
 /// Whether `fd` is a memfd sealed against shrinking (`F_SEAL_SHRINK`, as QEMU's
 /// `memory-backend-memfd` seals by default): memory of it mapped elsewhere can never
 /// lose its backing under the mapper.
@@ -160,5 +175,40 @@ mod tests {
             assert_eq!(p.as_ptr().read_volatile(), 7);
             libc::munmap(p.as_ptr().cast(), 4096);
         }
+    }
+
+    /// Memfds and files in /dev/shm count as memory files, a file on the build
+    /// directory's file system (ext4 or overlay here, never tmpfs in CI's checkout) and
+    /// a pipe do not.
+    #[test]
+    fn memory_files_are_those_of_tmpfs_and_hugetlbfs() {
+        // SAFETY: memfd_create with a valid C string; the fd is owned below.
+        let memfd = unsafe { OwnedFd::from_raw_fd(libc::memfd_create(c"kind".as_ptr(), 0)) };
+        assert!(is_memory_file(memfd.as_fd()));
+        let shm = std::path::Path::new("/dev/shm");
+        if shm.is_dir() {
+            let path = shm.join(format!("vfu-mem-kind-{}", std::process::id()));
+            let f = File::create(&path).unwrap();
+            std::fs::remove_file(&path).unwrap();
+            assert!(is_memory_file(f.as_fd()));
+        }
+        let here = File::open(env!("CARGO_MANIFEST_DIR")).unwrap();
+        // SAFETY: fstatfs writes into the zeroed local struct (all-zero is a valid
+        // statfs).
+        let kind = unsafe {
+            let mut st: libc::statfs = std::mem::zeroed();
+            assert_eq!(libc::fstatfs(here.as_raw_fd(), &mut st), 0);
+            st.f_type as i64
+        };
+        if kind != 0x0102_1994 {
+            assert!(!is_memory_file(here.as_fd()));
+        }
+        let mut p = [0; 2];
+        // SAFETY: pipe writes two new fds, owned below.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: both fds are new and owned here.
+        let (r, w) = unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) };
+        assert!(!is_memory_file(r.as_fd()));
+        drop(w);
     }
 }

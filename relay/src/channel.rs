@@ -723,6 +723,20 @@ impl Channel {
                     );
                     return client.error(&header, e.raw_os_error().unwrap_or(libc::EINVAL) as u32);
                 }
+                // Only memory file systems: on FUSE or a network mount, the copy
+                // path's pread/pwrite (on the thread all devices share) could wait
+                // as long as the client's file system likes.
+                if !relay.config.any_memory_file
+                    && fd
+                        .as_ref()
+                        .is_some_and(|fd| !vfu_proto::mem::is_memory_file(fd.as_fd()))
+                {
+                    warn_limited!(
+                        "{}: DMA region {:#x}: its fd is not on tmpfs or hugetlbfs (a memfd, /dev/shm, /dev/hugepages); refused (any_memory_file accepts any file, for trusted clients)",
+                        self.name, m.address
+                    );
+                    return client.error(&header, libc::EINVAL as u32);
+                }
                 // One descriptor per file: a map of a file the client mapped before
                 // shares it; a new file counts against the client's descriptors.
                 let (pending, irq_fds) = (&client.pending, &client.irq_fds);

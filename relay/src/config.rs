@@ -124,6 +124,12 @@ pub struct Config {
     /// that memory goes through the copy path.
     #[serde(default)]
     pub unsealed_windows: bool,
+    /// Accept DMA_MAP memory files of any file system, not only tmpfs and hugetlbfs
+    /// (memfds, `/dev/shm`, `/dev/hugepages`). A file on FUSE or a network mount can
+    /// make the copy path's pread/pwrite, which runs on the thread every device shares,
+    /// wait as long as its client likes, so this is for trusted clients only.
+    #[serde(default)]
+    pub any_memory_file: bool,
     /// Drop to this user once the sockets exist (`docs/security.md`).
     #[serde(default)]
     pub user: Option<User>,
@@ -184,6 +190,7 @@ impl Default for Config {
             queue_pairs: default_queue_pairs(),
             shm_size_mib: default_shm_size_mib(),
             unsealed_windows: false,
+            any_memory_file: false,
             user: None,
             group: None,
             socket_mode: SocketMode::default(),

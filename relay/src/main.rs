@@ -61,6 +61,10 @@ struct Args {
     /// shrinking (trusted clients only: such a client can make the device VM fault).
     #[arg(long)]
     unsealed_windows: bool,
+    /// Accept client memory files of any file system, not only tmpfs and hugetlbfs
+    /// (trusted clients only: a file on FUSE or a network mount can stall every device).
+    #[arg(long)]
+    any_memory_file: bool,
     /// Once the sockets exist, drop privileges to this user (name or uid); see
     /// docs/security.md for what it then needs.
     #[arg(long, value_name = "USER")]
@@ -318,6 +322,7 @@ impl TryFrom<Args> for Config {
             queue_pairs: args.queue_pairs,
             shm_size_mib: args.shm_size_mib,
             unsealed_windows: args.unsealed_windows,
+            any_memory_file: args.any_memory_file,
             user: args.user,
             group: args.group,
             socket_mode: args.socket_mode,

@@ -718,6 +718,23 @@ fn cases() -> Vec<Case> {
                 Sane(5),
             ]
         }),
+        // A regular file on a disk file system (where pread could wait on a device,
+        // as on FUSE or a network mount): EINVAL; the same in /dev/shm is served.
+        case("dma_map_fd_not_on_a_memory_file_system", Dma, || {
+            let mut steps = Vec::new();
+            if let Some(disk) = disk_file() {
+                steps.extend([
+                    send_fds(map(1, IOVA, PAGE, 0), vec![disk]),
+                    Reply(1, EINVAL),
+                ]);
+            }
+            steps.extend([
+                send_fds(map(2, IOVA, PAGE, 0), vec![shm_file()]),
+                Reply(2, 0),
+                Sane(3),
+            ]);
+            steps
+        }),
         // Two fds on a DMA_MAP (one at most): EINVAL, both closed.
         case("dma_map_two_fds", Dma, || {
             vec![
@@ -1720,6 +1737,31 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
     // SAFETY: both are new and owned here.
     unsafe { (OwnedFd::from_raw_fd(p[0]), OwnedFd::from_raw_fd(p[1])) }
+}
+
+/// A read-write regular file of 4 KiB in `dir`, unlinked.
+fn file_in(dir: &std::path::Path, what: &str) -> OwnedFd {
+    let path = dir.join(format!("vfu-hostile-{what}-{}", std::process::id()));
+    std::fs::write(&path, vec![0u8; PAGE as usize]).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let _ = std::fs::remove_file(&path);
+    OwnedFd::from(f)
+}
+
+/// A file of the build directory's file system, if that is not tmpfs (`None` then:
+/// there is no disk file system at hand).
+fn disk_file() -> Option<OwnedFd> {
+    let fd = file_in(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), "disk");
+    (!vfu_proto::mem::is_memory_file(std::os::fd::AsFd::as_fd(&fd))).then_some(fd)
+}
+
+/// A file in /dev/shm (tmpfs).
+fn shm_file() -> OwnedFd {
+    file_in(std::path::Path::new("/dev/shm"), "shm")
 }
 
 /// A regular file of 4 KiB opened O_APPEND (pwrite would ignore the offset).
