@@ -1502,7 +1502,9 @@ mod pipelined_dma_tests {
         let vrings: Vec<VringRwLock> = (0..2)
             .map(|_| VringRwLock::new(mem.clone(), 256).unwrap())
             .collect();
-        relay.link.attach_vrings(relay.link.generation(), &vrings);
+        relay
+            .link
+            .attach_vrings(relay.link.generation(), 0, &vrings);
         relay.link.set_up(Negotiated {
             pairs: 1,
             guest_max_msg: 2 << 20,

@@ -170,9 +170,11 @@ pub struct Config {
     /// CPU of the switch thread (client sockets; in poll mode the tunnel's queues too).
     #[serde(default)]
     pub switch_cpu: Option<usize>,
-    /// CPU of the tunnel's queue worker threads (device-VM notifications).
-    #[serde(default)]
-    pub tunnel_cpu: Option<usize>,
+    /// CPUs of the tunnel's queue worker threads (device-VM notifications), one per
+    /// queue pair: pair P's worker runs on the (P mod n)-th CPU listed. One CPU or a
+    /// list in the file; empty: anywhere.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub tunnel_cpu: Vec<usize>,
     /// The file this configuration was read from, if any: SIGHUP reads it again.
     #[serde(skip)]
     pub file: Option<PathBuf>,
@@ -203,7 +205,7 @@ impl Default for Config {
             frontend_allow_gids: Vec::new(),
             poll_us: 0,
             switch_cpu: None,
-            tunnel_cpu: None,
+            tunnel_cpu: Vec::new(),
             file: None,
         }
     }
@@ -216,6 +218,24 @@ pub const MAX_POLL_US: u64 = 10_000_000;
 fn default_timeout_ms() -> u64 {
     3000
 }
+
+/// A number or a list of numbers (`tunnel_cpu = 1` or `tunnel_cpu = [0, 1]`).
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<usize>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(usize),
+        Many(Vec<usize>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(n) => vec![n],
+        OneOrMany::Many(v) => v,
+    })
+}
+
+/// Most queue pairs the relay offers: vhost-user-backend gives each worker thread its
+/// queues as a 64-bit mask, and each pair has its own thread.
+pub const MAX_QUEUE_PAIRS: u16 = 32;
 
 fn default_queue_pairs() -> u16 {
     1
@@ -303,22 +323,23 @@ impl Config {
             )));
         }
         let cpus = vfu_proto::poll::configured_cpus();
-        for (what, cpu) in [
-            ("switch_cpu", self.switch_cpu),
-            ("tunnel_cpu", self.tunnel_cpu),
-        ] {
-            if let Some(cpu) = cpu {
-                if cpu >= cpus {
-                    return Err(Error::Config(format!(
-                        "{what} {cpu}: this machine has CPUs 0 to {}",
-                        cpus - 1
-                    )));
-                }
+        let named = self
+            .switch_cpu
+            .iter()
+            .map(|&c| ("switch_cpu", c))
+            .chain(self.tunnel_cpu.iter().map(|&c| ("tunnel_cpu", c)));
+        for (what, cpu) in named {
+            if cpu >= cpus {
+                return Err(Error::Config(format!(
+                    "{what} {cpu}: this machine has CPUs 0 to {}",
+                    cpus - 1
+                )));
             }
         }
-        if self.queue_pairs == 0 || self.queue_pairs > 64 {
+        // One queue worker thread per pair, named by a 64-bit mask of its two queues.
+        if self.queue_pairs == 0 || self.queue_pairs > MAX_QUEUE_PAIRS {
             return Err(Error::Config(format!(
-                "queue pairs {}: must be 1 to 64",
+                "queue pairs {}: must be 1 to {MAX_QUEUE_PAIRS}",
                 self.queue_pairs
             )));
         }
@@ -498,6 +519,32 @@ mod tests {
         let mut c = base();
         c.request_timeout_ms = 0;
         assert!(c.validate().is_err());
+        let mut c = base();
+        c.queue_pairs = MAX_QUEUE_PAIRS;
+        assert!(c.validate().is_ok());
+        let mut c = base();
+        c.queue_pairs = MAX_QUEUE_PAIRS + 1;
+        assert!(c.validate().unwrap_err().to_string().contains("1 to 32"));
+        let mut c = base();
+        c.tunnel_cpu = vec![0, 9999];
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("tunnel_cpu 9999"));
+    }
+
+    /// `tunnel_cpu` is one CPU or a list, in the file as on the command line.
+    #[test]
+    fn tunnel_cpu_one_or_a_list() {
+        let head = "frontend_socket = \"/tmp/f.sock\"\n";
+        let one: Config = toml::from_str(&format!("{head}tunnel_cpu = 1\n")).unwrap();
+        assert_eq!(one.tunnel_cpu, vec![1]);
+        let list: Config = toml::from_str(&format!("{head}tunnel_cpu = [0, 1]\n")).unwrap();
+        assert_eq!(list.tunnel_cpu, vec![0, 1]);
+        let none: Config = toml::from_str(head).unwrap();
+        assert!(none.tunnel_cpu.is_empty());
+        assert!(toml::from_str::<Config>(&format!("{head}tunnel_cpu = \"x\"\n")).is_err());
     }
 
     /// The control socket defaults to the frontend socket's path plus `.ctl`.

@@ -102,9 +102,10 @@ struct Args {
     /// this CPU.
     #[arg(long, value_name = "CPU")]
     switch_cpu: Option<usize>,
-    /// Run the tunnel's queue worker threads on this CPU.
-    #[arg(long, value_name = "CPU")]
-    tunnel_cpu: Option<usize>,
+    /// Run the tunnel's queue worker threads on these CPUs (one worker per queue pair;
+    /// pair P on the (P mod n)-th CPU listed), e.g. `1` or `2,3`.
+    #[arg(long, value_name = "CPU[,CPU...]", value_delimiter = ',')]
+    tunnel_cpu: Vec<usize>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -228,7 +228,7 @@ impl Target {
         let drivers = Self::drivers(&mem, &rings);
         relay
             .link
-            .attach_vrings(relay.link.generation(), &fe.vrings);
+            .attach_vrings(relay.link.generation(), 0, &fe.vrings);
         let names = relay
             .channels()
             .iter()
@@ -936,7 +936,7 @@ impl Target {
         }
         self.relay
             .link
-            .attach_vrings(self.relay.link.generation(), &self.fe.vrings);
+            .attach_vrings(self.relay.link.generation(), 0, &self.fe.vrings);
         self.relay_requests.clear();
         self.forwarded.clear();
         self.posted.clear();

@@ -224,7 +224,7 @@ impl Target {
         // What the backend does on the first kick, before the driver's HELLO.
         relay
             .link
-            .attach_vrings(relay.link.generation(), &fe.vrings);
+            .attach_vrings(relay.link.generation(), 0, &fe.vrings);
         let ch1 = relay.channel(1).expect("channel 1");
         let mut t = Self {
             relay,

@@ -9,7 +9,7 @@ use vfu_proto::transport::fds::is_eventfd;
 use vhost::vhost_user::message::{
     VhostUserProtocolFeatures, VhostUserShMemConfig, VhostUserVirtioFeatures,
 };
-use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
@@ -17,6 +17,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
+use vmm_sys_util::eventfd::EventFd;
 
 use super::drain_g2h;
 use super::gate::Gate;
@@ -107,18 +108,55 @@ pub struct TunnelBackend {
     gate: Arc<Gate>,
     /// The exit events given to the library, to be closed after it.
     exits: ExitEvents,
+    /// Per queue worker thread: an event that makes it hand its vrings to the link
+    /// ([`TunnelBackend::announce_vrings`]).
+    announce: Arc<Vec<EventFd>>,
+}
+
+/// The `device_event` of [`TunnelBackend`]'s own events (the library keeps 0 to
+/// `num_queues` for the queues and its exit event).
+fn announce_event(num_queues: usize) -> u16 {
+    num_queues as u16 + 1
 }
 
 impl TunnelBackend {
     /// A backend feeding `relay`; the exit events it creates are recorded in `exits`.
     pub fn new(relay: Arc<Relay>, gate: Arc<Gate>, exits: ExitEvents) -> Self {
         let generation = relay.link.generation();
+        let announce = (0..relay.link.offered_pairs)
+            .filter_map(|pair| {
+                EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .inspect_err(|e| warn!("tunnel queue pair {pair}: no announce event: {e}"))
+                    .ok()
+            })
+            .collect();
         Self {
             relay,
             event_idx: Arc::new(AtomicBool::new(false)),
             generation,
             gate,
             exits,
+            announce: Arc::new(announce),
+        }
+    }
+
+    /// Makes each queue worker thread of `daemon` hand its vrings to the link at once,
+    /// so that a pair works before its own queues were ever notified: each thread
+    /// serves one queue pair and sees only that pair's vrings, and the link needs
+    /// them all (a message for a channel goes to the pair of that channel).
+    pub fn announce_vrings(&self, handlers: &[Arc<VringEpollHandler<Self>>]) {
+        let event = announce_event(self.num_queues());
+        for (thread, handler) in handlers.iter().enumerate() {
+            let Some(fd) = self.announce.get(thread) else {
+                continue;
+            };
+            let done = handler
+                .register_listener(fd.as_raw_fd(), EventSet::IN, u64::from(event))
+                .and_then(|()| fd.write(1));
+            if let Err(e) = done {
+                // Its vrings come with its queues' first notification instead.
+                warn!("tunnel queue worker {thread}: cannot announce its vrings: {e}");
+            }
         }
     }
 }
@@ -133,6 +171,14 @@ impl VhostUserBackend for TunnelBackend {
 
     fn max_queue_size(&self) -> usize {
         MAX_QUEUE_SIZE
+    }
+
+    /// One worker thread per queue pair: a channel's messages stay on its pair, so on
+    /// one thread, in order, and pairs are served in parallel.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.relay.link.offered_pairs)
+            .map(|pair| 0b11 << (2 * pair))
+            .collect()
     }
 
     /// The event that stops a worker thread. Without one the library cannot stop the
@@ -219,25 +265,43 @@ impl VhostUserBackend for TunnelBackend {
         device_event: u16,
         evset: EventSet,
         vrings: &[VringRwLock],
-        _thread_id: usize,
+        thread_id: usize,
     ) -> std::io::Result<()> {
+        // Thread `thread_id` serves queue pair `thread_id` ([`Self::queues_per_thread`]):
+        // its vrings are that pair's h2g and g2h queues, `device_event` 0 and 1.
+        let announced = device_event == announce_event(self.num_queues());
+        if announced {
+            if let Some(fd) = self.announce.get(thread_id) {
+                let _ = fd.read();
+            }
+        }
         if !self.gate.passes() {
             return Ok(()); // a refused peer's queues reach nothing
         }
-        place_worker_thread(self.relay.config.tunnel_cpu);
+        let cpus = &self.relay.config.tunnel_cpu;
+        place_worker_thread((!cpus.is_empty()).then(|| cpus[thread_id % cpus.len()]));
         if evset != EventSet::IN {
-            warn!("tunnel queue {device_event}: unexpected event {evset:?}");
+            warn!("tunnel queue pair {thread_id}: unexpected event {evset:?}");
             return Ok(());
         }
         if self.generation != self.relay.link.generation() {
             return Ok(()); // a late event of a connection that is gone
         }
-        self.relay.link.attach_vrings(self.generation, vrings);
-        let pair = device_event as usize / 2;
-        if device_event % 2 == 1 {
+        let link = &self.relay.link;
+        if link.attach_vrings(self.generation, 2 * thread_id, vrings) {
+            // Every pair works from now on: look at what came before.
+            for pair in 0..usize::from(link.offered_pairs) {
+                drain_g2h(&self.relay, pair);
+                link.flush(pair);
+            }
+        }
+        let pair = thread_id;
+        if announced {
+            // Nothing to do but the above.
+        } else if device_event == 1 {
             drain_g2h(&self.relay, pair);
         } else {
-            self.relay.link.flush(pair);
+            link.flush(pair);
         }
         // A g2h queue held back for unread answers goes on once the driver took them.
         for pair in self.relay.link.take_resume() {

@@ -250,7 +250,11 @@ pub type Dropper = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 struct Inner {
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
+    /// Every queue's vring, in queue order, once each queue worker thread handed in
+    /// its own ([`Link::attach_vrings`]); empty until then.
     vrings: Vec<VringRwLock>,
+    /// The vrings handed in so far, by queue index.
+    arriving: Vec<Option<VringRwLock>>,
     /// A ring is unusable (its available index out of range): the device VM broke
     /// it, and nothing moves until a new device VM connects (the relay drops this
     /// one: [`Link::attach_dropper`]).
@@ -382,19 +386,35 @@ impl Link {
         }
     }
 
-    /// Remembers the vrings of connection `generation`.
-    pub fn attach_vrings(&self, generation: u64, vrings: &[VringRwLock]) {
+    /// Remembers the vrings of connection `generation` that a queue worker thread
+    /// serves: `vrings` are queues `first..`. The link uses them once every queue's
+    /// vring is known; returns whether this call completed them (the caller then looks
+    /// at every queue: notifications that came before were not acted on).
+    pub fn attach_vrings(&self, generation: u64, first: usize, vrings: &[VringRwLock]) -> bool {
         if generation != self.generation() {
-            return;
+            return false;
         }
         let mut inner = self.lock();
-        if inner.vrings.is_empty() {
-            inner.vrings = vrings.to_vec();
-            let pairs = vrings.len() / 2;
-            inner.tx = (0..pairs).map(|_| PairTx::default()).collect();
-            inner.rx = (0..pairs).map(|_| Reassembly::default()).collect();
-            inner.signal_due = vec![false; pairs];
+        if !inner.vrings.is_empty() {
+            return false;
         }
+        let queues = 2 * usize::from(self.offered_pairs);
+        inner.arriving.resize(queues, None);
+        for (slot, vring) in inner.arriving.iter_mut().skip(first).zip(vrings) {
+            *slot = Some(vring.clone());
+        }
+        if inner.arriving.iter().any(Option::is_none) {
+            return false;
+        }
+        inner.vrings = std::mem::take(&mut inner.arriving)
+            .into_iter()
+            .flatten()
+            .collect();
+        let pairs = queues / 2;
+        inner.tx = (0..pairs).map(|_| PairTx::default()).collect();
+        inner.rx = (0..pairs).map(|_| Reassembly::default()).collect();
+        inner.signal_due = vec![false; pairs];
+        true
     }
 
     /// HELLO settled these parameters: from now on messages flow. Anything queued for a
@@ -512,7 +532,12 @@ impl Link {
         let Some(mem) = inner.mem.clone() else {
             return (out, false);
         };
-        let Some(vring) = inner.vrings.get(g2h_queue(pair as u16) as usize).cloned() else {
+        let Some(vring) = inner
+            .vrings
+            .get(g2h_queue(pair as u16) as usize)
+            .filter(|v| is_ready(v))
+            .cloned()
+        else {
             return (out, false);
         };
         let direct_allowed = inner
@@ -680,7 +705,9 @@ impl Link {
             return false;
         }
         for pair in 0..inner.tx.len() {
-            if let Some(vring) = inner.vrings.get(g2h_queue(pair as u16) as usize) {
+            // (A queue the VMM did not set up has no rings to write the flag in.)
+            let vring = inner.vrings.get(g2h_queue(pair as u16) as usize);
+            if let Some(vring) = vring.filter(|v| is_ready(v)) {
                 if on {
                     let _ = vring.disable_notification();
                 } else {
@@ -856,9 +883,15 @@ pub(crate) fn overlaps_any(areas: &[(u64, u64)], at: u64, len: u64) -> bool {
             .any(|&(a, n)| n > 0 && at < a.saturating_add(n) && a < end)
 }
 
+/// Whether the VMM set `vring` up (SET_VRING_ADDR, enabled): before, its ring
+/// addresses mean nothing, and the relay must neither read nor write them.
+fn is_ready(vring: &VringRwLock) -> bool {
+    vring.get_ref().get_queue().ready()
+}
+
 /// Takes the next chain's head from the available ring of `vring`, with the queue's
 /// descriptor table and size for walking it ([`chain::walk`]); `None` when the ring is
-/// empty, an error when the ring itself is unusable (its index out of range, or the
+/// empty or the queue not ready, an error when the ring itself is unusable (its index out of range, or the
 /// entry naming the next buffer outside guest memory).
 fn pop_head(
     vring: &VringRwLock,
@@ -866,6 +899,11 @@ fn pop_head(
 ) -> Result<Option<(u16, GuestAddress, u16)>, virtio_queue::Error> {
     let mut state = vring.get_mut();
     let queue = state.get_queue_mut();
+    if !queue.ready() {
+        // Not set up yet (or reset): nothing to take. Its worker looks when the VMM
+        // sets it up and the driver notifies.
+        return Ok(None);
+    }
     let (table, size) = (GuestAddress(queue.desc_table()), queue.size());
     let head = queue.iter(mem)?.next().map(|c| c.head_index());
     if head.is_none() {
@@ -912,7 +950,12 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
     let Some(mem) = inner.mem.clone() else {
         return false;
     };
-    let Some(vring) = inner.vrings.get(h2g_queue(pair as u16) as usize).cloned() else {
+    let Some(vring) = inner
+        .vrings
+        .get(h2g_queue(pair as u16) as usize)
+        .filter(|v| is_ready(v))
+        .cloned()
+    else {
         return false;
     };
     let guard = mem.memory();
@@ -1076,7 +1119,7 @@ mod tests {
             .collect();
         let generation = link.generation();
         link.attach_memory(generation, mem.clone());
-        link.attach_vrings(generation, &vrings);
+        link.attach_vrings(generation, 0, &vrings);
         link.set_up(Negotiated {
             pairs: 1,
             guest_max_msg: 2 << 20,
@@ -1151,7 +1194,7 @@ mod tests {
         let link = Link::new(1, RelayLimits::DEFAULT, None);
         let generation = link.generation();
         link.attach_memory(generation, mem.clone());
-        link.attach_vrings(generation, &vrings);
+        link.attach_vrings(generation, 0, &vrings);
         link.set_up(Negotiated {
             pairs: 1,
             guest_max_msg: 1 << 20,
@@ -1207,6 +1250,42 @@ mod tests {
             dropped.load(Ordering::Acquire),
             "h2g: the device VM is dropped"
         );
+        drop(vrings);
+    }
+
+    /// A queue the VMM has not set up (or reset) is neither read nor written: taking,
+    /// flushing and switching notifications for polling leave its rings' memory as it
+    /// is, and do not take it for a broken ring. (Queue workers now look at every pair
+    /// once all vrings are known, which may be before the VMM set the queues up; and a
+    /// driver may use fewer pairs than offered.)
+    #[test]
+    fn queues_not_set_up_are_left_alone() {
+        use vm_memory::Bytes;
+        let (link, mem, vrings, dropped) = link_in_4k(0x800, 0x900, 0x600);
+        for v in &vrings {
+            v.set_queue_event_idx(true);
+            v.set_queue_ready(false);
+        }
+        let snapshot = || {
+            let mut b = vec![0u8; 0x1000];
+            mem.memory().read_slice(&mut b, GuestAddress(0)).unwrap();
+            b
+        };
+        let before = snapshot();
+        let link = Arc::new(link);
+        let l = link.clone();
+        assert!(returns(move || {
+            let _ = l.set_polling(true);
+            let (got, more) = l.receive(0);
+            assert!(got.is_empty() && !more);
+            assert!(!l.poll(0));
+            assert_eq!(l.send(&TunnelMessage::new(1, Body::SessionStart)), Ok(()));
+            l.flush(0);
+            let _ = l.set_polling(false);
+        }));
+        assert_eq!(before, snapshot(), "guest memory untouched");
+        assert!(!dropped.load(Ordering::Acquire), "not a broken ring");
+        assert_eq!(link.counts().queued, 1, "the message waits for the queue");
         drop(vrings);
     }
 

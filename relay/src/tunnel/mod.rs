@@ -56,6 +56,7 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
         let gate = Arc::new(Gate::default());
         let generation = relay.link.generation();
         let backend = TunnelBackend::new(relay.clone(), gate.clone(), exits.clone());
+        let announcer = backend.clone();
         let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = VhostUserDaemon::new("vfu-tunnel".into(), backend, mem)
             .map_err(|e| Error::Backend(e.to_string()))?;
@@ -91,11 +92,14 @@ pub fn serve_frontends(relay: Arc<Relay>, listener: UnixListener) -> Result<()> 
         gate.decide(allowed);
         if !allowed {
             daemon.request_shutdown();
-        } else if let Some(handle) = daemon.shutdown_handle() {
-            // A device VM that breaks a ring of the tunnel is dropped.
-            relay
-                .link
-                .attach_dropper(generation, Box::new(move || handle.shutdown()));
+        } else {
+            if let Some(handle) = daemon.shutdown_handle() {
+                // A device VM that breaks a ring of the tunnel is dropped.
+                relay
+                    .link
+                    .attach_dropper(generation, Box::new(move || handle.shutdown()));
+            }
+            announcer.announce_vrings(&daemon.get_epoll_handlers());
         }
         let result = daemon.wait();
         // The queue worker threads of this connection end here.
