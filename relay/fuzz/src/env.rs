@@ -197,7 +197,10 @@ impl Frontend {
         backend
             .update_memory(mem.clone())
             .expect("the gate lets the memory through");
-        let vrings = rings
+        // The library makes a vring for every queue the relay offers; the VMM sets up
+        // those of `rings`, the others stay as made (not ready).
+        let offered = 2 * usize::from(relay.link.offered_pairs);
+        let mut vrings: Vec<VringRwLock> = rings
             .iter()
             .map(|r| {
                 let v = VringRwLock::new(mem.clone(), QUEUE_MAX).expect("vring");
@@ -222,14 +225,22 @@ impl Frontend {
                 v
             })
             .collect();
+        while vrings.len() < offered {
+            vrings.push(VringRwLock::new(mem.clone(), QUEUE_MAX).expect("vring"));
+        }
         Self { backend, vrings }
     }
 
-    /// The driver kicked queue `q`: what the backend's worker thread does.
+    /// The driver kicked queue `q`: what the backend's worker thread does (pair
+    /// `q / 2`'s worker, which sees that pair's two vrings).
     pub fn kick(&self, q: usize) {
+        let pair = q / 2;
+        let Some(vrings) = self.vrings.get(2 * pair..2 * pair + 2) else {
+            return;
+        };
         let _ = self
             .backend
-            .handle_event(q as u16, EventSet::IN, &self.vrings, 0);
+            .handle_event((q % 2) as u16, EventSet::IN, vrings, pair);
     }
 }
 
