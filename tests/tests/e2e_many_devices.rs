@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::Capabilities;
-use vfu_tests::{start_loopback_guest, start_relay, wait_for_socket, Scratch};
+use vfu_tests::{start_loopback_guest, wait_for_socket, Scratch};
 
 const DEVICES: usize = 16;
 const BAR2: u32 = 2;
@@ -18,7 +18,22 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 fn sixteen_devices_concurrent_clients_no_cross_talk() {
     let scratch = Scratch::new("many");
     let frontend = scratch.join("frontend.sock");
-    let names: Vec<String> = (0..DEVICES).map(|i| format!("gpio{i}")).collect();
+    let (names, sockets, _relay) = gpio_relay(&scratch, DEVICES, &[]);
+    let serve: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "gpio")).collect();
+    let _guest = start_loopback_guest(&frontend, &serve);
+
+    checked_gpio_clients(&sockets, 300);
+}
+
+/// A relay (with `extra` options) exporting `n` devices `gpio0`... on sockets in
+/// `scratch`, its frontend socket `frontend.sock` there; their names and sockets, once
+/// every socket exists.
+fn gpio_relay(
+    scratch: &Scratch,
+    n: usize,
+    extra: &[&str],
+) -> (Vec<String>, Vec<std::path::PathBuf>, vfu_tests::Proc) {
+    let names: Vec<String> = (0..n).map(|i| format!("gpio{i}")).collect();
     let sockets: Vec<_> = names
         .iter()
         .map(|n| scratch.join(&format!("{n}.sock")))
@@ -28,14 +43,11 @@ fn sixteen_devices_concurrent_clients_no_cross_talk() {
         .zip(&sockets)
         .map(|(n, s)| (n.as_str(), s.as_path()))
         .collect();
-    let _relay = start_relay(&frontend, &devices);
+    let relay = vfu_tests::start_relay_with(None, &scratch.join("frontend.sock"), &devices, extra);
     for s in &sockets {
         assert!(wait_for_socket(s, TIMEOUT));
     }
-    let serve: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "gpio")).collect();
-    let _guest = start_loopback_guest(&frontend, &serve);
-
-    checked_gpio_clients(&sockets, 300);
+    (names, sockets, relay)
 }
 
 /// One client thread per socket, each writing its own values to its gpio device
@@ -113,21 +125,8 @@ fn each_queue_pair_has_its_own_worker_thread() {
     const PAIRS: usize = 4;
     let scratch = Scratch::new("pairs");
     let frontend = scratch.join("frontend.sock");
-    let names: Vec<String> = (0..2 * PAIRS).map(|i| format!("gpio{i}")).collect();
-    let sockets: Vec<_> = names
-        .iter()
-        .map(|n| scratch.join(&format!("{n}.sock")))
-        .collect();
-    let devices: Vec<(&str, &std::path::Path)> = names
-        .iter()
-        .zip(&sockets)
-        .map(|(n, s)| (n.as_str(), s.as_path()))
-        .collect();
     let pairs = PAIRS.to_string();
-    let relay = vfu_tests::start_relay_with(None, &frontend, &devices, &["--queue-pairs", &pairs]);
-    for s in &sockets {
-        assert!(wait_for_socket(s, TIMEOUT));
-    }
+    let (names, sockets, relay) = gpio_relay(&scratch, 2 * PAIRS, &["--queue-pairs", &pairs]);
     let mut args = vec![
         "--loopback".to_string(),
         frontend.display().to_string(),

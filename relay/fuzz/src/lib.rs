@@ -23,3 +23,23 @@ pub fn tracing() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("VFU_FUZZ_TRACE").is_some())
 }
+
+/// The input of seed `name` of `seeds` (a target's `seeds()`).
+#[cfg(test)]
+fn seed(seeds: Vec<(String, Vec<u8>)>, name: &str) -> Vec<u8> {
+    seeds
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .expect("seed")
+        .1
+}
+
+/// Runs every seed through a target's `run`, naming each first (a finding names its
+/// seed).
+#[cfg(test)]
+fn run_seeds(seeds: Vec<(String, Vec<u8>)>, run: fn(&[u8])) {
+    for (name, input) in seeds {
+        eprintln!("seed {name}");
+        run(&input);
+    }
+}

@@ -984,20 +984,13 @@ mod tests {
     }
 
     fn seed(name: &str) -> Vec<u8> {
-        seeds()
-            .into_iter()
-            .find(|(n, _)| n == name)
-            .expect("seed")
-            .1
+        crate::seed(seeds(), name)
     }
 
     /// Every seed runs through the target without a finding.
     #[test]
     fn seeds_pass() {
-        for (name, input) in seeds() {
-            eprintln!("seed {name}");
-            run(&input);
-        }
+        crate::run_seeds(seeds(), run);
     }
 
     /// The seeds reach what they are named for: direct reads answered in their chain

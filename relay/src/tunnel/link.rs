@@ -1117,12 +1117,25 @@ mod tests {
                 v
             })
             .collect();
+        let dropped = connect(&link, &mem, &vrings, 2 << 20);
+        (link, mem, dropped)
+    }
+
+    /// Gives `link` the memory and vrings of a new device VM connection, negotiates
+    /// one pair with `guest_max_msg`, and attaches a dropper; returns the flag the
+    /// dropper sets.
+    fn connect(
+        link: &Link,
+        mem: &GuestMemoryAtomic<GuestMemoryMmap>,
+        vrings: &[VringRwLock],
+        guest_max_msg: usize,
+    ) -> Arc<AtomicBool> {
         let generation = link.generation();
         link.attach_memory(generation, mem.clone());
-        link.attach_vrings(generation, 0, &vrings);
+        link.attach_vrings(generation, 0, vrings);
         link.set_up(Negotiated {
             pairs: 1,
-            guest_max_msg: 2 << 20,
+            guest_max_msg,
             features: 0,
         });
         let dropped = Arc::new(AtomicBool::new(false));
@@ -1131,7 +1144,7 @@ mod tests {
             generation,
             Box::new(move || flag.store(true, Ordering::Release)),
         );
-        (link, mem, dropped)
+        dropped
     }
 
     /// A device VM that moves its g2h available index out of range (here 100 ahead of a
@@ -1192,20 +1205,7 @@ mod tests {
             })
             .collect();
         let link = Link::new(1, RelayLimits::DEFAULT, None);
-        let generation = link.generation();
-        link.attach_memory(generation, mem.clone());
-        link.attach_vrings(generation, 0, &vrings);
-        link.set_up(Negotiated {
-            pairs: 1,
-            guest_max_msg: 1 << 20,
-            features: 0,
-        });
-        let dropped = Arc::new(AtomicBool::new(false));
-        let flag = dropped.clone();
-        link.attach_dropper(
-            generation,
-            Box::new(move || flag.store(true, Ordering::Release)),
-        );
+        let dropped = connect(&link, &mem, &vrings, 1 << 20);
         (link, mem, vrings, dropped)
     }
 
