@@ -1620,6 +1620,42 @@ mod pipelined_dma_tests {
         );
     }
 
+    /// A HELLO of a tunnel version the relay does not speak, in the middle of a
+    /// session, is still a driver restart: the request in flight fails at once
+    /// (ECONNRESET) instead of waiting for an answer the new instance will never give,
+    /// and the channel waits for the next HELLO.
+    #[test]
+    fn a_hello_of_another_version_fails_requests_in_flight() {
+        use vfu_proto::tunnel::{Body, Hello, TunnelMessage};
+        let relay = relay();
+        let mut peer = connect(&relay);
+        let ch = &relay.channel(1).unwrap();
+        ch.on_client_message(&relay, raw(5, &map_req(), false, vec![memfd()]));
+        assert_eq!(ch.lock().client.as_ref().unwrap().pending.len(), 1);
+        let hello = TunnelMessage {
+            channel: 0,
+            tag: 1,
+            body: Body::Hello(Hello {
+                version_major: vfu_proto::tunnel::VERSION_MAJOR + 1,
+                version_minor: 0,
+                queue_pairs: 1,
+                max_msg_size: 1 << 20,
+                features: 0,
+            }),
+        };
+        crate::tunnel::dispatch(&relay, crate::tunnel::Incoming::Message(Ok(hello)));
+        let mut buf = [0u8; 64];
+        let n = peer.read(&mut buf).expect("an answer at once");
+        let reply = Header::decode(&buf[..n.min(HEADER_SIZE)]).unwrap();
+        assert_eq!(reply.msg_id, 5);
+        assert_eq!(reply.error, Some(libc::ECONNRESET as u32));
+        assert!(ch.lock().client.as_ref().unwrap().pending.is_empty());
+        assert!(
+            !relay.link.is_up(),
+            "the link waits for a HELLO it can take"
+        );
+    }
+
     /// A posted (NO_REPLY) DMA_UNMAP cut off by a driver restart (or the device VM going
     /// away) gets no reply, and its region is released, not served for good.
     #[test]

@@ -299,9 +299,23 @@ fn report(relay: &Relay, channel: u32, tag: u32, errno: u32, text: &str) {
     send_reply(relay, channel, tag, Body::Error { errno, text });
 }
 
+/// A HELLO: the driver (re)started. What its previous instance had is gone: requests
+/// in flight fail (ECONNRESET), windows are unmapped, channels wait to be brought up
+/// again, and the channels removed since are forgotten. `table` stays locked.
+fn forget_driver_instance(relay: &Relay, table: &mut crate::table::ChannelTable) {
+    for ch in table.all() {
+        ch.on_driver_restart(relay);
+        let outcome = ch.fail_pending(relay, libc::ECONNRESET as u32);
+        relay.after_send(ch, outcome);
+    }
+    table.take_retiring();
+}
+
 /// HELLO: negotiate, then bring every exported channel up.
 fn hello(relay: &Relay, tag: u32, h: Hello) {
     if h.version_major != VERSION_MAJOR {
+        // Whatever it speaks, the driver restarted: its requests in flight are lost.
+        forget_driver_instance(relay, &mut relay.table());
         warn!(
             "device VM speaks tunnel version {}.{}, the relay {VERSION_MAJOR}.{VERSION_MINOR}",
             h.version_major, h.version_minor
@@ -346,15 +360,8 @@ fn hello(relay: &Relay, tag: u32, h: Hello) {
     // The table stays locked until every channel is up: a device added meanwhile is
     // brought up once, here or by the add.
     let mut table = relay.table();
-    // A HELLO after the first: the driver restarted; what it had is gone, windows
-    // included (unmapped from the frontend, which stays connected), and so are the
-    // channels removed since.
-    for ch in table.all() {
-        ch.on_driver_restart(relay);
-        let outcome = ch.fail_pending(relay, libc::ECONNRESET as u32);
-        relay.after_send(ch, outcome);
-    }
-    table.take_retiring();
+    // A HELLO after the first: the driver restarted (the frontend stays connected).
+    forget_driver_instance(relay, &mut table);
     relay.link.set_up(negotiated);
     info!(
         "device VM said HELLO: tunnel {}.{}, {} queue pair(s), messages up to {} bytes",
