@@ -98,6 +98,11 @@ struct Args {
     /// of vfu-relay runs this (docs/security.md, "Hostile device VM").
     #[arg(long, value_name = "DEVICE:CASE[,CASE]", value_parser = MisbehaveArg::parse)]
     misbehave: Option<MisbehaveArg>,
+    /// TESTING THE RELAY ONLY: with --loopback, give the relay guest memory that is not
+    /// sealed against shrinking (as a VMM with memory-backend-file would), which it
+    /// refuses unless started with --unsealed-vmm-memory.
+    #[arg(long, hide = true, requires = "loopback")]
+    unsealed_memory: bool,
 }
 
 /// What `--misbehave` asks for.
@@ -216,6 +221,7 @@ fn run(args: Args) -> Result<(), String> {
         args.memory_mib << 20,
         Duration::from_secs(args.connect_timeout),
         !args.no_shmem,
+        args.unsealed_memory,
     )
     .map_err(|e| e.to_string())?;
     drive(transport, config, stop)

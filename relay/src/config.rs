@@ -130,6 +130,13 @@ pub struct Config {
     /// wait as long as its client likes, so this is for trusted clients only.
     #[serde(default)]
     pub any_memory_file: bool,
+    /// Map the device VM's guest memory even when a region's file can shrink (anything
+    /// but a memfd sealed with `F_SEAL_SHRINK`, e.g. QEMU's `memory-backend-file` on
+    /// hugetlbfs or `/dev/shm`, Cloud Hypervisor's `shared=on` memory). Its VMM could
+    /// then make the relay die of SIGBUS by truncating the file, so this trusts the
+    /// device VM's VMM; by default such a VMM is refused.
+    #[serde(default)]
+    pub unsealed_vmm_memory: bool,
     /// Drop to this user once the sockets exist (`docs/security.md`).
     #[serde(default)]
     pub user: Option<User>,
@@ -193,6 +200,7 @@ impl Default for Config {
             shm_size_mib: default_shm_size_mib(),
             unsealed_windows: false,
             any_memory_file: false,
+            unsealed_vmm_memory: false,
             user: None,
             group: None,
             socket_mode: SocketMode::default(),
@@ -574,11 +582,13 @@ mod tests {
         assert_eq!(Config::from_file(&p).unwrap(), expected);
         std::fs::write(
             &p,
-            "frontend_socket = \"/tmp/f.sock\"\ncontrol_socket = \"/tmp/c\"\nunsealed_windows = true\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
+            "frontend_socket = \"/tmp/f.sock\"\ncontrol_socket = \"/tmp/c\"\nunsealed_windows = true\nunsealed_vmm_memory = true\n[[device]]\nname = \"gpio0\"\nsocket = \"/tmp/g.sock\"\n",
         )
         .unwrap();
         let c = Config::from_file(&p).unwrap();
         assert!(c.unsealed_windows);
+        assert!(c.unsealed_vmm_memory);
+        assert!(!base().unsealed_vmm_memory, "off by default");
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/c"));
         std::fs::write(&p, "frontend_socket = \"/tmp/f.sock\"\nbogus = 1\n").unwrap();
         assert!(Config::from_file(&p).is_err());

@@ -65,6 +65,11 @@ struct Args {
     /// (trusted clients only: a file on FUSE or a network mount can stall every device).
     #[arg(long)]
     any_memory_file: bool,
+    /// Map the device VM's guest memory even if it is not a memfd sealed against
+    /// shrinking (e.g. QEMU's memory-backend-file on hugetlbfs or /dev/shm; trusts
+    /// the device VM's VMM: it could make the relay die of SIGBUS).
+    #[arg(long)]
+    unsealed_vmm_memory: bool,
     /// Once the sockets exist, drop privileges to this user (name or uid); see
     /// docs/security.md for what it then needs.
     #[arg(long, value_name = "USER")]
@@ -324,6 +329,7 @@ impl TryFrom<Args> for Config {
             shm_size_mib: args.shm_size_mib,
             unsealed_windows: args.unsealed_windows,
             any_memory_file: args.any_memory_file,
+            unsealed_vmm_memory: args.unsealed_vmm_memory,
             user: args.user,
             group: args.group,
             socket_mode: args.socket_mode,
@@ -405,6 +411,18 @@ mod tests {
         let c = parse(&["vfu-relay", "--frontend-socket", "/tmp/f"]).unwrap();
         assert!(c.devices.is_empty(), "devices can all come later");
         assert_eq!(c.control_socket(), PathBuf::from("/tmp/f.ctl"));
+        assert!(
+            !c.unsealed_vmm_memory,
+            "the VMM's memory is checked by default"
+        );
+        let c = parse(&[
+            "vfu-relay",
+            "--frontend-socket",
+            "/tmp/f",
+            "--unsealed-vmm-memory",
+        ])
+        .unwrap();
+        assert!(c.unsealed_vmm_memory);
         let c = parse(&[
             "vfu-relay",
             "--frontend-socket",

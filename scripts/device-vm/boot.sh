@@ -145,7 +145,7 @@ if [ "$pairs" -gt 1 ]; then vargs="--queue-pairs,$pairs${vargs:+,$vargs}"; fi
 
 qemu_cmd=(
     "$qemu" -accel "$accel" -smp 1
-    -object "memory-backend-memfd,id=mem,size=${memory}M,share=on"
+    -object "memory-backend-memfd,id=mem,size=${memory}M,share=on,seal=on"
     -machine "q35,memory-backend=mem" -m "${memory}M"
     -nodefaults -no-user-config -display none -no-reboot
     -chardev "stdio,id=console,logfile=$log,logappend=off"

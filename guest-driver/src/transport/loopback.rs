@@ -4,7 +4,9 @@
 //! this process over that memory. To the relay it is a vhost-user frontend like QEMU.
 //!
 //! Guest-physical address 0 is the start of the memfd; vring addresses are sent as this
-//! process's virtual addresses, as vhost-user requires.
+//! process's virtual addresses, as vhost-user requires. The memfd is sealed against
+//! growing and shrinking, as QEMU's `memory-backend-memfd` seals it: the relay maps only
+//! memory that cannot shrink under it.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -14,7 +16,9 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use log::{debug, info, warn};
-use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
 use vhost::vhost_user::{Frontend, FrontendReqHandler, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -61,12 +65,15 @@ fn setup_err(step: &'static str) -> impl FnOnce(vhost::Error) -> TransportError 
 
 impl Loopback {
     /// Connects to the relay's frontend socket at `path`, retrying for up to `wait`
-    /// while the relay is not there yet, with `memory_size` bytes of guest memory.
+    /// while the relay is not there yet, with `memory_size` bytes of guest memory,
+    /// sealed against shrinking unless `unsealed` (for testing the relay, which refuses
+    /// such memory by default).
     pub fn connect(
         path: &Path,
         memory_size: usize,
         wait: Duration,
         shmem: bool,
+        unsealed: bool,
     ) -> Result<Self, TransportError> {
         let deadline = Instant::now() + wait;
         let mut logged = false;
@@ -125,7 +132,7 @@ impl Loopback {
             2
         };
 
-        let (file, map) = memfd(memory_size).map_err(TransportError::Memory)?;
+        let (file, map) = memfd(memory_size, !unsealed).map_err(TransportError::Memory)?;
         // SAFETY: `map` is a fresh read-write mapping of `memory_size` bytes, unmapped
         // only in Drop, after `memory` is dropped with the rest of the struct.
         let memory = unsafe { SharedMemory::new(&[(map, memory_size, 0)]) };
@@ -136,9 +143,14 @@ impl Loopback {
             mmap_offset: 0,
             mmap_handle: file.as_raw_fd(),
         };
-        frontend
-            .set_mem_table(&[region])
-            .map_err(setup_err("SET_MEM_TABLE"))?;
+        // As QEMU does, SET_MEM_TABLE asks for an acknowledgement when it can: a backend
+        // that refuses the memory says so here.
+        if acked.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let mem_table = frontend.set_mem_table(&[region]);
+        frontend.set_hdr_flags(VhostUserHeaderFlag::empty());
+        mem_table.map_err(setup_err("SET_MEM_TABLE"))?;
 
         let mk = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
         let kicks = (0..queues)
@@ -227,15 +239,26 @@ fn start_shm(
     Ok(Some(area))
 }
 
-fn memfd(size: usize) -> std::io::Result<(File, *mut u8)> {
+/// A memfd of `size` bytes, mapped shared, read-write; if `sealed`, sealed against
+/// growing, shrinking and further sealing (as QEMU's `memory-backend-memfd` with its
+/// default `seal=on`).
+fn memfd(size: usize, sealed: bool) -> std::io::Result<(File, *mut u8)> {
+    let flags = libc::MFD_CLOEXEC | if sealed { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: memfd_create with a valid C string; the fd is owned by the File below.
-    let fd = unsafe { libc::memfd_create(c"vfu-guest-memory".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(c"vfu-guest-memory".as_ptr(), flags) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
     // SAFETY: fd is new and owned by nobody else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size as u64)?;
+    if sealed {
+        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS only changes the seals of the memfd this function owns.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
     // SAFETY: a new shared mapping of the whole file; checked for failure below.
     let ptr = unsafe {
         libc::mmap(
@@ -347,5 +370,40 @@ impl Transport for Loopback {
 
     fn window_fds(&self) -> Option<Arc<dyn super::WindowFds>> {
         self.shm.clone().map(|a| a as Arc<dyn super::WindowFds>)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The loopback VMM's guest memory is sealed as QEMU's `memory-backend-memfd`
+    /// seals it (the relay maps only memory that cannot shrink under it): it can
+    /// neither shrink nor grow, nor lose its seals. Without sealing (a test of the
+    /// relay's refusal) it is a memfd that cannot be sealed.
+    #[test]
+    fn guest_memory_is_a_sealed_memfd() {
+        let size = 1 << 20;
+        let seals = |f: &File| {
+            // SAFETY: F_GET_SEALS only reads the seals of an open fd.
+            unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GET_SEALS) }
+        };
+        let (file, map) = memfd(size, true).unwrap();
+        let want = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+        assert_eq!(seals(&file) & want, want);
+        assert!(file.set_len(size as u64 / 2).is_err(), "cannot shrink");
+        assert!(file.set_len(size as u64 * 2).is_err(), "cannot grow");
+        assert!(vfu_proto::mem::cannot_shrink(std::os::fd::AsFd::as_fd(
+            &file
+        )));
+        // SAFETY: the mapping `memfd` made, used by nothing else.
+        unsafe { libc::munmap(map.cast(), size) };
+
+        let (file, map) = memfd(size, false).unwrap();
+        assert!(!vfu_proto::mem::cannot_shrink(std::os::fd::AsFd::as_fd(
+            &file
+        )));
+        // SAFETY: the mapping `memfd` made, used by nothing else.
+        unsafe { libc::munmap(map.cast(), size) };
     }
 }

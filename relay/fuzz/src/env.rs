@@ -194,9 +194,11 @@ impl Frontend {
         gate.decide(true);
         let backend = TunnelBackend::new(relay.clone(), gate, ExitEvents::default());
         backend.set_event_idx(event_idx);
+        // Anonymous memory passes the relay's check of the VMM's memory as a memfd
+        // sealed against shrinking would: nobody can take it away.
         backend
             .update_memory(mem.clone())
-            .expect("the gate lets the memory through");
+            .expect("the gate and the memory check let the memory through");
         // The library makes a vring for every queue the relay offers; the VMM sets up
         // those of `rings`, the others stay as made (not ready).
         let offered = 2 * usize::from(relay.link.offered_pairs);

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 use thiserror::Error;
@@ -257,7 +257,8 @@ struct Inner {
     arriving: Vec<Option<VringRwLock>>,
     /// A ring is unusable (its available index out of range): the device VM broke
     /// it, and nothing moves until a new device VM connects (the relay drops this
-    /// one: [`Link::attach_dropper`]).
+    /// one: [`Link::attach_dropper`]). Also set when the backend refused the VMM's
+    /// memory table ([`Link::refuse_memory`]).
     broken: bool,
     /// Drops the device VM's connection (once).
     dropper: Option<Dropper>,
@@ -366,11 +367,37 @@ impl Link {
         self.room_made.swap(false, Ordering::AcqRel)
     }
 
-    /// The guest memory table changed (vhost-user SET_MEM_TABLE).
-    pub fn attach_memory(&self, generation: u64, mem: GuestMemoryAtomic<GuestMemoryMmap>) {
+    /// The guest memory table of connection `generation` changed (vhost-user
+    /// SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) and the backend checked `table`
+    /// ([`super::TunnelBackend`]'s `update_memory`). The link reads and writes guest
+    /// memory only through the tables given here, never through the vrings' own view:
+    /// `vhost-user-backend` puts a new table there *before* the backend gets to check
+    /// it, and the relay must never touch a table it refuses.
+    pub fn attach_memory(&self, generation: u64, table: Arc<GuestMemoryMmap>) {
         if generation == self.generation() {
-            self.lock().mem = Some(mem);
+            self.lock().mem = Some(GuestMemoryAtomic::from(table));
         }
+    }
+
+    /// The backend refused the guest memory table of connection `generation`: the link
+    /// lets go of that connection's memory and reads or writes nothing of it again
+    /// (the memory it had before included). The connection itself ends with the
+    /// refused request (`vhost-user-backend` ends a connection whose request failed,
+    /// after it has sent the frontend its negative acknowledgement), and the device VM
+    /// is gone for the relay as when it disconnects.
+    pub fn refuse_memory(&self, generation: u64) {
+        if generation != self.generation() {
+            return;
+        }
+        let mut inner = self.lock();
+        inner.mem = None;
+        inner.broken = true;
+    }
+
+    /// The memory table the link uses, if any.
+    #[cfg(test)]
+    pub(crate) fn memory_table(&self) -> Option<Arc<GuestMemoryMmap>> {
+        self.lock().mem.as_ref().map(|m| m.memory().into_inner())
     }
 
     /// How to drop the device VM of connection `generation`, should it break a ring
@@ -509,12 +536,11 @@ impl Link {
     /// they sleep, so that a woken driver does not preempt them mid-batch.
     pub fn signal_pending(&self) {
         let mut inner = self.lock();
+        let mem = inner.mem.as_ref().map(GuestAddressSpace::memory);
         for pair in 0..inner.signal_due.len() {
             if std::mem::take(&mut inner.signal_due[pair]) {
                 if let Some(vring) = inner.vrings.get(h2g_queue(pair as u16) as usize) {
-                    if vring.needs_notification().unwrap_or(true) {
-                        let _ = vring.signal_used_queue();
-                    }
+                    signal_used(vring, mem.as_deref());
                 }
             }
         }
@@ -553,7 +579,7 @@ impl Link {
         let waiting = inner.tx.get(pair).map_or(0, |t| t.answers);
         let mut coming = 0usize;
         'outer: loop {
-            let _ = vring.disable_notification();
+            disable_notification(&vring, &guard);
             loop {
                 if out.len() == RECEIVE_BATCH {
                     more = true;
@@ -597,7 +623,7 @@ impl Link {
                     Err(e) => {
                         warn_limited!("g2h queue {pair}: descriptor chain refused: {e}");
                         if head < size {
-                            let _ = vring.add_used(head, 0);
+                            add_used(&vring, &guard, head, 0);
                         }
                         // A message the chain may have continued is lost with it.
                         if let Some(rx) = inner.rx.get_mut(pair) {
@@ -648,7 +674,7 @@ impl Link {
                     match parsed {
                         Ok(req) => out.push(Incoming::Direct(req)),
                         Err(BadDirect { header, error }) => {
-                            let _ = vring.add_used(head, 0);
+                            add_used(&vring, &guard, head, 0);
                             let msg = Incoming::Message(Err(BadMessage { header, error }));
                             coming += answer_size(&msg);
                             out.push(msg);
@@ -658,7 +684,7 @@ impl Link {
                 }
                 // Read before the buffer goes back: the driver reuses it at once.
                 let data = readable.read_prefix(&guard, readable.len());
-                let _ = vring.add_used(head, 0);
+                add_used(&vring, &guard, head, 0);
                 let Some(data) = data else {
                     // The walk checked the buffers against guest memory.
                     warn_limited!("g2h queue {pair}: buffer outside guest memory");
@@ -674,13 +700,11 @@ impl Link {
                 // Notifications stay off: the poller looks at this queue again soon.
                 break;
             }
-            if !vring.enable_notification().unwrap_or(false) {
+            if !enable_notification(&vring, &guard).unwrap_or(false) {
                 break;
             }
         }
-        if vring.needs_notification().unwrap_or(true) {
-            let _ = vring.signal_used_queue();
-        }
+        signal_used(&vring, Some(&guard));
         (out, more)
     }
 
@@ -701,17 +725,18 @@ impl Link {
         self.polling.store(on, Ordering::Release);
         let inner = self.lock();
         let mut waiting = false;
-        if inner.broken || inner.mem.is_none() {
+        let Some(mem) = inner.mem.as_ref().filter(|_| !inner.broken) else {
             return false;
-        }
+        };
+        let guard = mem.memory();
         for pair in 0..inner.tx.len() {
             // (A queue the VMM did not set up has no rings to write the flag in.)
             let vring = inner.vrings.get(g2h_queue(pair as u16) as usize);
             if let Some(vring) = vring.filter(|v| is_ready(v)) {
                 if on {
-                    let _ = vring.disable_notification();
+                    disable_notification(vring, &guard);
                 } else {
-                    waiting |= vring.enable_notification().unwrap_or(false);
+                    waiting |= enable_notification(vring, &guard).unwrap_or(false);
                 }
             }
         }
@@ -820,13 +845,59 @@ impl Link {
         if req.generation != self.generation() || inner.broken {
             return; // the chain belongs to a device VM that is gone
         }
-        if let Some(vring) = inner.vrings.get(g2h_queue(req.pair as u16) as usize) {
-            if vring.add_used(req.head, written).is_ok()
-                && vring.needs_notification().unwrap_or(true)
-            {
-                let _ = vring.signal_used_queue();
-            }
+        let (Some(mem), Some(vring)) = (
+            inner.mem.as_ref(),
+            inner.vrings.get(g2h_queue(req.pair as u16) as usize),
+        ) else {
+            return;
+        };
+        let guard = mem.memory();
+        if add_used(vring, &guard, req.head, written) {
+            signal_used(vring, Some(&guard));
         }
+    }
+}
+
+// The queue operations the link does, on the guest memory the link was given
+// ([`Link::attach_memory`]), never on the vring's own view of it (the
+// `VringRwLock` methods of the same names), which may already be a table the
+// backend has not checked, or refused.
+
+/// Returns buffer `head` to the driver with `len` bytes written; whether it went.
+fn add_used(vring: &VringRwLock, mem: &GuestMemoryMmap, head: u16, len: u32) -> bool {
+    vring
+        .get_mut()
+        .get_queue_mut()
+        .add_used(mem, head, len)
+        .is_ok()
+}
+
+/// Asks the driver to notify when it makes buffers available; `true` when some came
+/// meanwhile (look again).
+fn enable_notification(
+    vring: &VringRwLock,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    vring.get_mut().get_queue_mut().enable_notification(mem)
+}
+
+/// Asks the driver not to notify when it makes buffers available.
+fn disable_notification(vring: &VringRwLock, mem: &GuestMemoryMmap) {
+    let _ = vring.get_mut().get_queue_mut().disable_notification(mem);
+}
+
+/// Interrupts the driver about used buffers of `vring`, unless EVENT_IDX says it need
+/// not be (without memory to look at, it is).
+fn signal_used(vring: &VringRwLock, mem: Option<&GuestMemoryMmap>) {
+    let needed = mem.is_none_or(|m| {
+        vring
+            .get_mut()
+            .get_queue_mut()
+            .needs_notification(m)
+            .unwrap_or(true)
+    });
+    if needed {
+        let _ = vring.signal_used_queue();
     }
 }
 
@@ -985,7 +1056,7 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
             // Out of buffers: ask the driver to kick when it posts more (with EVENT_IDX
             // this arms one notification), then look once more in case it posted some
             // meanwhile.
-            match vring.enable_notification() {
+            match enable_notification(&vring, &guard) {
                 Ok(true) => continue,
                 _ => {
                     debug!("h2g queue {pair}: no buffer; messages wait");
@@ -1010,7 +1081,7 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
                 // Passed by: the message goes into the next buffer.
                 warn_limited!("h2g queue {pair}: buffer refused: {e}");
                 if head < size {
-                    let _ = vring.add_used(head, 0);
+                    add_used(&vring, &guard, head, 0);
                     used_any = true;
                 }
                 continue;
@@ -1020,7 +1091,7 @@ fn flush_pair(inner: &mut Inner, pair: usize) -> bool {
             continue; // checked above
         };
         let n = buffer.write_prefix(&guard, &out.bytes[out.written..]);
-        let _ = vring.add_used(head, n as u32);
+        add_used(&vring, &guard, head, n as u32);
         used_any = true;
         out.written += n;
         let (total, budget) = (out.bytes.len(), out.budget);
@@ -1131,7 +1202,7 @@ mod tests {
         guest_max_msg: usize,
     ) -> Arc<AtomicBool> {
         let generation = link.generation();
-        link.attach_memory(generation, mem.clone());
+        link.attach_memory(generation, mem.memory().into_inner());
         link.attach_vrings(generation, 0, vrings);
         link.set_up(Negotiated {
             pairs: 1,
@@ -1357,6 +1428,70 @@ mod tests {
         mem.write_obj(n, GuestAddress(avail + 4 + 2 * u64::from(n)))
             .unwrap();
         mem.write_obj(n + 1, GuestAddress(avail + 2)).unwrap();
+    }
+
+    /// The link reads and writes only the memory table it was given, never the vrings'
+    /// own view of guest memory: `vhost-user-backend` puts a new table there before
+    /// the backend checks it, and a table the relay refuses must never be touched.
+    /// Here the library's view changes to another table (zeros) after the link was
+    /// given one; the message, its used-ring entry and the g2h queue's reading all
+    /// happen in the given table, and the other stays zero. Refusing a table then
+    /// leaves the link nothing to read or write.
+    #[test]
+    fn the_link_uses_only_the_memory_it_was_given() {
+        use vm_memory::Bytes;
+        let (link, mem, dropped) = link_over_rings();
+        let given = mem.memory().into_inner();
+        // An h2g buffer for the message, and a g2h message from the driver.
+        post(&given, 0, 0, 0x8000, 4096, true);
+        let request = TunnelMessage::new(1, Body::SessionStart).encode();
+        given.write_slice(&request, GuestAddress(0x9000)).unwrap();
+        post(&given, 1, 0, 0x9000, request.len() as u32, false);
+        // The library maps a new table where the vrings see it.
+        mem.lock()
+            .unwrap()
+            .replace(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        let other = mem.memory().into_inner();
+        assert!(!Arc::ptr_eq(&given, &other));
+
+        let (got, _) = link.receive(0);
+        assert_eq!(
+            got.len(),
+            1,
+            "the driver's message, read from the given table"
+        );
+        let msg = TunnelMessage::new(1, Body::SessionEnd);
+        assert_eq!(link.send(&msg), Ok(()));
+        assert_eq!(link.counts().queued, 0, "written into the h2g buffer");
+        let mut written = vec![0u8; msg.encode().len()];
+        given
+            .read_slice(&mut written, GuestAddress(0x8000))
+            .unwrap();
+        assert_eq!(written, msg.encode());
+        let used_idx = |m: &GuestMemoryMmap, q: u64| -> u16 {
+            m.read_obj(GuestAddress(0x10000 * (q + 1) + 0x2000 + 2))
+                .unwrap()
+        };
+        assert_eq!((used_idx(&given, 0), used_idx(&given, 1)), (1, 1));
+        let mut all = vec![0u8; 1 << 20];
+        other.read_slice(&mut all, GuestAddress(0)).unwrap();
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "the table the link was not given is untouched"
+        );
+
+        link.refuse_memory(link.generation());
+        post(&given, 0, 1, 0x8000, 4096, true);
+        assert_eq!(link.send(&msg), Err(LinkError::NotUp));
+        assert!(!link.poll(0) && !link.set_polling(false));
+        assert_eq!(used_idx(&given, 0), 1, "nothing more is written");
+        assert!(
+            !dropped.load(Ordering::Acquire),
+            "the library ends the connection, after its negative acknowledgement"
+        );
+        // The next device VM starts from a clean link.
+        link.reset();
+        assert!(!link.lock().broken && link.lock().mem.is_none());
     }
 
     /// A driver that sends requests and takes none of the answers: once the answers
