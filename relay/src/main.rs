@@ -44,7 +44,8 @@ struct Args {
     #[arg(long, value_name = "FILE", conflicts_with_all = [
         "frontend_socket", "devices", "control_socket", "user", "socket_mode", "socket_group",
         "allow_uids", "allow_gids", "frontend_allow_uids", "frontend_allow_gids",
-        "poll_us", "switch_cpu", "tunnel_cpu",
+        "poll_us", "switch_cpu", "tunnel_cpu", "request_timeout_ms", "queue_pairs",
+        "shm_size_mib", "unsealed_windows", "any_memory_file", "unsealed_vmm_memory", "group",
     ])]
     config: Option<PathBuf>,
     /// Milliseconds a client request may wait for the device VM before ETIMEDOUT.
@@ -435,6 +436,26 @@ mod tests {
         assert!(parse(&["vfu-relay", "--config", "/x", "--control-socket", "/c"]).is_err());
         assert!(parse(&["vfu-relay", "--config", "/x", "--user", "root"]).is_err());
         assert!(parse(&["vfu-relay", "--config", "/x", "--device", "a=/tmp/a"]).is_err());
+        // Every relay option belongs in the file with --config: given on the command
+        // line as well, it is an error, not silently ignored.
+        for option in [
+            ["--request-timeout-ms", "5"],
+            ["--queue-pairs", "2"],
+            ["--shm-size-mib", "0"],
+            ["--group", "0"],
+            ["--tunnel-cpu", "0"],
+        ] {
+            let e = parse(&["vfu-relay", "--config", "/x", option[0], option[1]]).unwrap_err();
+            assert!(e.contains("cannot be used with"), "{option:?}: {e}");
+        }
+        for flag in [
+            "--unsealed-windows",
+            "--any-memory-file",
+            "--unsealed-vmm-memory",
+        ] {
+            let e = parse(&["vfu-relay", "--config", "/x", flag]).unwrap_err();
+            assert!(e.contains("cannot be used with"), "{flag}: {e}");
+        }
     }
 
     fn ctl_args(args: &[&str]) -> Result<CtlArgs, String> {
