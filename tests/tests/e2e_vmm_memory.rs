@@ -4,7 +4,7 @@
 //! with its test-only `--unsealed-memory`.
 
 use std::fs::File;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -88,6 +88,31 @@ fn settled_fds(p: &Proc) -> usize {
     }
 }
 
+/// The frontend socket, the device `gpio0`'s socket and the relay's log in `dir`.
+fn paths(dir: &Scratch) -> (PathBuf, PathBuf, PathBuf) {
+    (
+        dir.join("frontend.sock"),
+        dir.join("gpio0.sock"),
+        dir.join("relay.log"),
+    )
+}
+
+/// A relay (with `extra` options) exporting `gpio0`, its log in `dir`, once it listens.
+fn start_gpio_relay(dir: &Scratch, extra: &[&str]) -> Proc {
+    let (frontend, gpio, relay_log) = paths(dir);
+    let device = format!("gpio0={}", gpio.display());
+    let mut args = vec![
+        "--frontend-socket",
+        frontend.to_str().unwrap(),
+        "--device",
+        &device,
+    ];
+    args.extend_from_slice(extra);
+    let relay = start_logged("vfu-relay", "vfu-relay", &args, &relay_log);
+    assert!(wait_for_socket(&gpio, TIMEOUT), "relay never listened");
+    relay
+}
+
 /// A gpio output written and read back.
 fn round_trip(c: &mut Client, v: u8) {
     c.region_write(BAR2, 4, &[v]).expect("write");
@@ -103,21 +128,8 @@ fn round_trip(c: &mut Client, v: u8) {
 #[test]
 fn a_vmm_offering_unsealed_memory_is_refused_and_the_next_served() {
     let dir = Scratch::new("vmm-unsealed");
-    let (frontend, gpio) = (dir.join("frontend.sock"), dir.join("gpio0.sock"));
-    let relay_log = dir.join("relay.log");
-    let device = format!("gpio0={}", gpio.display());
-    let mut relay = start_logged(
-        "vfu-relay",
-        "vfu-relay",
-        &[
-            "--frontend-socket",
-            frontend.to_str().unwrap(),
-            "--device",
-            &device,
-        ],
-        &relay_log,
-    );
-    assert!(wait_for_socket(&gpio, TIMEOUT), "relay never listened");
+    let (frontend, gpio, relay_log) = paths(&dir);
+    let mut relay = start_gpio_relay(&dir, &[]);
     assert!(wait_log(&relay_log, "waiting for the device VM's VMM"));
     let before = settled_fds(&relay);
 
@@ -165,22 +177,8 @@ fn a_vmm_offering_unsealed_memory_is_refused_and_the_next_served() {
 #[test]
 fn unsealed_vmm_memory_trusts_the_vmm() {
     let dir = Scratch::new("vmm-unsealed-trusted");
-    let (frontend, gpio) = (dir.join("frontend.sock"), dir.join("gpio0.sock"));
-    let relay_log = dir.join("relay.log");
-    let device = format!("gpio0={}", gpio.display());
-    let _relay = start_logged(
-        "vfu-relay",
-        "vfu-relay",
-        &[
-            "--frontend-socket",
-            frontend.to_str().unwrap(),
-            "--device",
-            &device,
-            "--unsealed-vmm-memory",
-        ],
-        &relay_log,
-    );
-    assert!(wait_for_socket(&gpio, TIMEOUT), "relay never listened");
+    let (frontend, gpio, relay_log) = paths(&dir);
+    let _relay = start_gpio_relay(&dir, &["--unsealed-vmm-memory"]);
     let _guest = start_guest(&frontend, &["--unsealed-memory"], &dir.join("guest.log"));
     let mut c = connect_served(&gpio, TIMEOUT);
     round_trip(&mut c, 0xa5);
