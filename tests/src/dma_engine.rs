@@ -27,6 +27,9 @@ pub const DST: u64 = 0x20_0000;
 pub const COMPLETION: u64 = DST + MIB;
 /// Size of the destination region.
 pub const DST_SIZE: u64 = MIB + 4096;
+/// Size of the client memory [`Memory`] addresses: the source region, then the
+/// destination region with the completion record.
+pub const MEMORY_SIZE: u64 = 2 * MIB + 4096;
 /// The register BAR.
 pub const BAR0: u32 = 0;
 
@@ -136,6 +139,12 @@ pub fn try_memfd(len: u64) -> std::io::Result<File> {
     Ok(f)
 }
 
+/// Client memory the relay gives no window onto: a memfd of `len` bytes without seals
+/// (`vfu-dma-unsealed`), which it reads and writes with pread/pwrite (the copy path).
+pub fn unsealed_memfd(len: u64) -> File {
+    memfd_named(c"vfu-dma-unsealed", len, 0)
+}
+
 /// A memfd named `name` of `len` bytes, not sealed.
 pub fn memfd_named(name: &std::ffi::CStr, len: u64, flags: libc::c_uint) -> File {
     try_memfd_named(name, len, flags).expect("memfd")
@@ -207,19 +216,27 @@ pub fn find_cap(c: &mut Client, id: u32) -> u64 {
 
 /// [`find_cap`], failing with a message instead of panicking.
 pub fn try_find_cap(c: &mut Client, id: u32) -> Result<u64, String> {
-    let mut at = u64::from(try_cfg_read(c, 0x34, 1).map_err(|e| e.to_string())?);
+    lookup_cap(c, id)
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("capability {id:#x} not found"))
+}
+
+/// Offset of capability `id` in config space, `None` when the list has none, failing
+/// with the client's error.
+pub fn lookup_cap(c: &mut Client, id: u32) -> Result<Option<u64>, ClientError> {
+    let mut at = u64::from(try_cfg_read(c, 0x34, 1)?);
     // At most 48 capabilities fit in the 192 bytes after the header.
     for _ in 0..48 {
         if at == 0 {
             break;
         }
-        let h = try_cfg_read(c, at, 2).map_err(|e| e.to_string())?;
+        let h = try_cfg_read(c, at, 2)?;
         if h & 0xff == id {
-            return Ok(at);
+            return Ok(Some(at));
         }
         at = u64::from((h >> 8) & 0xfc);
     }
-    Err(format!("capability {id:#x} not found"))
+    Ok(None)
 }
 
 pub fn reg_write(c: &mut Client, off: u64, v: u64, width: usize) {
@@ -313,7 +330,7 @@ pub fn try_setup(
         let what = what.to_string();
         move |e: ClientError| format!("{what}: {e}")
     };
-    let total = 2 * MIB + 4096;
+    let total = MEMORY_SIZE;
     let memory = match path {
         Path::CopyMessages => {
             let buf = Arc::new(Mutex::new(vec![0u8; total as usize]));
@@ -377,16 +394,18 @@ pub fn enable(client: &mut Client) {
 
 /// [`enable`], failing with a message instead of panicking.
 pub fn try_enable(client: &mut Client) -> Result<(), String> {
-    let e = |e: ClientError| format!("enabling the device: {e}");
-    let cmd = try_cfg_read(client, 4, 2).map_err(e)? | 0x6;
-    client
-        .region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
-        .map_err(e)?;
-    let msix = try_find_cap(client, 0x11)?;
-    let ctl = try_cfg_read(client, msix + 2, 2).map_err(e)? | 0x8000;
-    client
-        .region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
-        .map_err(e)
+    try_enable_client(client).map_err(|e| format!("enabling the device: {e}"))
+}
+
+/// [`enable`], failing with the client's error (for callers that tell errors apart by
+/// kind); a device without MSI-X is [`ClientError::BadReply`].
+pub fn try_enable_client(client: &mut Client) -> Result<(), ClientError> {
+    let cmd = try_cfg_read(client, 4, 2)? | 0x6;
+    client.region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())?;
+    let msix = lookup_cap(client, 0x11)?
+        .ok_or_else(|| ClientError::BadReply("no MSI-X capability".into()))?;
+    let ctl = try_cfg_read(client, msix + 2, 2)? | 0x8000;
+    client.region_write(pci_region::CONFIG, msix + 2, &(ctl as u16).to_le_bytes())
 }
 
 impl Setup {
@@ -427,12 +446,45 @@ pub fn try_set_irq(c: &mut Client, fd: Option<OwnedFd>) -> Result<(), ClientErro
 
 /// Programs and starts one operation; returns STATUS.
 pub fn run(c: &mut Client, src: u64, dst: u64, len: u32) -> u32 {
-    reg_write(c, 0x08, src, 8);
-    reg_write(c, 0x10, dst, 8);
-    reg_write(c, 0x18, COMPLETION, 8);
-    reg_write(c, 0x20, u64::from(len), 4);
-    reg_write(c, 0x24, 1, 4);
+    try_start_copy(c, src, dst, COMPLETION, u64::from(len)).unwrap();
     reg_read(c, 0x28)
+}
+
+/// Programs one copy of `len` bytes from `src` to `dst`, its completion record at
+/// `completion`, and starts it (the device copies inside the START write), failing with
+/// the client's error.
+pub fn try_start_copy(
+    c: &mut Client,
+    src: u64,
+    dst: u64,
+    completion: u64,
+    len: u64,
+) -> Result<(), ClientError> {
+    for (off, v, width) in [
+        (0x08, src, 8),
+        (0x10, dst, 8),
+        (0x18, completion, 8),
+        (0x20, len, 4),
+        (0x24, 1, 4),
+    ] {
+        c.region_write(BAR0, off, &v.to_le_bytes()[..width])?;
+    }
+    Ok(())
+}
+
+/// [`try_start_copy`], then reads STATUS and acknowledges the completion (INTR_STATUS,
+/// write-1-to-clear); returns STATUS.
+pub fn try_copy(
+    c: &mut Client,
+    src: u64,
+    dst: u64,
+    completion: u64,
+    len: u64,
+) -> Result<u32, ClientError> {
+    try_start_copy(c, src, dst, completion, len)?;
+    let st = c.region_read(BAR0, 0x28, 4)?;
+    c.region_write(BAR0, 0x34, &1u32.to_le_bytes())?;
+    Ok(u32::from_le_bytes([st[0], st[1], st[2], st[3]]))
 }
 
 /// CRC32C (Castagnoli), bit by bit: independent of the model's table.

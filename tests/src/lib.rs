@@ -1,8 +1,12 @@
 //! Helpers for the cross-process tests, the demo and the benchmark: start vfu-relay and
 //! vfu-guest as real processes, wait for their sockets, and clean up after them.
 
+pub mod case_table;
 pub mod device_vm;
 pub mod dma_engine;
+pub mod logs;
+pub mod neighbour;
+pub mod procfs;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -235,23 +239,44 @@ pub fn wait_for_socket(path: &Path, timeout: Duration) -> bool {
 /// Connects a vfu-proto client to `socket` and negotiates VERSION (16 fds), retrying
 /// until the device is served (the device VM is up) or `timeout` passes.
 pub fn connect_served(socket: &Path, timeout: Duration) -> vfu_proto::client::Client {
-    let deadline = Instant::now() + timeout;
+    try_connect_served(socket, timeout, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`connect_served`], failing with a message (the last attempt's error) instead of
+/// panicking: retries for `wait`; the client waits `reply_wait` for each reply.
+pub fn try_connect_served(
+    socket: &Path,
+    reply_wait: Duration,
+    wait: Duration,
+) -> Result<vfu_proto::client::Client, String> {
+    try_connect_ready(socket, reply_wait, wait, |_| Ok(()))
+}
+
+/// [`try_connect_served`], taking a client only once `ready` succeeds on it as well (a
+/// register read, say: the device VM serves the device), else connecting again.
+pub fn try_connect_ready(
+    socket: &Path,
+    reply_wait: Duration,
+    wait: Duration,
+    mut ready: impl FnMut(&mut vfu_proto::client::Client) -> Result<(), vfu_proto::client::ClientError>,
+) -> Result<vfu_proto::client::Client, String> {
+    let deadline = Instant::now() + wait;
     loop {
-        if let Ok(mut c) = vfu_proto::client::Client::connect(socket, timeout) {
-            let caps = vfu_proto::vfio_user::Capabilities {
+        let attempt = vfu_proto::client::Client::connect(socket, reply_wait).and_then(|mut c| {
+            c.negotiate(vfu_proto::vfio_user::Capabilities {
                 max_msg_fds: Some(16),
                 ..Default::default()
-            };
-            if c.negotiate(caps).is_ok() {
-                return c;
+            })?;
+            ready(&mut c)?;
+            Ok(c)
+        });
+        match attempt {
+            Ok(c) => return Ok(c),
+            Err(e) if Instant::now() > deadline => {
+                return Err(format!("{} not served: {e}", socket.display()))
             }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{} never served",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -12,11 +12,12 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::Capabilities;
+use vfu_tests::logs::{spawn_logged, Log};
 use vfu_tests::{
     binary, connect_served, control_socket, relay_ctl, start_loopback_guest, wait_for_socket, Proc,
     Scratch,
@@ -59,12 +60,7 @@ fn runnable_copy(dir: &Scratch, name: &str) -> PathBuf {
 
 /// Starts the relay with `args`; its log (RUST_LOG=info) goes to `log`.
 fn start_relay_logged(args: &[&str], log: &Path) -> Proc {
-    let mut cmd = Command::new(binary("vfu-relay"));
-    cmd.args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(File::create(log).expect("relay log"));
-    Proc::spawn_command("vfu-relay", cmd)
+    spawn_logged("vfu-relay", "vfu-relay", args, "info", log)
 }
 
 /// Starts the relay on a configuration file `text` written to `dir/relay.toml`.
@@ -78,14 +74,9 @@ fn start_relay_config(dir: &Scratch, text: &str) -> (Proc, PathBuf) {
 
 /// Waits until the relay's log holds `needle`.
 fn wait_log(log: &Path, needle: &str) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if std::fs::read_to_string(log).is_ok_and(|t| t.contains(needle)) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
+    Log::new(log.to_path_buf())
+        .wait_for(needle, Duration::from_secs(10))
+        .is_ok()
 }
 
 /// What `vfu-probe` said and its exit status.

@@ -13,9 +13,9 @@
 //!   map and unmap),
 //! - the relay holds exactly the fds it held before the case (nothing the case sent
 //!   or opened leaked),
-//! - the long-lived client of `dma1`, which runs real DMA copies (data and CRC
-//!   checked, MSI-X interrupt fired) on a thread for the whole suite, kept getting
-//!   correct answers during the case.
+//! - the long-lived client of `dma1` (a [`vfu_tests::neighbour::Neighbour`]), which
+//!   runs real DMA copies (data and CRC checked, MSI-X interrupt fired) on a thread for
+//!   the whole suite, kept getting correct answers during the case.
 //!
 //! The resource tests at the end count the relay's fds and resident memory
 //! (`/proc/<pid>/fd`, `VmRSS`) after a warm-up, half way and at the end of 100k DMA
@@ -27,24 +27,28 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::ops::ControlFlow;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::{
-    encode_request, pci_irq, pci_region, Capabilities, Command, DmaMap, DmaUnmap, IrqData, Request,
-    SetIrqs, IRQ_SET_ACTION_TRIGGER,
+    encode_request, pci_irq, pci_region, Command, DmaMap, DmaUnmap, Request,
 };
-use vfu_tests::dma_engine::{crc32c, enable, eventfd, memfd, memfd_named};
+use vfu_tests::case_table::{self, run_cases};
+use vfu_tests::dma_engine::{eventfd, memfd, unsealed_memfd};
+use vfu_tests::neighbour::Neighbour;
+use vfu_tests::procfs::{self, fd_count, map_count, rss_kib, status_kib, steady_fd_count};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use vfu_tests::{start_loopback_guest, start_relay, wait_for_socket, Proc, Scratch};
+use vfu_tests::{
+    start_loopback_guest, start_relay, try_connect_served, wait_for_socket, Proc, Scratch,
+};
 
 /// The bound on every wait for an answer (or for the relay to close a connection).
 const WAIT: Duration = Duration::from_secs(5);
@@ -230,7 +234,7 @@ fn sealed(len: u64) -> OwnedFd {
 
 /// A memfd that is not sealed: the relay serves it with pread/pwrite, no window.
 fn unsealed(len: u64) -> OwnedFd {
-    OwnedFd::from(memfd_named(c"vfu-hostile", len, 0))
+    OwnedFd::from(unsealed_memfd(len))
 }
 
 fn eventfds(n: usize) -> Vec<OwnedFd> {
@@ -1953,220 +1957,15 @@ impl Conn {
 // ---------------------------------------------------------------------------------
 // The relay and the long-lived client.
 
-/// The relay's fd count and resident memory.
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:")
-}
-
-/// A `kB` field of /proc/<pid>/status.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// The number of memory mappings of a process.
-fn map_count(pid: u32) -> usize {
-    std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map(|m| m.lines().count())
-        .unwrap_or(0)
-}
-
-/// Waits until the relay holds `want` fds.
+/// Waits until the relay holds `want` fds, those it held before the case.
 fn settle_fds(pid: u32, want: usize, wait: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let n = fd_count(pid);
-        if n == want {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the relay holds {n} fds, {want} before the case"));
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// A client of a dma-engine device that runs DMA copies, checked, until stopped.
-struct LongLived {
-    ops: Arc<AtomicU64>,
-    failure: Arc<Mutex<Option<String>>>,
-    current: Arc<Mutex<&'static str>>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-/// The long-lived client's memory: source, destination, completion record.
-const L_SRC: u64 = 0x10_0000;
-const L_DST: u64 = 0x20_0000;
-const L_COMPLETION: u64 = 0x30_0000;
-
-impl LongLived {
-    fn start(socket: &Path) -> Self {
-        let mut c = served(socket, SETUP).expect("long-lived client");
-        let mem = memfd(3 * (1 << 20) + 4096);
-        let map = |c: &mut Client, iova: u64, size: u64, write: bool| {
-            let req = Request::DmaMap(DmaMap {
-                read: true,
-                write,
-                offset: iova - L_SRC,
-                address: iova,
-                size,
-            });
-            c.request(&req, vec![OwnedFd::from(mem.try_clone().unwrap())])
-                .expect("long-lived DMA_MAP");
-        };
-        map(&mut c, L_SRC, 1 << 20, false);
-        map(&mut c, L_DST, (1 << 20) + 4096, true);
-        enable(&mut c);
-        let irq = eventfd();
-        c.request(
-            &Request::DeviceSetIrqs(SetIrqs {
-                action: IRQ_SET_ACTION_TRIGGER,
-                index: pci_irq::MSIX,
-                start: 0,
-                count: 1,
-                data: IrqData::EventFd { assign: true },
-            }),
-            vec![irq.try_clone().unwrap()],
-        )
-        .expect("long-lived SET_IRQS");
-        let ops = Arc::new(AtomicU64::new(0));
-        let failure = Arc::new(Mutex::new(None));
-        let current = Arc::new(Mutex::new("(setup)"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (ops, failure, current, stop) =
-                (ops.clone(), failure.clone(), current.clone(), stop.clone());
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    if let Err(e) = one_copy(&mut c, &mem, &irq, i) {
-                        let case = *current.lock().unwrap();
-                        *failure.lock().unwrap() =
-                            Some(format!("long-lived client, op {i}, during {case}: {e}"));
-                        return;
-                    }
-                    i += 1;
-                    ops.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        };
-        Self {
-            ops,
-            failure,
-            current,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap().clone()
-    }
-
-    /// Waits until `n` more copies completed, or a failure.
-    fn progress(&self, n: u64, wait: Duration) -> Result<(), String> {
-        let start = self.ops.load(Ordering::Relaxed);
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(f) = self.failure() {
-                return Err(f);
-            }
-            if self.ops.load(Ordering::Relaxed) >= start + n {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "the long-lived client completed {} of {n} copies in {wait:?}",
-                    self.ops.load(Ordering::Relaxed) - start
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for LongLived {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One checked dma-engine copy: fresh data at L_SRC, copied to L_DST, CRC and completion
-/// record right, the interrupt fired.
-fn one_copy(c: &mut Client, mem: &File, irq: &OwnedFd, i: u64) -> Result<(), String> {
-    let len = 4096 * (1 + (i % 16) as usize);
-    let data: Vec<u8> = (0..len)
-        .map(|k| (k as u64 ^ i.wrapping_mul(0x9e37_79b9)) as u8)
-        .collect();
-    mem.write_all_at(&data, 0).unwrap();
-    mem.write_all_at(&vec![0u8; len], L_DST - L_SRC).unwrap();
-    let w = |c: &mut Client, off: u64, v: u64, width: usize| {
-        c.region_write(0, off, &v.to_le_bytes()[..width])
-            .map_err(|e| format!("write {off:#x}: {e}"))
-    };
-    w(c, 0x08, L_SRC, 8)?;
-    w(c, 0x10, L_DST, 8)?;
-    w(c, 0x18, L_COMPLETION, 8)?;
-    w(c, 0x20, len as u64, 4)?;
-    w(c, 0x24, 1, 4)?;
-    let st = c
-        .region_read(0, 0x28, 4)
-        .map_err(|e| format!("STATUS: {e}"))?;
-    if st != [1, 0, 0, 0] {
-        return Err(format!("STATUS {st:02x?} after a copy of {len} bytes"));
-    }
-    let mut got = vec![0u8; len];
-    mem.read_exact_at(&mut got, L_DST - L_SRC).unwrap();
-    if got != data {
-        return Err(format!("the copy of {len} bytes differs"));
-    }
-    let mut rec = [0u8; 16];
-    mem.read_exact_at(&mut rec, L_COMPLETION - L_SRC).unwrap();
-    let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-    if crc != crc32c(&data) {
-        return Err(format!("CRC {crc:#x}, expected {:#x}", crc32c(&data)));
-    }
-    if !vfu_tests::dma_engine::fired(irq, WAIT) {
-        return Err("no MSI-X interrupt".into());
-    }
-    // Acknowledge DONE.
-    w(c, 0x34, 1, 4)?;
-    Ok(())
+    procfs::settle_fds(pid, want, wait)
+        .map_err(|n| format!("the relay holds {n} fds, {want} before the case"))
 }
 
 /// A vfu-proto client that negotiated VERSION, retrying until the device serves it.
 fn served(socket: &Path, wait: Duration) -> Result<Client, String> {
-    let deadline = Instant::now() + wait;
-    let mut last;
-    loop {
-        match Client::connect(socket, WAIT) {
-            Ok(mut c) => match c.negotiate(Capabilities {
-                max_msg_fds: Some(16),
-                ..Default::default()
-            }) {
-                Ok(_) => return Ok(c),
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} not served: {last}", socket.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    try_connect_served(socket, WAIT, wait)
 }
 
 /// A fresh, well-behaved client of `target`: config space IDs, a DMA map and unmap.
@@ -2200,7 +1999,7 @@ struct Env {
     _guest: Proc,
     gpio0: PathBuf,
     dma0: PathBuf,
-    live: LongLived,
+    live: Neighbour,
     baseline: usize,
     baseline_maps: usize,
     _scratch: Scratch,
@@ -2229,7 +2028,7 @@ impl Env {
         for p in [&gpio0, &dma0] {
             drop(served(p, SETUP).expect("device served"));
         }
-        let live = LongLived::start(&dma1);
+        let live = Neighbour::start(&dma1).expect("long-lived client");
         live.progress(3, SETUP).expect("long-lived client runs");
         let pid = relay.pid();
         // The fds of the relay with only the long-lived client connected.
@@ -2274,21 +2073,21 @@ impl Env {
     }
 
     fn run(&mut self, case: &Case) -> Result<(), String> {
-        *self.live.current.lock().unwrap() = case.name;
+        self.live.set_phase(case.name);
         let mut conn =
             Conn::connect(self.socket(case.target)).map_err(|e| format!("connect: {e}"))?;
         if case.versioned {
             conn.send(&version(0), &[])?;
             conn.reply(0, 0).map_err(|e| format!("VERSION: {e}"))?;
         }
-        let start_ops = self.live.ops.load(Ordering::Relaxed);
+        let start_ops = self.live.ops();
         for (n, step) in (case.steps)().into_iter().enumerate() {
             self.step(&mut conn, case, step)
                 .map_err(|e| format!("step {n}: {e}"))?;
         }
         drop(conn);
         self.check(case.target)?;
-        if self.live.ops.load(Ordering::Relaxed) <= start_ops {
+        if self.live.ops() <= start_ops {
             return Err("the long-lived client made no progress during the case".into());
         }
         Ok(())
@@ -2433,46 +2232,31 @@ impl Env {
     }
 }
 
+impl case_table::Case for Case {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 /// Every case of [`cases`], one after the other against one relay, each followed by
 /// the shared check. Set `VFU_HOSTILE_CASE=name` to run one case.
 #[test]
 fn hostile_clients() {
     let mut env = Env::start("hostile");
-    let only = std::env::var("VFU_HOSTILE_CASE").ok();
-    let all = cases();
-    let names: std::collections::HashSet<_> = all.iter().map(|c| c.name).collect();
-    assert_eq!(names.len(), all.len(), "case names are unique");
-    assert!(all.len() >= 30, "at least 30 cases");
-    let mut failures = Vec::new();
-    let mut ran = 0;
-    for case in all
-        .iter()
-        .filter(|c| only.as_deref().is_none_or(|o| o == c.name))
-    {
-        let t = Instant::now();
-        let result = env.run(case);
-        eprintln!(
-            "{:<48} {:>7.2}s {}",
-            case.name,
-            t.elapsed().as_secs_f64(),
-            if result.is_ok() { "ok" } else { "FAILED" }
-        );
-        ran += 1;
-        if let Err(e) = result {
-            failures.push(format!("{}: {e}", case.name));
+    run_cases(
+        "hostile-client",
+        &cases(),
+        30,
+        &mut env,
+        |env, case| env.run(case),
+        |env| {
             if env.relay.exited().is_some() {
-                break;
+                return ControlFlow::Break(());
             }
             // Leave the next case a clean relay: wait for this one's leftovers.
             let _ = settle_fds(env.relay.pid(), env.baseline, WAIT);
-        }
-    }
-    assert!(ran > 0, "no case named {only:?}");
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} hostile-client cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
+            ControlFlow::Continue(())
+        },
     );
 }
 
@@ -2548,16 +2332,8 @@ impl Resources {
     /// The relay's fds (once they stopped changing) and resident memory.
     fn measure(&self) -> (usize, u64) {
         let pid = self.relay.pid();
-        let mut last = fd_count(pid);
-        let deadline = Instant::now() + WAIT;
-        loop {
-            std::thread::sleep(Duration::from_millis(100));
-            let n = fd_count(pid);
-            if n == last || Instant::now() > deadline {
-                return (n, rss_kib(pid));
-            }
-            last = n;
-        }
+        let fds = steady_fd_count(pid, Duration::from_millis(100), WAIT);
+        (fds, rss_kib(pid))
     }
 }
 

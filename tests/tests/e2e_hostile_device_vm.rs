@@ -15,9 +15,10 @@
 //!
 //! - the relay process is alive,
 //! - it logged the case (its standard error holds each of the case's lines),
-//! - the neighbour, a client of `dma1` that runs checked DMA copies (data, CRC,
-//!   completion record and MSI-X interrupt verified) on a thread for the whole case,
-//!   made progress during the case and still does,
+//! - the neighbour ([`vfu_tests::neighbour::Neighbour`]), a client of `dma1` that
+//!   runs checked DMA copies (data, CRC in the completion record and MSI-X interrupt
+//!   verified) on a thread for the whole case, made progress during the case and
+//!   still does,
 //! - the relay holds the descriptors it held before the affected client came, once
 //!   that client is gone.
 //!
@@ -30,22 +31,23 @@
 //! log level (the logs are kept in files either way, and printed for a case that fails).
 
 use std::fs::File;
+use std::ops::ControlFlow;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vfu_proto::client::{Client, ClientError};
-use vfu_proto::vfio_user::{
-    pci_irq, pci_region, Capabilities, DmaMap, DmaUnmap, IrqData, Request, SetIrqs,
-    IRQ_SET_ACTION_TRIGGER,
+use vfu_proto::vfio_user::{pci_region, DmaUnmap, Request};
+use vfu_tests::case_table::{self, run_cases};
+use vfu_tests::dma_engine::{
+    crc32c, eventfd, fired, memfd, try_copy, try_enable, try_map, try_set_irq, unsealed_memfd,
 };
-use vfu_tests::dma_engine::{crc32c, eventfd, fired, memfd, memfd_named};
-use vfu_tests::{binary, wait_for_socket, Proc, Scratch};
+use vfu_tests::logs::{self, test_log_level, Log};
+use vfu_tests::neighbour::Neighbour;
+use vfu_tests::procfs::{self, fd_count, rss_kib};
+use vfu_tests::{try_connect_served, wait_for_socket, Proc, Scratch};
 
 /// The relay's request timeout in the suite: what a client whose request the device VM
 /// lost waits before its ETIMEDOUT.
@@ -66,91 +68,19 @@ const PAGE: u64 = 4096;
 const KIB64: u64 = 64 << 10;
 
 // ---------------------------------------------------------------------------------
-// Logs.
-
-/// A process's standard error, kept in a file.
-struct Log {
-    path: PathBuf,
-}
-
-impl Log {
-    fn text(&self) -> String {
-        std::fs::read_to_string(&self.path).unwrap_or_default()
-    }
-
-    /// Lines that contain `needle`.
-    fn count(&self, needle: &str) -> usize {
-        self.text().lines().filter(|l| l.contains(needle)).count()
-    }
-
-    /// Waits until a line contains `needle`.
-    fn wait_for(&self, needle: &str, wait: Duration) -> Result<(), String> {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            if self.count(needle) > 0 {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(format!(
-            "{} has no line with {needle:?} after {wait:?}",
-            self.path.display()
-        ))
-    }
-
-    /// The last `n` lines, for a failure report.
-    fn tail(&self, n: usize) -> String {
-        let text = self.text();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
-    }
-}
+// Processes and the relay's resources.
 
 /// Starts `bin` with `args`, its standard error in `log` (`RUST_LOG` from
 /// `VFU_TEST_LOG`, else info).
-fn spawn_logged(name: &str, bin: &str, args: &[String], log: &Path) -> Proc {
-    let level = std::env::var("VFU_TEST_LOG").unwrap_or_else(|_| "info".into());
-    let mut cmd = Command::new(binary(bin));
-    cmd.args(args)
-        .env("RUST_LOG", level)
-        .stdout(Stdio::null())
-        .stderr(File::create(log).expect("log file"));
-    Proc::spawn_command(name, cmd)
-}
-
-// ---------------------------------------------------------------------------------
-// The relay's resources.
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// A `kB` field of /proc/<pid>/status.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+fn spawn_logged(name: &str, bin: &str, args: &[String], log: &Log) -> Proc {
+    logs::spawn_logged(name, bin, args, &test_log_level("info"), &log.path)
 }
 
 /// Waits until the relay holds `want` fds.
 fn settle_fds(pid: u32, want: usize, wait: Duration) -> Result<(), String> {
-    let deadline = Instant::now() + wait;
-    loop {
-        let n = fd_count(pid);
-        if n == want {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            return Err(format!(
-                "the relay holds {n} fds, {want} before the affected client came (after {wait:?})"
-            ));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    procfs::settle_fds(pid, want, wait).map_err(|n| {
+        format!("the relay holds {n} fds, {want} before the affected client came (after {wait:?})")
+    })
 }
 
 // ---------------------------------------------------------------------------------
@@ -158,24 +88,7 @@ fn settle_fds(pid: u32, want: usize, wait: Duration) -> Result<(), String> {
 
 /// A client of `socket` that negotiated VERSION, retrying until the device is served.
 fn served(socket: &Path, wait: Duration) -> Result<Client, String> {
-    let deadline = Instant::now() + wait;
-    let mut last;
-    loop {
-        match Client::connect(socket, WAIT) {
-            Ok(mut c) => match c.negotiate(Capabilities {
-                max_msg_fds: Some(16),
-                ..Default::default()
-            }) {
-                Ok(_) => return Ok(c),
-                Err(e) => last = e.to_string(),
-            },
-            Err(e) => last = e.to_string(),
-        }
-        if Instant::now() > deadline {
-            return Err(format!("{} not served: {last}", socket.display()));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    try_connect_served(socket, WAIT, wait)
 }
 
 /// The trigger of most cases: a read of the device IDs.
@@ -212,87 +125,13 @@ fn map(
     write: bool,
     fd: Option<&File>,
 ) -> Result<(), String> {
-    let req = Request::DmaMap(DmaMap {
-        read: true,
-        write,
-        offset,
-        address: iova,
-        size,
-    });
-    let fds = fd
-        .map(|f| vec![OwnedFd::from(f.try_clone().unwrap())])
-        .unwrap_or_default();
-    c.request(&req, fds)
-        .map(|_| ())
-        .map_err(|e| format!("DMA_MAP {iova:#x}: {e}"))
+    try_map(c, iova, size, offset, write, fd).map_err(|e| format!("DMA_MAP {iova:#x}: {e}"))
 }
 
 fn unmap(c: &mut Client, iova: u64, size: u64) -> Result<(), String> {
     c.request(&Request::DmaUnmap(DmaUnmap::region(iova, size)), vec![])
         .map(|_| ())
         .map_err(|e| format!("DMA_UNMAP {iova:#x}: {e}"))
-}
-
-fn cfg_read(c: &mut Client, off: u64, len: u32) -> Result<u32, String> {
-    let b = c
-        .region_read(pci_region::CONFIG, off, len)
-        .map_err(|e| format!("config read {off:#x}: {e}"))?;
-    let mut v = [0u8; 4];
-    v[..b.len()].copy_from_slice(&b);
-    Ok(u32::from_le_bytes(v))
-}
-
-/// Memory and bus master on, MSI-X on (a dma-engine client's setup, fallible).
-fn enable(c: &mut Client) -> Result<(), String> {
-    let cmd = cfg_read(c, 4, 2)? | 0x6;
-    c.region_write(pci_region::CONFIG, 4, &(cmd as u16).to_le_bytes())
-        .map_err(|e| format!("command register: {e}"))?;
-    let mut at = u64::from(cfg_read(c, 0x34, 1)?);
-    while at != 0 {
-        let h = cfg_read(c, at, 2)?;
-        if h & 0xff == 0x11 {
-            let ctl = cfg_read(c, at + 2, 2)? | 0x8000;
-            return c
-                .region_write(pci_region::CONFIG, at + 2, &(ctl as u16).to_le_bytes())
-                .map_err(|e| format!("MSI-X enable: {e}"));
-        }
-        at = u64::from((h >> 8) & 0xfc);
-    }
-    Err("no MSI-X capability".into())
-}
-
-fn set_msix0(c: &mut Client, fd: OwnedFd) -> Result<(), String> {
-    c.request(
-        &Request::DeviceSetIrqs(SetIrqs {
-            action: IRQ_SET_ACTION_TRIGGER,
-            index: pci_irq::MSIX,
-            start: 0,
-            count: 1,
-            data: IrqData::EventFd { assign: true },
-        }),
-        vec![fd],
-    )
-    .map(|_| ())
-    .map_err(|e| format!("SET_IRQS: {e}"))
-}
-
-fn reg_write(c: &mut Client, off: u64, v: u64, width: usize) -> Result<(), String> {
-    c.region_write(0, off, &v.to_le_bytes()[..width])
-        .map_err(|e| format!("register {off:#x}: {e}"))
-}
-
-/// Programs one dma-engine copy and starts it; returns STATUS.
-fn copy(c: &mut Client, src: u64, dst: u64, completion: u64, len: u64) -> Result<u32, String> {
-    reg_write(c, 0x08, src, 8)?;
-    reg_write(c, 0x10, dst, 8)?;
-    reg_write(c, 0x18, completion, 8)?;
-    reg_write(c, 0x20, len, 4)?;
-    reg_write(c, 0x24, 1, 4)?;
-    let st = c
-        .region_read(0, 0x28, 4)
-        .map_err(|e| format!("STATUS: {e}"))?;
-    reg_write(c, 0x34, 1, 4)?; // acknowledge the completion
-    Ok(u32::from_le_bytes([st[0], st[1], st[2], st[3]]))
 }
 
 /// STATUS of a copy that failed with `errno`.
@@ -306,7 +145,7 @@ fn status_error(errno: u32) -> u32 {
 /// A memfd that is not sealed: the relay serves it on the copy path (pread/pwrite), so
 /// every DMA of the device VM to it passes the relay's checks.
 fn unsealed(len: u64) -> File {
-    memfd_named(c"vfu-hostile-dvm", len, 0)
+    unsealed_memfd(len)
 }
 
 /// The affected client's memory for DMA: one memfd of four 64 KiB parts, two mapped
@@ -413,14 +252,16 @@ impl DmaClient {
         let mut c = env.affected()?;
         let mem = DmaMemory::new();
         mem.map(&mut c)?;
-        enable(&mut c)?;
+        try_enable(&mut c)?;
         let irq = eventfd();
-        set_msix0(&mut c, irq.try_clone().unwrap())?;
+        try_set_irq(&mut c, Some(irq.try_clone().unwrap()))
+            .map_err(|e| format!("SET_IRQS: {e}"))?;
         Ok(Self { c, mem, irq })
     }
 
+    /// Copies `len` bytes from the source to the destination; returns STATUS.
     fn copy(&mut self, len: u64) -> Result<u32, String> {
-        copy(&mut self.c, A_SRC, A_DST, A_COMPLETION, len)
+        try_copy(&mut self.c, A_SRC, A_DST, A_COMPLETION, len).map_err(|e| format!("copy: {e}"))
     }
 
     /// A copy of 4 KiB fails with EFAULT in STATUS and writes nothing but its
@@ -470,173 +311,6 @@ impl DmaClient {
 }
 
 // ---------------------------------------------------------------------------------
-// The neighbour: a client of dma1 that copies without a pause.
-
-/// The neighbour's memory: source, destination, completion record.
-const N_SRC: u64 = 0x10_0000;
-const N_DST: u64 = 0x20_0000;
-const N_COMPLETION: u64 = 0x30_0000;
-
-struct Neighbour {
-    ops: Arc<AtomicU64>,
-    errors: Arc<AtomicU64>,
-    failure: Arc<Mutex<Option<String>>>,
-    /// Errors (not wrong data) are counted instead of failing.
-    tolerant: Arc<AtomicBool>,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Neighbour {
-    fn start(socket: &Path) -> Result<Self, String> {
-        let mut c = served(socket, SETUP)?;
-        let mem = memfd(3 * (1 << 20) + PAGE);
-        let f = &mem;
-        map(&mut c, N_SRC, 1 << 20, 0, false, Some(f))?;
-        map(
-            &mut c,
-            N_DST,
-            (1 << 20) + PAGE,
-            N_DST - N_SRC,
-            true,
-            Some(f),
-        )?;
-        enable(&mut c)?;
-        let irq = eventfd();
-        set_msix0(&mut c, irq.try_clone().unwrap())?;
-        let ops = Arc::new(AtomicU64::new(0));
-        let errors = Arc::new(AtomicU64::new(0));
-        let failure = Arc::new(Mutex::new(None));
-        let tolerant = Arc::new(AtomicBool::new(false));
-        let stop = Arc::new(AtomicBool::new(false));
-        let thread = {
-            let (ops, errors, failure, tolerant, stop) = (
-                ops.clone(),
-                errors.clone(),
-                failure.clone(),
-                tolerant.clone(),
-                stop.clone(),
-            );
-            std::thread::spawn(move || {
-                let mut i = 0u64;
-                while !stop.load(Ordering::Relaxed) {
-                    match neighbour_copy(&mut c, &mem, &irq, i) {
-                        Ok(()) => {
-                            ops.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(Wrong::Data(e)) => {
-                            *failure.lock().unwrap() = Some(format!("op {i}: {e}"));
-                            return;
-                        }
-                        Err(Wrong::Error(e)) if !tolerant.load(Ordering::Relaxed) => {
-                            *failure.lock().unwrap() = Some(format!("op {i}: {e}"));
-                            return;
-                        }
-                        Err(Wrong::Error(_)) => {
-                            // No device VM serves it now: once one does, the device is as
-                            // after a reset (its config space was the old device VM's).
-                            errors.fetch_add(1, Ordering::Relaxed);
-                            std::thread::sleep(Duration::from_millis(20));
-                            let _ = enable(&mut c);
-                        }
-                    }
-                    i += 1;
-                }
-            })
-        };
-        Ok(Self {
-            ops,
-            errors,
-            failure,
-            tolerant,
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    fn ops(&self) -> u64 {
-        self.ops.load(Ordering::Relaxed)
-    }
-
-    fn failure(&self) -> Option<String> {
-        self.failure.lock().unwrap().clone()
-    }
-
-    /// Waits until `n` more copies completed.
-    fn progress(&self, n: u64, wait: Duration) -> Result<(), String> {
-        let start = self.ops();
-        let deadline = Instant::now() + wait;
-        loop {
-            if let Some(f) = self.failure() {
-                return Err(format!("neighbour: {f}"));
-            }
-            if self.ops() >= start + n {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "neighbour: {} of {n} copies in {wait:?}",
-                    self.ops() - start
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-impl Drop for Neighbour {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// How a neighbour's copy went wrong.
-enum Wrong {
-    /// A request failed (an error reply, a timeout).
-    Error(String),
-    /// The device answered, and the data is wrong: never acceptable.
-    Data(String),
-}
-
-/// One checked copy of the neighbour: fresh data, copied, CRC and completion record
-/// right, the interrupt fired.
-fn neighbour_copy(c: &mut Client, mem: &File, irq: &OwnedFd, i: u64) -> Result<(), Wrong> {
-    let len = 4096 * (1 + (i % 16) as usize);
-    let data: Vec<u8> = (0..len)
-        .map(|k| (k as u64 ^ i.wrapping_mul(0x9e37_79b9)) as u8)
-        .collect();
-    mem.write_all_at(&data, 0).unwrap();
-    mem.write_all_at(&vec![0u8; len], N_DST - N_SRC).unwrap();
-    // A stale interrupt of an earlier, failed attempt does not count.
-    let _ = fired(irq, Duration::ZERO);
-    let st = copy(c, N_SRC, N_DST, N_COMPLETION, len as u64).map_err(Wrong::Error)?;
-    if st != 1 {
-        return Err(Wrong::Error(format!("STATUS {st:#x}")));
-    }
-    let mut got = vec![0u8; len];
-    mem.read_exact_at(&mut got, N_DST - N_SRC).unwrap();
-    if got != data {
-        return Err(Wrong::Data(format!("the copy of {len} bytes differs")));
-    }
-    let mut rec = [0u8; 16];
-    mem.read_exact_at(&mut rec, N_COMPLETION - N_SRC).unwrap();
-    let crc = u32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
-    if crc != crc32c(&data) {
-        return Err(Wrong::Data(format!(
-            "CRC {crc:#x}, expected {:#x}",
-            crc32c(&data)
-        )));
-    }
-    if !fired(irq, WAIT) {
-        return Err(Wrong::Error("no MSI-X interrupt".into()));
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------
 // A relay and a hostile device VM.
 
 /// How a case sets up the relay and the device VM.
@@ -681,17 +355,13 @@ impl Env {
         if case.setup == Setup::TwoPairs {
             args.extend(["--queue-pairs".into(), "2".into()]);
         }
-        let relay_log = Log {
-            path: scratch.join("relay.log"),
-        };
-        let relay = spawn_logged("vfu-relay", "vfu-relay", &args, &relay_log.path);
+        let relay_log = Log::new(scratch.join("relay.log"));
+        let relay = spawn_logged("vfu-relay", "vfu-relay", &args, &relay_log);
         if !wait_for_socket(&dma1, SETUP) {
             return Err("the relay's sockets never appeared".into());
         }
-        let guest_log = Log {
-            path: scratch.join("guest.log"),
-        };
-        let guest = start_guest(&frontend, case.setup, Some(case.name), &guest_log.path);
+        let guest_log = Log::new(scratch.join("guest.log"));
+        let guest = start_guest(&frontend, case.setup, Some(case.name), &guest_log);
         // No client of dma0 before the case: its first session is the case's.
         let neighbour = Neighbour::start(&dma1)?;
         neighbour.progress(3, SETUP)?;
@@ -727,7 +397,7 @@ impl Env {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let log = self.scratch.join("guest2.log");
+        let log = Log::new(self.scratch.join("guest2.log"));
         self.guest = start_guest(&self.frontend, self.setup, None, &log);
         let deadline = Instant::now() + SETUP;
         while id_read(c).map_or(true, |ids| ids != IDS) {
@@ -740,7 +410,7 @@ impl Env {
     }
 }
 
-fn start_guest(frontend: &Path, setup: Setup, misbehave: Option<&str>, log: &Path) -> Proc {
+fn start_guest(frontend: &Path, setup: Setup, misbehave: Option<&str>, log: &Log) -> Proc {
     let mut args: Vec<String> = vec![
         "--loopback".into(),
         frontend.display().to_string(),
@@ -832,7 +502,7 @@ fn h2g_buffer(env: &mut Env) -> Result<(), String> {
 /// fails at once (ENODEV), and a new device VM serves both devices again (the
 /// neighbour on its old connection).
 fn dropped(env: &mut Env) -> Result<(), String> {
-    env.neighbour.tolerant.store(true, Ordering::Relaxed);
+    env.neighbour.tolerate_errors(true);
     let mut c = env.affected()?;
     ids_fail_with(
         &mut c,
@@ -841,7 +511,7 @@ fn dropped(env: &mut Env) -> Result<(), String> {
     )?;
     env.replace_device_vm(&mut c)?;
     ids_answered(&mut c, "the affected client, on its old connection")?;
-    env.neighbour.tolerant.store(false, Ordering::Relaxed);
+    env.neighbour.tolerate_errors(false);
     env.neighbour.progress(3, SETUP)
 }
 
@@ -850,7 +520,7 @@ fn dropped(env: &mut Env) -> Result<(), String> {
 /// read's reply (then the read fails with ENODEV) or for the affected client's next
 /// request (then that one does).
 fn dropped_h2g(env: &mut Env) -> Result<(), String> {
-    env.neighbour.tolerant.store(true, Ordering::Relaxed);
+    env.neighbour.tolerate_errors(true);
     let mut c = env.affected()?;
     match id_read(&mut c) {
         Ok(ids) if ids == IDS => ids_fail_with(
@@ -863,7 +533,7 @@ fn dropped_h2g(env: &mut Env) -> Result<(), String> {
     }
     env.replace_device_vm(&mut c)?;
     ids_answered(&mut c, "the affected client, on its old connection")?;
-    env.neighbour.tolerant.store(false, Ordering::Relaxed);
+    env.neighbour.tolerate_errors(false);
     env.neighbour.progress(3, SETUP)
 }
 
@@ -958,32 +628,30 @@ fn session_end(env: &mut Env) -> Result<(), String> {
 /// relay refuses (EFAULT, in the device VM's log) and the memory, which the client
 /// rewrote after its unmap, is untouched.
 fn dma_after_unmap(env: &mut Env) -> Result<(), String> {
-    let mut c = env.affected()?;
-    let mem = unsealed(KIB64);
-    mem.write_all_at(&[0x11; KIB64 as usize], 0).unwrap();
-    map(&mut c, 0x40_0000, KIB64, 0, true, Some(&mem))?;
-    unmap(&mut c, 0x40_0000, KIB64)?;
-    mem.write_all_at(&[0x22; KIB64 as usize], 0).unwrap();
-    env.guest_log.wait_for(
+    written_after_unmap(
+        env,
+        unsealed(KIB64),
         "HOSTILE dma_write_after_unmap: the relay answered #1: status 14",
-        WAIT,
-    )?;
-    all_bytes(&mem, KIB64, 0x22)?;
-    ids_answered(&mut c, "the read after")
+    )
 }
 
 /// As [`dma_after_unmap`], through the window: the device VM writes into the window
 /// for 600 ms after acknowledging the unmap; from the client's unmap reply on, not one
 /// write reaches its memory (the relay withdrew the window first).
 fn window_after_unmap(env: &mut Env) -> Result<(), String> {
+    written_after_unmap(env, memfd(KIB64), "writes into the window landed")
+}
+
+/// The client maps `mem` (64 KiB of 0x11) and unmaps it, then fills it with 0x22; once
+/// the device VM's log has `line` (its writes after the unmap are done), the memory
+/// still holds 0x22 only, and the device answers the client.
+fn written_after_unmap(env: &mut Env, mem: File, line: &str) -> Result<(), String> {
     let mut c = env.affected()?;
-    let mem = memfd(KIB64);
     mem.write_all_at(&[0x11; KIB64 as usize], 0).unwrap();
     map(&mut c, 0x40_0000, KIB64, 0, true, Some(&mem))?;
     unmap(&mut c, 0x40_0000, KIB64)?;
     mem.write_all_at(&[0x22; KIB64 as usize], 0).unwrap();
-    env.guest_log
-        .wait_for("writes into the window landed", WAIT)?;
+    env.guest_log.wait_for(line, WAIT)?;
     all_bytes(&mem, KIB64, 0x22)?;
     ids_answered(&mut c, "the read after")
 }
@@ -1000,13 +668,25 @@ fn all_bytes(f: &File, len: u64, want: u8) -> Result<(), String> {
     }
 }
 
+/// The relay (`pid`) holds at most 64 MiB of resident memory more than `before` KiB
+/// (the flood cases' bound); the error says how much it grew, and `when`.
+fn rss_bounded(pid: u32, before: u64, when: &str) -> Result<(), String> {
+    let grown = rss_kib(pid).saturating_sub(before);
+    if grown > 64 << 10 {
+        return Err(format!(
+            "the relay's resident memory grew by {grown} KiB{when}"
+        ));
+    }
+    Ok(())
+}
+
 /// A flood after the ID read's reply: the read is answered, the neighbour keeps
 /// working while the relay takes the flood, the relay logs between 1 and `max_lines`
 /// lines containing `line` (one per message would be 20000), its resident memory stays
 /// within 64 MiB of what it was, and the affected device answers again afterwards.
 fn flood(env: &mut Env, line: &str, max_lines: usize) -> Result<(), String> {
     let pid = env.relay.pid();
-    let rss = status_kib(pid, "VmRSS:");
+    let rss = rss_kib(pid);
     let mut c = env.affected()?;
     ids_answered(&mut c, "the read")?;
     env.neighbour.progress(5, Duration::from_secs(30))?;
@@ -1017,10 +697,7 @@ fn flood(env: &mut Env, line: &str, max_lines: usize) -> Result<(), String> {
             return Err("the affected device never answered again after the flood".into());
         }
     }
-    let grown = status_kib(pid, "VmRSS:").saturating_sub(rss);
-    if grown > 64 << 10 {
-        return Err(format!("the relay's resident memory grew by {grown} KiB"));
-    }
+    rss_bounded(pid, rss, "")?;
     let n = env.relay_log.count(line);
     if n == 0 || n > max_lines {
         return Err(format!(
@@ -1036,7 +713,7 @@ fn flood(env: &mut Env, line: &str, max_lines: usize) -> Result<(), String> {
 /// device VM reads nothing of that pair any more).
 fn flood_unread(env: &mut Env) -> Result<(), String> {
     let pid = env.relay.pid();
-    let rss = status_kib(pid, "VmRSS:");
+    let rss = rss_kib(pid);
     let mut c = env.affected()?;
     let mem = unsealed(1 << 20);
     map(&mut c, 0x10_0000, 1 << 20, 0, false, Some(&mem))?;
@@ -1044,12 +721,7 @@ fn flood_unread(env: &mut Env) -> Result<(), String> {
     env.guest_log
         .wait_for("HOSTILE dma_read_flood_unread: stops reading", WAIT)?;
     env.neighbour.progress(10, Duration::from_secs(30))?;
-    let grown = status_kib(pid, "VmRSS:").saturating_sub(rss);
-    if grown > 64 << 10 {
-        return Err(format!(
-            "the relay's resident memory grew by {grown} KiB while the device VM read none of its replies"
-        ));
-    }
+    rss_bounded(pid, rss, " while the device VM read none of its replies")?;
     ids_fail_with(
         &mut c,
         ETIMEDOUT,
@@ -1063,7 +735,7 @@ fn flood_unread(env: &mut Env) -> Result<(), String> {
 /// memory stays bounded, the neighbour on the other pair keeps working.
 fn irq_flood(env: &mut Env) -> Result<(), String> {
     let pid = env.relay.pid();
-    let rss = status_kib(pid, "VmRSS:");
+    let rss = rss_kib(pid);
     let mut d = DmaClient::new(env)?;
     ids_answered(&mut d.c, "the read")?;
     env.neighbour.progress(5, Duration::from_secs(30))?;
@@ -1088,10 +760,7 @@ fn irq_flood(env: &mut Env) -> Result<(), String> {
             "vector 0 was signalled {count} times, 100000 expected"
         ));
     }
-    let grown = status_kib(pid, "VmRSS:").saturating_sub(rss);
-    if grown > 64 << 10 {
-        return Err(format!("the relay's resident memory grew by {grown} KiB"));
-    }
+    rss_bounded(pid, rss, "")?;
     Ok(())
 }
 
@@ -1103,7 +772,7 @@ fn irq_flood(env: &mut Env) -> Result<(), String> {
 /// makes); once the flood is over they are answered.
 fn remote_flood(env: &mut Env) -> Result<(), String> {
     let pid = env.relay.pid();
-    let rss = status_kib(pid, "VmRSS:");
+    let rss = rss_kib(pid);
     let mut c = env.affected()?;
     c.serve_dma(0x10_0000, Arc::new(Mutex::new(vec![0x33; 1 << 20])));
     map(&mut c, 0x10_0000, 1 << 20, 0, false, None)?;
@@ -1125,10 +794,7 @@ fn remote_flood(env: &mut Env) -> Result<(), String> {
         }
     }
     env.neighbour.progress(5, Duration::from_secs(30))?;
-    let grown = status_kib(pid, "VmRSS:").saturating_sub(rss);
-    if grown > 64 << 10 {
-        return Err(format!("the relay's resident memory grew by {grown} KiB"));
-    }
+    rss_bounded(pid, rss, "")?;
     ids_answered(&mut c, "a read after the flood")
 }
 
@@ -1512,7 +1178,7 @@ fn run_in(env: &mut Env, case: &Case) -> Result<(), String> {
             .map_err(|e| format!("the relay did not log the case: {e}"))?;
     }
     env.neighbour.progress(2, WAIT)?;
-    if !case.drops_device_vm && env.neighbour.errors.load(Ordering::Relaxed) > 0 {
+    if !case.drops_device_vm && env.neighbour.errors() > 0 {
         return Err("the neighbour saw errors".into());
     }
     if env.neighbour.ops() <= before {
@@ -1525,40 +1191,23 @@ fn run_in(env: &mut Env, case: &Case) -> Result<(), String> {
     Ok(())
 }
 
+impl case_table::Case for Case {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
 /// Every case of [`cases`], each against a relay and device VM of its own. Set
 /// `VFU_HOSTILE_CASE=name` to run one case.
 #[test]
 fn hostile_device_vms() {
-    let only = std::env::var("VFU_HOSTILE_CASE").ok();
-    let all = cases();
-    let names: std::collections::HashSet<_> = all.iter().map(|c| c.name).collect();
-    assert_eq!(names.len(), all.len(), "case names are unique");
-    assert!(all.len() >= 30, "at least 30 cases");
-    let mut failures = Vec::new();
-    let mut ran = 0;
-    for case in all
-        .iter()
-        .filter(|c| only.as_deref().is_none_or(|o| o == c.name))
-    {
-        let t = Instant::now();
-        let result = run(case);
-        eprintln!(
-            "{:<40} {:>7.2}s {}",
-            case.name,
-            t.elapsed().as_secs_f64(),
-            if result.is_ok() { "ok" } else { "FAILED" }
-        );
-        ran += 1;
-        if let Err(e) = result {
-            failures.push(format!("{}: {e}", case.name));
-        }
-    }
-    assert!(ran > 0, "no case named {only:?}");
-    assert!(
-        failures.is_empty(),
-        "{} of {ran} hostile device VM cases failed:\n{}",
-        failures.len(),
-        failures.join("\n")
+    run_cases(
+        "hostile device VM",
+        &cases(),
+        30,
+        &mut (),
+        |(), case| run(case),
+        |()| ControlFlow::Continue(()),
     );
 }
 

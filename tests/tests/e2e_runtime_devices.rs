@@ -14,8 +14,8 @@ use serde_json::Value;
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::Capabilities;
 use vfu_tests::{
-    binary, control_socket, relay_ctl, start_loopback_guest, start_relay, wait_for_socket,
-    CtlOutput, Proc, Scratch,
+    binary, control_socket, relay_ctl, start_loopback_guest, start_relay, try_connect_ready,
+    wait_for_socket, CtlOutput, Proc, Scratch,
 };
 
 const BAR2: u32 = 2;
@@ -24,20 +24,10 @@ const SERVE: [(&str, &str); 3] = [("a", "gpio"), ("b", "gpio"), ("c", "gpio")];
 
 /// A client on `socket` whose device answers (the device VM serves it).
 fn served_client(socket: &Path) -> Client {
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Ok(mut c) = Client::connect(socket, Duration::from_secs(5)) {
-            if c.negotiate(Capabilities::default()).is_ok() && c.region_read(BAR2, 4, 1).is_ok() {
-                return c;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never served",
-            socket.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    try_connect_ready(socket, Duration::from_secs(5), TIMEOUT, |c| {
+        c.region_read(BAR2, 4, 1).map(|_| ())
+    })
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Writes `v` to the device and reads it back.

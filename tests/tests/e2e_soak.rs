@@ -38,7 +38,6 @@
 //! operations, checks, errors by kind, restarts, reconnects.
 
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,10 +45,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vfu_proto::client::{Client, ClientError};
-use vfu_proto::vfio_user::{
-    pci_irq, pci_region, Capabilities, DmaMap, IrqData, Request, SetIrqs, IRQ_SET_ACTION_TRIGGER,
+use vfu_proto::vfio_user::{pci_region, Capabilities};
+use vfu_tests::dma_engine::{
+    completion, crc32c, eventfd, fired, memfd, try_enable_client, try_map, try_set_irq,
+    try_start_copy, unsealed_memfd, Memory, COMPLETION, DST, DST_SIZE, MEMORY_SIZE, MIB, SRC,
 };
-use vfu_tests::dma_engine::{crc32c, eventfd, fired, memfd, memfd_named, Memory};
+use vfu_tests::logs::{self, Log};
+use vfu_tests::procfs::{rss_kib, status_kib, steady_fd_count};
 use vfu_tests::{binary, wait_for_socket, Proc, Scratch};
 
 const SETUP: Duration = Duration::from_secs(30);
@@ -63,12 +65,9 @@ const GPIO_IDS: [u8; 4] = [0x4f, 0x49, 0xc8, 0x0d];
 const DMA_BAR: u32 = 0;
 const DMA_ID: [u8; 4] = *b"DMAE";
 const DMA_IDS: [u8; 4] = [0x34, 0x12, 0xf0, 0x11];
-/// The dma-engine client's memory: source at SRC (1 MiB, read-only to the device),
-/// destination at DST (1 MiB and a page, the completion record at its end).
-const SRC: u64 = 0x10_0000;
-const DST: u64 = 0x20_0000;
-const COMPLETION: u64 = DST + (1 << 20);
-const MEM_SIZE: u64 = (2 << 20) + 4096;
+// The dma-engine client's memory is the `vfu_tests::dma_engine` layout: source at SRC
+// (1 MiB, read-only to the device), destination at DST (1 MiB and a page, the
+// completion record at its end).
 
 /// splitmix64: a small, seedable generator (the schedule and the clients' choices).
 struct Rng(u64);
@@ -246,48 +245,25 @@ fn connect(socket: &Path, model: Model, rng: &mut Rng) -> Result<Conn, ClientErr
         Model::DmaEngine => {
             let (memory, kind, fd) = match rng.below(3) {
                 0 => {
-                    let f = memfd(MEM_SIZE);
+                    let f = memfd(MEMORY_SIZE);
                     let fd = f.try_clone()?;
                     (Memory::File(f), "sealed memfd", Some(fd))
                 }
                 1 => {
-                    let f = memfd_named(c"vfu-soak-unsealed", MEM_SIZE, 0);
+                    let f = unsealed_memfd(MEMORY_SIZE);
                     let fd = f.try_clone()?;
                     (Memory::File(f), "unsealed memfd", Some(fd))
                 }
                 _ => {
-                    let buf = Arc::new(Mutex::new(vec![0u8; MEM_SIZE as usize]));
+                    let buf = Arc::new(Mutex::new(vec![0u8; MEMORY_SIZE as usize]));
                     client.serve_dma(SRC, buf.clone());
                     (Memory::Buffer(buf), "no fd", None)
                 }
             };
-            let map = |c: &mut Client, iova: u64, size: u64, write: bool, fd: &Option<File>| {
-                let req = Request::DmaMap(DmaMap {
-                    read: true,
-                    write,
-                    offset: if fd.is_some() { iova - SRC } else { 0 },
-                    address: iova,
-                    size,
-                });
-                let fds = match fd {
-                    Some(f) => vec![OwnedFd::from(f.try_clone()?)],
-                    None => vec![],
-                };
-                c.request(&req, fds).map(|_| ())
-            };
-            map(&mut client, SRC, 1 << 20, false, &fd)?;
-            map(&mut client, DST, (1 << 20) + 4096, true, &fd)?;
+            try_map(&mut client, SRC, MIB, 0, false, fd.as_ref())?;
+            try_map(&mut client, DST, DST_SIZE, DST - SRC, true, fd.as_ref())?;
             let irq = eventfd();
-            client.request(
-                &Request::DeviceSetIrqs(SetIrqs {
-                    action: IRQ_SET_ACTION_TRIGGER,
-                    index: pci_irq::MSIX,
-                    start: 0,
-                    count: 1,
-                    data: IrqData::EventFd { assign: true },
-                }),
-                vec![irq.try_clone()?],
-            )?;
+            try_set_irq(&mut client, Some(irq.try_clone()?))?;
             Some((DmaMemory { memory, kind }, irq))
         }
     };
@@ -296,29 +272,6 @@ fn connect(socket: &Path, model: Model, rng: &mut Rng) -> Result<Conn, ClientErr
         dma,
         enabled_at: None,
     })
-}
-
-/// Memory space, bus master and MSI-X on (a dma-engine after reset has them off).
-fn enable(c: &mut Client) -> Result<(), ClientError> {
-    let cfg = pci_region::CONFIG;
-    let cmd = c.region_read(cfg, 4, 2)?;
-    let cmd = u16::from_le_bytes([cmd[0], cmd[1]]) | 0x6;
-    c.region_write(cfg, 4, &cmd.to_le_bytes())?;
-    // The capability list, to MSI-X (ID 0x11).
-    let mut at = u64::from(c.region_read(cfg, 0x34, 1)?[0]);
-    for _ in 0..16 {
-        if at == 0 {
-            break;
-        }
-        let h = c.region_read(cfg, at, 2)?;
-        if h[0] == 0x11 {
-            let ctl = c.region_read(cfg, at + 2, 2)?;
-            let ctl = u16::from_le_bytes([ctl[0], ctl[1]]) | 0x8000;
-            return c.region_write(cfg, at + 2, &ctl.to_le_bytes());
-        }
-        at = u64::from(h[1] & 0xfc);
-    }
-    Err(ClientError::BadReply("no MSI-X capability".into()))
 }
 
 /// One checked gpio operation. Returns Err when the connection is gone.
@@ -386,7 +339,8 @@ fn dma_op(
 ) -> Result<(), ()> {
     let e0 = shared.epoch();
     if conn.enabled_at != Some(e0) {
-        match enable(&mut conn.client) {
+        // A dma-engine after reset has memory space, bus master and MSI-X off.
+        match try_enable_client(&mut conn.client) {
             Ok(()) => conn.enabled_at = Some(e0),
             Err(e) => {
                 stats.ops += 1;
@@ -408,14 +362,7 @@ fn dma_op(
     let _ = fired(irq, Duration::ZERO);
     let run = |c: &mut Client| -> Result<([u8; 4], u32, u32), ClientError> {
         let id = c.region_read(DMA_BAR, 0, 4)?;
-        let w = |c: &mut Client, off: u64, v: u64, width: usize| {
-            c.region_write(DMA_BAR, off, &v.to_le_bytes()[..width])
-        };
-        w(c, 0x08, SRC, 8)?;
-        w(c, 0x10, DST, 8)?;
-        w(c, 0x18, COMPLETION, 8)?;
-        w(c, 0x20, len as u64, 4)?;
-        w(c, 0x24, 1, 4)?;
+        try_start_copy(c, SRC, DST, COMPLETION, len as u64)?;
         let st = c.region_read(DMA_BAR, 0x28, 8)?;
         Ok(([id[0], id[1], id[2], id[3]], u32_le(&st), u32_le(&st[4..])))
     };
@@ -450,8 +397,7 @@ fn dma_op(
                 ));
             }
             let want = crc32c(&data);
-            let rec = mem.memory.read(COMPLETION, 16);
-            let (rstatus, rcrc, rlen) = (u32_le(&rec), u32_le(&rec[4..]), u32_le(&rec[8..]));
+            let [rstatus, rcrc, rlen, _] = completion(&mem.memory);
             if crc != want || (rstatus, rcrc, rlen) != (0, want, len as u32) {
                 shared.fail(format!(
                     "{what}: DONE with CRC register {crc:#x}, completion record status {rstatus} CRC {rcrc:#x} length {rlen} (expected CRC {want:#x})"
@@ -555,33 +501,12 @@ struct DeviceVm {
 
 /// Starts `bin` with its standard error appended to `log` (warnings and errors, and
 /// any panic message), or shown when `VFU_TEST_LOG` is set.
-fn spawn_logged(name: &str, bin: &str, args: &[String], log: &Path) -> Proc {
-    let mut cmd = std::process::Command::new(binary(bin));
-    cmd.args(args).stdout(std::process::Stdio::null());
-    match std::env::var("VFU_TEST_LOG") {
-        Ok(level) => {
-            cmd.env("RUST_LOG", level);
-        }
-        Err(_) => {
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .expect("log file");
-            cmd.env("RUST_LOG", "warn").stderr(file);
-        }
+fn spawn_logged(name: &str, bin: &str, args: &[String], log: &Log) -> Proc {
+    if std::env::var_os("VFU_TEST_LOG").is_some() {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        return Proc::spawn(name, &binary(bin), &args);
     }
-    Proc::spawn_command(name, cmd)
-}
-
-/// The lines of `log` that report a panic.
-fn panics(log: &Path) -> Vec<String> {
-    std::fs::read_to_string(log)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("panicked"))
-        .map(str::to_string)
-        .collect()
+    logs::spawn_logged(name, bin, args, "warn", &log.path)
 }
 
 fn start_guest(env: &Logs, frontend: &Path, serve: &[String], mode: usize, pairs: u16) -> DeviceVm {
@@ -601,38 +526,14 @@ fn start_guest(env: &Logs, frontend: &Path, serve: &[String], mode: usize, pairs
 
 /// Where the processes' standard error goes.
 struct Logs {
-    relay: PathBuf,
-    guest: PathBuf,
-}
-
-fn fd_count(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// A `kB` field of /proc/PID/status.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    relay: Log,
+    guest: Log,
 }
 
 /// The relay's fds once they stopped changing, its VmRSS and RssAnon (KiB).
 fn measure(pid: u32) -> (usize, u64, u64) {
-    let mut last = fd_count(pid);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        std::thread::sleep(Duration::from_millis(200));
-        let n = fd_count(pid);
-        if n == last || Instant::now() > deadline {
-            return (n, status_kib(pid, "VmRSS:"), status_kib(pid, "RssAnon:"));
-        }
-        last = n;
-    }
+    let fds = steady_fd_count(pid, Duration::from_millis(200), Duration::from_secs(10));
+    (fds, rss_kib(pid), status_kib(pid, "RssAnon:"))
 }
 
 /// A fresh, well-behaved client of every device: IDs, a register round trip, and (for
@@ -828,8 +729,8 @@ fn soak_many_devices_with_disconnects_and_restarts() {
         .map(|(n, _, s)| (n.as_str(), s.as_path()))
         .collect();
     let logs = Logs {
-        relay: scratch.join("relay.log"),
-        guest: scratch.join("guest.log"),
+        relay: Log::new(scratch.join("relay.log")),
+        guest: Log::new(scratch.join("guest.log")),
     };
     let mut args = vec![
         "--frontend-socket".to_string(),
@@ -935,7 +836,7 @@ fn soak_many_devices_with_disconnects_and_restarts() {
         ("vfu-relay", &env.logs.relay),
         ("vfu-guest", &env.logs.guest),
     ] {
-        let p = panics(log);
+        let p = log.panics();
         eprintln!("  {who}: {} panic(s) in its log", p.len());
         failures.extend(p.into_iter().map(|l| format!("{who}: {l}")));
     }
