@@ -3,14 +3,14 @@
 //! would let that VMM make the relay die of SIGBUS. The loopback VMM plays such a VMM
 //! with its test-only `--unsealed-memory`.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::Capabilities;
-use vfu_tests::{binary, connect_served, wait_for_socket, Proc, Scratch};
+use vfu_tests::logs::{spawn_logged, Log};
+use vfu_tests::procfs::{settle_fds, steady_fd_count};
+use vfu_tests::{connect_served, wait_for_socket, Proc, Scratch};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 /// gpio's register BAR.
@@ -18,12 +18,7 @@ const BAR2: u32 = 2;
 
 /// Starts `bin` with `args`, its standard error (RUST_LOG=info) in `log`.
 fn start_logged(name: &str, bin: &str, args: &[&str], log: &Path) -> Proc {
-    let mut cmd = Command::new(binary(bin));
-    cmd.args(args)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(File::create(log).expect("log file"));
-    Proc::spawn_command(name, cmd)
+    spawn_logged(name, bin, args, "info", log)
 }
 
 /// A loopback device VM serving gpio0, with `extra` options.
@@ -49,42 +44,6 @@ fn exit_code(p: &mut Proc) -> Option<i32> {
         }
         assert!(Instant::now() < deadline, "{} did not exit", p.name);
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn read(log: &Path) -> String {
-    std::fs::read_to_string(log).unwrap_or_default()
-}
-
-/// Waits until `log` holds `needle`.
-fn wait_log(log: &Path, needle: &str) -> bool {
-    let deadline = Instant::now() + TIMEOUT;
-    while Instant::now() < deadline {
-        if read(log).contains(needle) {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
-
-fn fds(p: &Proc) -> usize {
-    std::fs::read_dir(format!("/proc/{}/fd", p.pid()))
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// The fds of `p` once the count held for 300 ms (a starting relay still opens and
-/// closes some).
-fn settled_fds(p: &Proc) -> usize {
-    let mut last = fds(p);
-    loop {
-        std::thread::sleep(Duration::from_millis(300));
-        let now = fds(p);
-        if now == last {
-            return now;
-        }
-        last = now;
     }
 }
 
@@ -129,41 +88,37 @@ fn round_trip(c: &mut Client, v: u8) {
 fn a_vmm_offering_unsealed_memory_is_refused_and_the_next_served() {
     let dir = Scratch::new("vmm-unsealed");
     let (frontend, gpio, relay_log) = paths(&dir);
+    let relay_log = Log::new(relay_log);
     let mut relay = start_gpio_relay(&dir, &[]);
-    assert!(wait_log(&relay_log, "waiting for the device VM's VMM"));
-    let before = settled_fds(&relay);
+    relay_log
+        .wait_for("waiting for the device VM's VMM", TIMEOUT)
+        .unwrap();
+    // (A starting relay still opens and closes some fds.)
+    let before = steady_fd_count(relay.pid(), Duration::from_millis(300), TIMEOUT);
 
-    let guest_log = dir.join("guest-unsealed.log");
-    let mut refused = start_guest(&frontend, &["--unsealed-memory"], &guest_log);
+    let guest_log = Log::new(dir.join("guest-unsealed.log"));
+    let mut refused = start_guest(&frontend, &["--unsealed-memory"], &guest_log.path);
     let code = exit_code(&mut refused);
     assert_ne!(code, Some(0), "the loopback VMM gave up");
     assert!(
-        read(&guest_log).contains("SET_MEM_TABLE"),
+        guest_log.text().contains("SET_MEM_TABLE"),
         "refused at SET_MEM_TABLE: {}",
-        read(&guest_log)
+        guest_log.text()
     );
-    assert!(
-        wait_log(
-            &relay_log,
-            "refused the device VM's VMM: its guest memory region 0 (guest address 0x0, 67108864 bytes) is not a memfd sealed against shrinking (F_SEAL_SHRINK)"
-        ),
-        "no refusal logged: {}",
-        read(&relay_log)
-    );
-    assert!(read(&relay_log).contains("unsealed_vmm_memory (--unsealed-vmm-memory)"));
+    let refusal = "refused the device VM's VMM: its guest memory region 0 (guest address 0x0, 67108864 bytes) is not a memfd sealed against shrinking (F_SEAL_SHRINK)";
+    if let Err(e) = relay_log.wait_for(refusal, TIMEOUT) {
+        panic!("no refusal logged: {e}: {}", relay_log.text());
+    }
+    assert!(relay_log
+        .text()
+        .contains("unsealed_vmm_memory (--unsealed-vmm-memory)"));
     assert!(relay.is_running(), "the relay stays up");
     let mut client = Client::connect(&gpio, Duration::from_secs(5)).unwrap();
     let e = client.negotiate(Capabilities::default()).unwrap_err();
     assert!(e.to_string().contains(&libc::ENODEV.to_string()), "{e}");
     drop(client);
-    let deadline = Instant::now() + TIMEOUT;
-    while fds(&relay) != before {
-        assert!(
-            Instant::now() < deadline,
-            "the relay holds {} fds, {before} before the refused VMM",
-            fds(&relay)
-        );
-        std::thread::sleep(Duration::from_millis(20));
+    if let Err(now) = settle_fds(relay.pid(), before, TIMEOUT) {
+        panic!("the relay holds {now} fds, {before} before the refused VMM");
     }
 
     let _guest = start_guest(&frontend, &[], &dir.join("guest.log"));
@@ -182,9 +137,10 @@ fn unsealed_vmm_memory_trusts_the_vmm() {
     let _guest = start_guest(&frontend, &["--unsealed-memory"], &dir.join("guest.log"));
     let mut c = connect_served(&gpio, TIMEOUT);
     round_trip(&mut c, 0xa5);
+    let relay_log = Log::new(relay_log);
     assert!(
-        !read(&relay_log).contains("refused"),
+        !relay_log.text().contains("refused"),
         "{}",
-        read(&relay_log)
+        relay_log.text()
     );
 }
