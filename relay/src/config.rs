@@ -174,9 +174,11 @@ pub struct Config {
     /// it sleeps whenever there is nothing to do.
     #[serde(default)]
     pub poll_us: u64,
-    /// CPU of the switch thread (client sockets; in poll mode the tunnel's queues too).
-    #[serde(default)]
-    pub switch_cpu: Option<usize>,
+    /// CPUs of the switch threads (client sockets; in poll mode the tunnel's queues
+    /// too), one per queue pair: switch thread K runs on the (K mod n)-th CPU listed.
+    /// One CPU or a list in the file; empty: anywhere.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub switch_cpu: Vec<usize>,
     /// CPUs of the tunnel's queue worker threads (device-VM notifications), one per
     /// queue pair: pair P's worker runs on the (P mod n)-th CPU listed. One CPU or a
     /// list in the file; empty: anywhere.
@@ -212,7 +214,7 @@ impl Default for Config {
             frontend_allow_uids: Vec::new(),
             frontend_allow_gids: Vec::new(),
             poll_us: 0,
-            switch_cpu: None,
+            switch_cpu: Vec::new(),
             tunnel_cpu: Vec::new(),
             file: None,
         }

@@ -104,10 +104,11 @@ struct Args {
     /// docs/operating.md, "Poll mode".
     #[arg(long, value_name = "US", default_value_t = 0)]
     poll_us: u64,
-    /// Run the switch thread (client sockets; in poll mode the tunnel's queues) on
-    /// this CPU.
-    #[arg(long, value_name = "CPU")]
-    switch_cpu: Option<usize>,
+    /// Run the switch threads (client sockets; in poll mode the tunnel's queues) on
+    /// these CPUs (one switch thread per queue pair; thread K on the (K mod n)-th CPU
+    /// listed), e.g. `1` or `2,3`.
+    #[arg(long, value_name = "CPU[,CPU...]", value_delimiter = ',')]
+    switch_cpu: Vec<usize>,
     /// Run the tunnel's queue worker threads on these CPUs (one worker per queue pair;
     /// pair P on the (P mod n)-th CPU listed), e.g. `1` or `2,3`.
     #[arg(long, value_name = "CPU[,CPU...]", value_delimiter = ',')]

@@ -1,15 +1,22 @@
-//! The switch: the thread that owns the device sockets, the client connections and
-//! the control socket. It accepts clients, reads their requests (non-blocking, so a
-//! slow or hostile client cannot stall the others), forwards them into the tunnel,
-//! flushes replies that did not fit a socket, answers requests that outlive the
-//! timeout, and adds and removes devices on request of the control socket.
+//! The switch: the threads that own the device sockets, the client connections and
+//! the control socket. They accept clients, read their requests (non-blocking, so a
+//! slow or hostile client cannot stall the others), forward them into the tunnel,
+//! flush replies that did not fit a socket and answer requests that outlive the
+//! timeout.
+//!
+//! There is one switch thread per queue pair the relay offers. Thread `k` owns the
+//! devices whose channel id mod the number of threads is `k` (their socket, their
+//! client, their timers), so a channel's messages stay on one thread and keep their
+//! order; in poll mode it also polls queue pair `k`. Thread 0 also serves the control
+//! socket (it adds and removes devices on every thread's behalf) and the removed
+//! channels' deadlines.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -60,8 +67,8 @@ pub struct Relay {
     pub link: Link,
     /// What the relay can carry.
     pub limits: RelayLimits,
-    poll: Epoll,
-    wake: EventFd,
+    /// The switch threads' shares of the devices, by thread index.
+    shards: Vec<Shard>,
     stopping: AtomicBool,
     /// DMA windows in the tunnel device's shared memory. Taken inside a channel's
     /// lock, never around one.
@@ -80,16 +87,21 @@ impl Relay {
                 .map_err(|e| Error::Config(e.to_string()))?;
         }
         let limits = RelayLimits::DEFAULT;
-        let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let shards = (0..config.queue_pairs.max(1))
+            .map(|_| Shard::new())
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let wakes = shards
+            .iter()
+            .map(|s| s.wake.try_clone())
+            .collect::<std::io::Result<Vec<_>>>()?;
         let config_shm_bytes = config.shm_size_mib << 20;
         let frontend_timeout = config.request_timeout();
         Ok(Self {
-            link: Link::new(config.queue_pairs, limits, Some(wake.try_clone()?)),
+            link: Link::new(config.queue_pairs, limits, wakes),
             config,
             table: RwLock::new(table),
             limits,
-            poll: Epoll::new()?,
-            wake,
+            shards,
             stopping: AtomicBool::new(false),
             windows: std::sync::Mutex::new(Windows::new(config_shm_bytes, frontend_timeout)),
         })
@@ -231,8 +243,9 @@ impl Relay {
                 }
             }
             SendOutcome::Broken => {
-                // The connection is marked broken; the switch drops it when it wakes.
-                let _ = self.wake.write(1);
+                // The connection is marked broken; its switch thread drops it when it
+                // wakes.
+                let _ = self.shard_of(channel.id).wake.write(1);
             }
         }
     }
@@ -243,14 +256,14 @@ impl Relay {
             SendOutcome::Done => {}
             SendOutcome::Queued => self.update_interest(channel, client),
             SendOutcome::Broken => {
-                let _ = self.wake.write(1);
+                let _ = self.shard_of(channel.id).wake.write(1);
             }
         }
     }
 
-    /// Sets what the switch waits for on a client: input unless paused, writability
-    /// while replies wait. Called with the channel locked, so the two threads that
-    /// change it cannot undo each other.
+    /// Sets what the channel's switch thread waits for on its client: input unless
+    /// paused, writability while replies wait. Called with the channel locked, so the
+    /// two threads that change it cannot undo each other.
     pub fn update_interest(&self, channel: &Channel, client: &Client) {
         let mut set = EventSet::empty();
         if !client.paused {
@@ -260,7 +273,8 @@ impl Relay {
             set |= EventSet::OUT;
         }
         let ev = EpollEvent::new(set, token(KIND_CLIENT, u64::from(channel.id)));
-        if let Err(e) = self.poll.ctl(ControlOperation::Modify, client.raw_fd(), ev) {
+        let poll = &self.shard_of(channel.id).poll;
+        if let Err(e) = poll.ctl(ControlOperation::Modify, client.raw_fd(), ev) {
             // The switch took the client off epoll already (it is being dropped).
             debug!("{}: cannot update epoll interest: {e}", channel.name);
         }
@@ -282,6 +296,69 @@ impl Relay {
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
+
+    /// The share of the switch thread that owns channel `id`.
+    fn shard_of(&self, id: u32) -> &Shard {
+        &self.shards[id as usize % self.shards.len()]
+    }
+
+    /// How many switch threads there are (one per queue pair offered).
+    pub fn switch_threads(&self) -> usize {
+        self.shards.len()
+    }
+}
+
+/// One switch thread's share: what it waits on and the devices it owns. Another
+/// thread touches it only to add or remove a device (thread 0, for the control
+/// socket), to change what it waits for on a client ([`Relay::update_interest`]) and
+/// to wake it.
+///
+/// Locks: `devices` is taken outside the channel table's and a channel's lock, never
+/// inside them; thread 0 may take another thread's `devices`, nobody else does.
+struct Shard {
+    poll: Epoll,
+    wake: EventFd,
+    devices: Mutex<HashMap<u32, Device>>,
+}
+
+impl Shard {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            poll: Epoll::new()?,
+            wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
+            devices: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn devices(&self) -> MutexGuard<'_, HashMap<u32, Device>> {
+        self.devices.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Watches a device's socket and keeps it.
+    fn watch_device(&self, ch: Arc<Channel>, listener: UnixListener) -> std::io::Result<()> {
+        self.poll.ctl(
+            ControlOperation::Add,
+            listener.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, token(KIND_LISTENER, u64::from(ch.id))),
+        )?;
+        self.devices().insert(
+            ch.id,
+            Device {
+                ch,
+                listener,
+                client: None,
+            },
+        );
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shard")
+            .field("devices", &self.devices().len())
+            .finish()
+    }
 }
 
 /// A client connection as the switch sees it: the read side.
@@ -297,15 +374,16 @@ struct Device {
     client: Option<ClientReader>,
 }
 
-/// Handle of the running switch thread.
+/// Handle of the running switch threads.
 pub struct Switch {
     relay: Arc<Relay>,
-    thread: Option<JoinHandle<()>>,
+    threads: Vec<JoinHandle<()>>,
 }
 
 /// The switch with its sockets created, not yet running.
 pub struct BoundSwitch {
-    state: SwitchThread,
+    relay: Arc<Relay>,
+    control: ControlServer,
 }
 
 impl Switch {
@@ -320,17 +398,22 @@ impl Switch {
                     source,
                 }
             })?;
-        let mut state = SwitchThread {
+        let bound = BoundSwitch {
             relay: relay.clone(),
-            devices: HashMap::new(),
             control: ControlServer::new(control),
-            reserve: None,
         };
         info!("control socket {}", control_path.display());
-        let mut setup = || -> Result<()> {
-            state
+        let setup = || -> Result<()> {
+            bound
                 .control
-                .register(&relay.poll, token(KIND_CONTROL_LISTENER, 0))?;
+                .register(&relay.shards[0].poll, token(KIND_CONTROL_LISTENER, 0))?;
+            for shard in &relay.shards {
+                shard.poll.ctl(
+                    ControlOperation::Add,
+                    shard.wake.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, WAKE_TOKEN),
+                )?;
+            }
             for ch in relay.channels() {
                 let perms = relay.config.perms(&ch.access);
                 let listener =
@@ -338,59 +421,85 @@ impl Switch {
                         path: ch.socket.display().to_string(),
                         source,
                     })?;
-                state.watch_device(ch, listener)?;
+                info!(
+                    "{}: vfio-user socket {} (channel {})",
+                    ch.name,
+                    ch.socket.display(),
+                    ch.id
+                );
+                relay.shard_of(ch.id).watch_device(ch, listener)?;
             }
-            relay.poll.ctl(
-                ControlOperation::Add,
-                relay.wake.as_raw_fd(),
-                EpollEvent::new(EventSet::IN, WAKE_TOKEN),
-            )?;
             Ok(())
         };
         if let Err(e) = setup() {
             // The sockets created so far are ours: they go.
-            state.remove_sockets();
+            bound.remove_sockets();
             return Err(e);
         }
-        Ok(BoundSwitch { state })
+        Ok(bound)
     }
 
-    /// Stops the switch thread, which removes the device and control sockets.
-    pub fn stop(mut self) {
+    /// Stops the switch threads, which remove the device and control sockets.
+    pub fn stop(self) {
         self.relay.stopping.store(true, Ordering::Release);
-        let _ = self.relay.wake.write(1);
-        if let Some(t) = self.thread.take() {
+        for shard in &self.relay.shards {
+            let _ = shard.wake.write(1);
+        }
+        for t in self.threads {
             let _ = t.join();
         }
     }
 }
 
 impl BoundSwitch {
-    /// Starts the switch thread.
+    /// Starts the switch threads.
     pub fn start(self) -> Result<Switch> {
-        let relay = self.state.relay.clone();
-        let state = self.state;
-        let thread = std::thread::Builder::new()
-            .name("vfu-switch".into())
-            .spawn(move || state.run())?;
-        Ok(Switch {
-            relay,
-            thread: Some(thread),
-        })
+        let relay = self.relay;
+        let mut control = Some(self.control);
+        let mut threads = Vec::new();
+        for index in 0..relay.shards.len() {
+            let state = SwitchThread {
+                relay: relay.clone(),
+                index,
+                control: control.take(),
+                reserve: None,
+            };
+            let spawned = std::thread::Builder::new()
+                .name(format!("vfu-switch-{index}"))
+                .spawn(move || state.run());
+            match spawned {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    Switch { relay, threads }.stop();
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(Switch { relay, threads })
     }
 
     /// Gives up before starting: the sockets are removed.
     pub fn abandon(self) {
-        self.state.remove_sockets();
+        self.remove_sockets();
+    }
+
+    fn remove_sockets(&self) {
+        for shard in &self.relay.shards {
+            for dev in shard.devices().values() {
+                let _ = std::fs::remove_file(&dev.ch.socket);
+            }
+        }
+        let _ = std::fs::remove_file(self.relay.config.control_socket());
     }
 }
 
-/// What the switch thread owns.
+/// What a switch thread owns.
 struct SwitchThread {
     relay: Arc<Relay>,
-    /// The exported devices, by channel id.
-    devices: HashMap<u32, Device>,
-    control: ControlServer,
+    /// Its index: it owns the devices in `relay.shards[index]`.
+    index: usize,
+    /// The control socket (thread 0 only).
+    control: Option<ControlServer>,
     /// A descriptor kept in reserve: when the process runs out of fds, it is given up
     /// to accept the waiting connection and close it at once, instead of leaving it in
     /// the backlog, where it would wake the switch forever.
@@ -398,41 +507,29 @@ struct SwitchThread {
 }
 
 impl SwitchThread {
-    /// Watches a device's socket and keeps it.
-    fn watch_device(&mut self, ch: Arc<Channel>, listener: UnixListener) -> std::io::Result<()> {
-        self.relay.poll.ctl(
-            ControlOperation::Add,
-            listener.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, token(KIND_LISTENER, u64::from(ch.id))),
-        )?;
-        info!(
-            "{}: vfio-user socket {} (channel {})",
-            ch.name,
-            ch.socket.display(),
-            ch.id
-        );
-        self.devices.insert(
-            ch.id,
-            Device {
-                ch,
-                listener,
-                client: None,
-            },
-        );
-        Ok(())
+    fn shard(&self) -> &Shard {
+        &self.relay.shards[self.index]
+    }
+
+    /// The queue pairs this thread polls in poll mode.
+    fn pairs(&self) -> impl Iterator<Item = usize> {
+        let pairs = usize::from(self.relay.link.offered_pairs);
+        (self.index..pairs).step_by(self.relay.shards.len())
     }
 
     fn run(mut self) {
         let relay = self.relay.clone();
         self.reserve = std::fs::File::open("/dev/null").ok();
-        if let Some(cpu) = relay.config.switch_cpu {
+        let cpus = &relay.config.switch_cpu;
+        if !cpus.is_empty() {
+            let cpu = cpus[self.index % cpus.len()];
             match vfu_proto::poll::pin_current_thread(cpu) {
-                Ok(()) => info!("switch thread on CPU {cpu}"),
-                Err(e) => warn!("switch thread: cannot run on CPU {cpu}: {e}"),
+                Ok(()) => info!("switch thread {} on CPU {cpu}", self.index),
+                Err(e) => warn!("switch thread {}: cannot run on CPU {cpu}: {e}", self.index),
             }
         }
         let mut poll = AdaptivePoll::new(relay.config.poll());
-        if poll.enabled() {
+        if poll.enabled() && self.index == 0 {
             info!(
                 "poll mode: client sockets and tunnel queues polled for {} us after the last message",
                 relay.config.poll_us
@@ -447,12 +544,19 @@ impl SwitchThread {
             let timeout = match step {
                 Step::Poll { disarm } => {
                     if disarm {
-                        relay.link.set_polling(true);
+                        for pair in self.pairs() {
+                            relay.link.set_polling(pair, true);
+                        }
                     }
                     0
                 }
                 Step::Sleep { arm } => {
-                    if arm && relay.link.set_polling(false) {
+                    // (Every pair is re-armed, the first with buffers waiting or not.)
+                    let waiting = arm
+                        && self
+                            .pairs()
+                            .fold(false, |w, pair| relay.link.set_polling(pair, false) | w);
+                    if waiting {
                         // Buffers came between the last look and the re-arming: no
                         // notification will tell of them.
                         poll.worked();
@@ -461,63 +565,28 @@ impl SwitchThread {
                     self.next_timeout()
                 }
             };
-            let n = match relay.poll.wait(timeout, &mut events) {
+            let n = match self.shard().poll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    error!("switch: epoll failed: {e}");
+                    error!("switch thread {}: epoll failed: {e}", self.index);
                     break;
                 }
             };
             for ev in &events[..n] {
-                let data = ev.data();
-                if data == WAKE_TOKEN {
-                    let _ = relay.wake.read();
-                    continue;
-                }
-                let n = data >> 2;
-                // Events of a device removed earlier in this batch find no device: ids
-                // are never reused, so they cannot reach a newer one.
-                let id = n as u32;
-                match data & 3 {
-                    KIND_LISTENER => self.accept(id),
-                    KIND_CLIENT => {
-                        let set = ev.event_set();
-                        if set.contains(EventSet::OUT) {
-                            self.flush_client(id);
-                        }
-                        if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
-                            && !self.read_client(id)
-                        {
-                            self.drop_client(id, "closed or failed");
-                        }
-                    }
-                    KIND_CONTROL_LISTENER => {
-                        self.control.accept(&relay.poll, |c| token(KIND_CONTROL, c))
-                    }
-                    _ => {
-                        let Self {
-                            control, devices, ..
-                        } = &mut self;
-                        control.ready(
-                            n,
-                            &relay.poll,
-                            |c| token(KIND_CONTROL, c),
-                            |request| execute(&relay, devices, request),
-                        );
-                    }
-                }
+                self.handle(ev);
             }
             let mut worked = n > 0;
             if polling {
                 // The driver's messages, and the buffers it posted for ours.
-                for pair in 0..relay.link.pairs() {
+                let set_up = relay.link.pairs();
+                for pair in self.pairs().take_while(|&p| p < set_up) {
                     if relay.link.poll(pair) && crate::tunnel::drain_g2h(&relay, pair) {
                         worked = true;
                     }
                 }
             }
-            if relay.link.take_room_made() {
+            if relay.link.take_room_made(self.index) {
                 self.resume_paused();
             }
             if worked {
@@ -530,40 +599,104 @@ impl SwitchThread {
                 continue; // deadlines are looked at once a millisecond while polling
             }
             next_expiry = now + Duration::from_millis(1);
-            let mut broken = Vec::new();
-            for (&id, dev) in &self.devices {
-                let outcome = dev.ch.expire(&relay, now);
-                relay.after_send(&dev.ch, outcome);
-                if dev.ch.lock().client.as_ref().is_some_and(|c| c.is_broken()) {
-                    broken.push(id);
-                }
-            }
-            for id in broken {
-                self.drop_client(id, "write failed");
-            }
-            relay.expire_retiring(now);
+            self.expire(now);
         }
-        let ids: Vec<u32> = self.devices.keys().copied().collect();
+        let mut devices = relay.shards[self.index].devices();
+        let ids: Vec<u32> = devices.keys().copied().collect();
         for id in ids {
-            self.drop_client(id, "relay stopping");
+            self.drop_client(&mut devices, id, "relay stopping");
         }
-        self.remove_sockets();
-    }
-
-    /// Removes the device and control socket files.
-    fn remove_sockets(&self) {
-        for dev in self.devices.values() {
+        for dev in devices.values() {
             let _ = std::fs::remove_file(&dev.ch.socket);
         }
-        let _ = std::fs::remove_file(self.relay.config.control_socket());
+        if self.control.is_some() {
+            let _ = std::fs::remove_file(relay.config.control_socket());
+        }
     }
 
-    /// Milliseconds until the earliest deadline: a request's, or a removed channel's
-    /// (-1: none).
+    /// Handles one epoll event.
+    fn handle(&mut self, ev: &EpollEvent) {
+        let relay = self.relay.clone();
+        let data = ev.data();
+        if data == WAKE_TOKEN {
+            let _ = self.shard().wake.read();
+            return;
+        }
+        let n = data >> 2;
+        // Events of a device removed earlier in this batch find no device: ids are
+        // never reused, so they cannot reach a newer one.
+        let id = n as u32;
+        match data & 3 {
+            KIND_LISTENER => {
+                let mut devices = relay.shards[self.index].devices();
+                self.accept(&mut devices, id);
+            }
+            KIND_CLIENT => {
+                let mut devices = relay.shards[self.index].devices();
+                let set = ev.event_set();
+                if set.contains(EventSet::OUT) {
+                    flush_client(&relay, &devices, id);
+                }
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
+                    && !read_client(&relay, &mut devices, id)
+                {
+                    self.drop_client(&mut devices, id, "closed or failed");
+                }
+            }
+            kind => {
+                // No device lock is held here: adding and removing a device takes the
+                // lock of the thread that owns it, which may be this one.
+                let Some(control) = self.control.as_mut() else {
+                    return;
+                };
+                let poll = &relay.shards[self.index].poll;
+                if kind == KIND_CONTROL_LISTENER {
+                    control.accept(poll, |c| token(KIND_CONTROL, c));
+                } else {
+                    control.ready(
+                        n,
+                        poll,
+                        |c| token(KIND_CONTROL, c),
+                        |request| execute(&relay, request),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Answers the requests of this thread's devices that outlived the timeout, drops
+    /// the clients whose connection broke and (thread 0) stops waiting for removed
+    /// channels whose deadline passed.
+    fn expire(&mut self, now: Instant) {
+        let relay = self.relay.clone();
+        let mut devices = relay.shards[self.index].devices();
+        let mut broken = Vec::new();
+        for (&id, dev) in devices.iter() {
+            let outcome = dev.ch.expire(&relay, now);
+            relay.after_send(&dev.ch, outcome);
+            if dev.ch.lock().client.as_ref().is_some_and(|c| c.is_broken()) {
+                broken.push(id);
+            }
+        }
+        for id in broken {
+            self.drop_client(&mut devices, id, "write failed");
+        }
+        drop(devices);
+        if self.control.is_some() {
+            relay.expire_retiring(now);
+        }
+    }
+
+    /// Milliseconds until the earliest deadline: a request's of this thread's
+    /// devices, or (thread 0) a removed channel's (-1: none).
     fn next_timeout(&self) -> i32 {
         let now = Instant::now();
-        let retiring = self.relay.next_retiring_deadline();
-        self.devices
+        let retiring = self
+            .control
+            .as_ref()
+            .and_then(|_| self.relay.next_retiring_deadline());
+        self.shard()
+            .devices()
             .values()
             .filter_map(|d| d.ch.next_deadline())
             .chain(retiring)
@@ -574,9 +707,10 @@ impl SwitchThread {
             })
     }
 
-    fn accept(&mut self, id: u32) {
+    fn accept(&mut self, devices: &mut HashMap<u32, Device>, id: u32) {
+        let relay = self.relay.clone();
         loop {
-            let Some(dev) = self.devices.get(&id) else {
+            let Some(dev) = devices.get(&id) else {
                 return;
             };
             let ch = dev.ch.clone();
@@ -624,10 +758,10 @@ impl SwitchThread {
             // The current client may have gone already with its EOF not yet read (a
             // quick reconnect): take what it sent first.
             let has_client = dev.client.is_some();
-            if has_client && !self.read_client(id) {
-                self.drop_client(id, "gone before the next client came");
+            if has_client && !read_client(&relay, devices, id) {
+                self.drop_client(devices, id, "gone before the next client came");
             }
-            let Some(dev) = self.devices.get_mut(&id) else {
+            let Some(dev) = devices.get_mut(&id) else {
                 return;
             };
             if dev.client.is_some() {
@@ -642,7 +776,7 @@ impl SwitchThread {
             }
             let setup = || -> std::io::Result<Arc<UnixStream>> {
                 sock.set_nonblocking(true)?;
-                self.relay.poll.ctl(
+                relay.shards[self.index].poll.ctl(
                     ControlOperation::Add,
                     sock.as_raw_fd(),
                     EpollEvent::new(EventSet::IN, token(KIND_CLIENT, u64::from(id))),
@@ -654,100 +788,20 @@ impl SwitchThread {
                     dev.client = Some(ClientReader {
                         sock: sock.clone(),
                         reader: MessageReader::new(Limits {
-                            max_msg_size: self.relay.limits.max_data_xfer_size as usize + 4096,
-                            max_msg_fds: self.relay.limits.max_msg_fds as usize,
+                            max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
+                            max_msg_fds: relay.limits.max_msg_fds as usize,
                         }),
                     });
-                    ch.on_client_connected(&self.relay, sock);
+                    ch.on_client_connected(&relay, sock);
                 }
                 Err(e) => warn!("{}: cannot set up client: {e}", ch.name),
             }
         }
     }
 
-    /// Reads and forwards up to [`BATCH`] messages of the client of device `id`.
-    /// Returns false when the client must go.
-    fn read_client(&mut self, id: u32) -> bool {
-        let relay = &*self.relay;
-        let Some(Device {
-            ch,
-            client: Some(c),
-            ..
-        }) = self.devices.get_mut(&id)
-        else {
-            return true;
-        };
-        for _ in 0..BATCH {
-            if !c.reader.is_mid_message() {
-                // Back-pressure: while the device VM has not taken this channel's
-                // messages, or too many requests are in flight, the rest stays in the
-                // client's socket.
-                let mut st = ch.lock();
-                if let Some(client) = st.client.as_mut() {
-                    if !client.may_read() || !relay.link.has_room(ch.id) {
-                        client.paused = true;
-                        relay.update_interest(ch, client);
-                        return true;
-                    }
-                }
-            }
-            match c.reader.read(&c.sock) {
-                Ok(Some(Frame::Message(msg))) => {
-                    let outcome = ch.on_client_message(relay, msg);
-                    if outcome == SendOutcome::Broken {
-                        return false;
-                    }
-                    relay.after_send(ch, outcome);
-                }
-                Ok(Some(Frame::Rejected(r))) => {
-                    debug!("{}: rejected message: {}", ch.name, r.error);
-                    if !r.header.no_reply {
-                        let mut st = ch.lock();
-                        let outcome = match st.client.as_mut() {
-                            Some(client) => {
-                                client.send(encode_error_reply(&r.header, r.error.errno()), vec![])
-                            }
-                            None => SendOutcome::Broken,
-                        };
-                        drop(st);
-                        if outcome == SendOutcome::Broken {
-                            return false;
-                        }
-                        relay.after_send(ch, outcome);
-                    }
-                }
-                Ok(None) => return true,
-                Err(TransportError::Closed) => return false,
-                Err(e) => {
-                    warn!("{}: dropping client: {e}", ch.name);
-                    return false;
-                }
-            }
-        }
-        true
-    }
-
-    fn flush_client(&self, id: u32) {
-        let Some(dev) = self.devices.get(&id) else {
-            return;
-        };
-        let ch = &dev.ch;
-        let mut st = ch.lock();
-        let Some(client) = st.client.as_mut() else {
-            return;
-        };
-        match client.flush() {
-            SendOutcome::Done | SendOutcome::Queued => self.relay.update_interest(ch, client),
-            SendOutcome::Broken => {
-                drop(st);
-                self.relay.after_send(ch, SendOutcome::Broken);
-            }
-        }
-    }
-
     /// Resumes reading clients paused for back-pressure whose channel has room again.
     fn resume_paused(&self) {
-        for dev in self.devices.values() {
+        for dev in self.shard().devices().values() {
             let ch = &dev.ch;
             if !self.relay.link.has_room(ch.id) {
                 continue;
@@ -760,13 +814,13 @@ impl SwitchThread {
         }
     }
 
-    fn drop_client(&mut self, id: u32, reason: &str) {
-        let Some(dev) = self.devices.get_mut(&id) else {
+    fn drop_client(&self, devices: &mut HashMap<u32, Device>, id: u32, reason: &str) {
+        let Some(dev) = devices.get_mut(&id) else {
             return;
         };
         if let Some(c) = dev.client.take() {
             debug!("{}: dropping client: {reason}", dev.ch.name);
-            let _ = self.relay.poll.ctl(
+            let _ = self.shard().poll.ctl(
                 ControlOperation::Delete,
                 c.sock.as_raw_fd(),
                 EpollEvent::default(),
@@ -776,20 +830,99 @@ impl SwitchThread {
     }
 }
 
+/// Reads and forwards up to [`BATCH`] messages of the client of device `id`.
+/// Returns false when the client must go.
+fn read_client(relay: &Relay, devices: &mut HashMap<u32, Device>, id: u32) -> bool {
+    let Some(Device {
+        ch,
+        client: Some(c),
+        ..
+    }) = devices.get_mut(&id)
+    else {
+        return true;
+    };
+    for _ in 0..BATCH {
+        if !c.reader.is_mid_message() {
+            // Back-pressure: while the device VM has not taken this channel's
+            // messages, or too many requests are in flight, the rest stays in the
+            // client's socket.
+            let mut st = ch.lock();
+            if let Some(client) = st.client.as_mut() {
+                if !client.may_read() || !relay.link.has_room(ch.id) {
+                    client.paused = true;
+                    relay.update_interest(ch, client);
+                    return true;
+                }
+            }
+        }
+        match c.reader.read(&c.sock) {
+            Ok(Some(Frame::Message(msg))) => {
+                let outcome = ch.on_client_message(relay, msg);
+                if outcome == SendOutcome::Broken {
+                    return false;
+                }
+                relay.after_send(ch, outcome);
+            }
+            Ok(Some(Frame::Rejected(r))) => {
+                debug!("{}: rejected message: {}", ch.name, r.error);
+                if !r.header.no_reply {
+                    let mut st = ch.lock();
+                    let outcome = match st.client.as_mut() {
+                        Some(client) => {
+                            client.send(encode_error_reply(&r.header, r.error.errno()), vec![])
+                        }
+                        None => SendOutcome::Broken,
+                    };
+                    drop(st);
+                    if outcome == SendOutcome::Broken {
+                        return false;
+                    }
+                    relay.after_send(ch, outcome);
+                }
+            }
+            Ok(None) => return true,
+            Err(TransportError::Closed) => return false,
+            Err(e) => {
+                warn!("{}: dropping client: {e}", ch.name);
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn flush_client(relay: &Relay, devices: &HashMap<u32, Device>, id: u32) {
+    let Some(dev) = devices.get(&id) else {
+        return;
+    };
+    let ch = &dev.ch;
+    let mut st = ch.lock();
+    let Some(client) = st.client.as_mut() else {
+        return;
+    };
+    match client.flush() {
+        SendOutcome::Done | SendOutcome::Queued => relay.update_interest(ch, client),
+        SendOutcome::Broken => {
+            drop(st);
+            relay.after_send(ch, SendOutcome::Broken);
+        }
+    }
+}
+
 /// Most messages taken from one client per wake-up, so that a client sending a flood
 /// cannot hold the others off (epoll is level-triggered: the rest comes next round).
 const BATCH: usize = 32;
 
-/// Carries out a control request. Only the switch thread adds and removes devices, so
-/// what is checked here still holds when it is done.
-fn execute(relay: &Relay, devices: &mut HashMap<u32, Device>, request: Request) -> Reply {
+/// Carries out a control request. Only switch thread 0 adds and removes devices (for
+/// every switch thread), so what is checked here still holds when it is done.
+fn execute(relay: &Relay, request: Request) -> Reply {
     let result = match request {
         Request::Add {
             name,
             socket,
             access,
-        } => add_device(relay, devices, name, socket, access),
-        Request::Remove { name } => remove_device(relay, devices, &name),
+        } => add_device(relay, name, socket, access),
+        Request::Remove { name } => remove_device(relay, &name),
         Request::List => Ok(relay.list()),
     };
     result.unwrap_or_else(|e| {
@@ -800,7 +933,6 @@ fn execute(relay: &Relay, devices: &mut HashMap<u32, Device>, request: Request) 
 
 fn add_device(
     relay: &Relay,
-    devices: &mut HashMap<u32, Device>,
     name: String,
     socket: String,
     access: AccessSpec,
@@ -835,12 +967,7 @@ fn add_device(
             return Err(e);
         }
     };
-    let watch = relay.poll.ctl(
-        ControlOperation::Add,
-        listener.as_raw_fd(),
-        EpollEvent::new(EventSet::IN, token(KIND_LISTENER, u64::from(ch.id))),
-    );
-    if let Err(e) = watch {
+    if let Err(e) = relay.shard_of(ch.id).watch_device(ch.clone(), listener) {
         relay.remove_channel(ch.id);
         unlink(&path);
         return Err(socket_error(e));
@@ -851,40 +978,26 @@ fn add_device(
         ch.id,
         ch.socket.display()
     );
-    let reply = Reply::Added {
+    Ok(Reply::Added {
         name: ch.name.clone(),
         socket,
         channel: ch.id,
-    };
-    devices.insert(
-        ch.id,
-        Device {
-            ch,
-            listener,
-            client: None,
-        },
-    );
-    Ok(reply)
+    })
 }
 
-fn remove_device(
-    relay: &Relay,
-    devices: &mut HashMap<u32, Device>,
-    name: &str,
-) -> std::result::Result<Reply, CommandError> {
-    let id = devices
-        .values()
-        .find(|d| d.ch.name == name)
-        .map(|d| d.ch.id)
-        .ok_or_else(|| CommandError::UnknownDevice {
-            name: name.to_string(),
-        })?;
-    let Some(dev) = devices.remove(&id) else {
-        return Err(CommandError::UnknownDevice {
-            name: name.to_string(),
-        });
+fn remove_device(relay: &Relay, name: &str) -> std::result::Result<Reply, CommandError> {
+    let unknown = || CommandError::UnknownDevice {
+        name: name.to_string(),
     };
-    let _ = relay.poll.ctl(
+    let id = relay
+        .channels()
+        .iter()
+        .find(|ch| ch.name == name)
+        .map(|ch| ch.id)
+        .ok_or_else(unknown)?;
+    let shard = relay.shard_of(id);
+    let dev = shard.devices().remove(&id).ok_or_else(unknown)?;
+    let _ = shard.poll.ctl(
         ControlOperation::Delete,
         dev.listener.as_raw_fd(),
         EpollEvent::default(),
@@ -892,7 +1005,7 @@ fn remove_device(
     drop(dev.listener);
     let _ = std::fs::remove_file(&dev.ch.socket);
     if let Some(c) = dev.client {
-        let _ = relay.poll.ctl(
+        let _ = shard.poll.ctl(
             ControlOperation::Delete,
             c.sock.as_raw_fd(),
             EpollEvent::default(),

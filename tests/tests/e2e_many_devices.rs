@@ -115,30 +115,19 @@ fn threads_named(pid: u32, name: &str) -> Vec<(u32, u64)> {
     found
 }
 
-/// Proves that each queue pair has a worker thread of its own in the relay, and that
-/// the work spreads over them: with 4 pairs offered and used, the relay runs 4 tunnel
-/// queue workers (`vring_worker`), 8 gpio devices (channels on every pair) serve
-/// checked traffic with no cross-talk, and every worker woke many times for it (its
-/// pair's notifications), not one of them for all.
+/// Proves that each queue pair has a worker thread and a switch thread of its own in
+/// the relay, and that the work spreads over them: with 4 pairs offered and used, the
+/// relay runs 4 tunnel queue workers (`vring_worker`) and 4 switch threads
+/// (`vfu-switch-0` to `-3`, each owning the client sockets of the channels whose id
+/// mod 4 is its number), 8 gpio devices (channels on every pair and thread) serve
+/// checked traffic with no cross-talk, and every worker and every switch thread woke
+/// many times for it (its pair's notifications, its clients' requests), not one of
+/// them for all.
 #[test]
 fn each_queue_pair_has_its_own_worker_thread() {
     const PAIRS: usize = 4;
     let scratch = Scratch::new("pairs");
-    let frontend = scratch.join("frontend.sock");
-    let pairs = PAIRS.to_string();
-    let (names, sockets, relay) = gpio_relay(&scratch, 2 * PAIRS, &["--queue-pairs", &pairs]);
-    let mut args = vec![
-        "--loopback".to_string(),
-        frontend.display().to_string(),
-        "--queue-pairs".into(),
-        pairs.clone(),
-    ];
-    for n in &names {
-        args.extend(["--serve".into(), format!("{n}=gpio")]);
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let _guest = vfu_tests::Proc::spawn("vfu-guest", &vfu_tests::binary("vfu-guest"), &args);
-
+    let (sockets, relay, _guest) = many_pairs(&scratch, PAIRS, &[]);
     checked_gpio_clients(&sockets, 200);
     let workers = threads_named(relay.pid(), "vring_worker");
     assert_eq!(
@@ -152,6 +141,62 @@ fn each_queue_pair_has_its_own_worker_thread() {
             "worker {tid} woke {switches} times: every pair's worker serves its pair ({workers:?})"
         );
     }
+    for k in 0..PAIRS {
+        let name = format!("vfu-switch-{k}");
+        let threads = threads_named(relay.pid(), &name);
+        assert_eq!(threads.len(), 1, "one {name}: {threads:?}");
+        let (tid, switches) = threads[0];
+        assert!(
+            switches >= 50,
+            "{name} ({tid}) woke {switches} times: every switch thread serves its clients"
+        );
+    }
+}
+
+/// Proves that in poll mode every queue pair is polled: each of 4 switch threads
+/// turns off the notifications of its own pair's queue and polls it, and checked
+/// traffic on 8 devices (channels on every pair) still flows with no cross-talk. A
+/// pair whose notifications were turned off by one thread and polled by none would
+/// stall its devices.
+#[test]
+fn poll_mode_polls_every_queue_pair() {
+    const PAIRS: usize = 4;
+    let scratch = Scratch::new("pairs-poll");
+    let poll = ["--poll-us", "100000"];
+    let (sockets, relay, _guest) = many_pairs(&scratch, PAIRS, &poll);
+    checked_gpio_clients(&sockets, 200);
+    for k in 0..PAIRS {
+        let name = format!("vfu-switch-{k}");
+        assert_eq!(threads_named(relay.pid(), &name).len(), 1, "one {name}");
+    }
+}
+
+/// A relay offering `pairs` queue pairs with `2 * pairs` gpio devices, and a loopback
+/// device VM that uses every pair and serves them all; both with `extra` options.
+fn many_pairs(
+    scratch: &Scratch,
+    pairs: usize,
+    extra: &[&str],
+) -> (Vec<std::path::PathBuf>, vfu_tests::Proc, vfu_tests::Proc) {
+    let frontend = scratch.join("frontend.sock");
+    let pairs = pairs.to_string();
+    let mut relay_args = vec!["--queue-pairs", &pairs];
+    relay_args.extend(extra);
+    let n = 2 * pairs.parse::<usize>().unwrap();
+    let (names, sockets, relay) = gpio_relay(scratch, n, &relay_args);
+    let mut args = vec![
+        "--loopback".to_string(),
+        frontend.display().to_string(),
+        "--queue-pairs".into(),
+        pairs.clone(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    for n in &names {
+        args.extend(["--serve".into(), format!("{n}=gpio")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let guest = vfu_tests::Proc::spawn("vfu-guest", &vfu_tests::binary("vfu-guest"), &args);
+    (sockets, relay, guest)
 }
 
 /// Proves that a stuck device does not stall the others. Device `stuck` (dma-engine)

@@ -14,8 +14,8 @@ use serde_json::Value;
 use vfu_proto::client::Client;
 use vfu_proto::vfio_user::Capabilities;
 use vfu_tests::{
-    binary, control_socket, relay_ctl, start_loopback_guest, start_relay, try_connect_ready,
-    wait_for_socket, CtlOutput, Proc, Scratch,
+    binary, control_socket, relay_ctl, start_loopback_guest, start_relay, start_relay_with,
+    try_connect_ready, try_start_loopback_guest_with, wait_for_socket, CtlOutput, Proc, Scratch,
 };
 
 const BAR2: u32 = 2;
@@ -189,7 +189,20 @@ fn wait_list(control: &Path, what: &str, ok: impl Fn(bool, &[Listed]) -> bool) {
 ///   makes progress between every two steps.
 #[test]
 fn add_and_remove_devices_while_another_streams() {
-    let scratch = Scratch::new("runtime-devices");
+    add_and_remove_while_another_streams(1);
+}
+
+/// Proves the same with two queue pairs, so two switch threads: `a` (channel 1) is
+/// thread 1's, the first `b` (channel 2) thread 0's, the second (channel 3) thread
+/// 1's again. Thread 0 serves the control socket and adds and removes the devices of
+/// both threads while thread 1 serves `a`'s client.
+#[test]
+fn add_and_remove_devices_of_another_switch_thread() {
+    add_and_remove_while_another_streams(2);
+}
+
+fn add_and_remove_while_another_streams(pairs: u16) {
+    let scratch = Scratch::new(&format!("runtime-devices-{pairs}"));
     let frontend = scratch.join("frontend.sock");
     let control = control_socket(&frontend);
     let (a, b, d) = (
@@ -197,14 +210,16 @@ fn add_and_remove_devices_while_another_streams() {
         scratch.join("b.sock"),
         scratch.join("d.sock"),
     );
-    let _relay = start_relay(&frontend, &[("a", &a)]);
+    let pairs = pairs.to_string();
+    let _relay = start_relay_with(None, &frontend, &[("a", &a)], &["--queue-pairs", &pairs]);
     assert!(wait_for_socket(&a, TIMEOUT));
     assert!(wait_for_socket(&control, TIMEOUT));
     let mode = std::os::unix::fs::PermissionsExt::mode(
         &std::fs::metadata(&control).unwrap().permissions(),
     );
     assert_eq!(mode & 0o777, 0o600, "the control socket is private");
-    let _guest = start_loopback_guest(&frontend, &SERVE);
+    let _guest = try_start_loopback_guest_with(None, &frontend, &SERVE, &["--queue-pairs", &pairs])
+        .unwrap_or_else(|e| panic!("{e}"));
     let streamer = Streamer::start(&a);
     streamer.wait_progress(50);
 

@@ -549,7 +549,7 @@ mod tests {
     /// later would put a head the new instance never posted in its used ring.
     #[test]
     fn a_driver_restart_drops_parked_requests() {
-        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let link = Link::new(1, RelayLimits::DEFAULT, Vec::new());
         let mem = memory();
         let req = read_request(16);
         let parked = chain(
@@ -573,7 +573,7 @@ mod tests {
     /// data) and that data that does not fit becomes E2BIG instead of an overrun.
     #[test]
     fn answers_land_in_the_chain() {
-        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let link = Link::new(1, RelayLimits::DEFAULT, Vec::new());
         let mem = memory();
         let req = read_request(4);
         let answer = |data: Vec<u8>| {

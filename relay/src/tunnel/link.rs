@@ -281,12 +281,14 @@ pub struct Link {
     /// Bumped on every reset: a late call from a previous connection's worker thread
     /// cannot attach that connection's vrings.
     generation: AtomicU64,
-    /// Some channel went back under its budget: paused clients may be read again.
-    room_made: AtomicBool,
-    wake: Option<EventFd>,
-    /// A poller (the switch thread in poll mode) drains the `g2h` queues: they stay
-    /// without notifications until it stops ([`Link::set_polling`]).
-    polling: AtomicBool,
+    /// Per switch thread: some channel went back under its budget, so its paused
+    /// clients may be read again.
+    room_made: Vec<AtomicBool>,
+    /// Per switch thread: woken when a channel gets room again.
+    wakes: Vec<EventFd>,
+    /// Per pair: a poller (a switch thread in poll mode) drains its `g2h` queue, which
+    /// stays without notifications until it stops ([`Link::set_polling`]).
+    polling: Vec<AtomicBool>,
     /// Per `g2h` queue: held while its messages are taken and dispatched, so that the
     /// poller and a queue worker woken by a late notification keep their order.
     draining: Vec<Mutex<()>>,
@@ -306,15 +308,16 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// A link with no device VM; `wake` is signalled when a channel gets room again.
-    pub fn new(offered_pairs: u16, limits: RelayLimits, wake: Option<EventFd>) -> Self {
+    /// A link with no device VM. When a channel gets room again, every one of
+    /// `wakes` is signalled and its flag set ([`Link::take_room_made`] with its index).
+    pub fn new(offered_pairs: u16, limits: RelayLimits, wakes: Vec<EventFd>) -> Self {
         Self {
             inner: Mutex::new(Inner::default()),
             tag: AtomicU32::new(1),
             generation: AtomicU64::new(1),
-            room_made: AtomicBool::new(false),
-            wake,
-            polling: AtomicBool::new(false),
+            room_made: wakes.iter().map(|_| AtomicBool::new(false)).collect(),
+            wakes,
+            polling: (0..offered_pairs).map(|_| AtomicBool::new(false)).collect(),
             draining: (0..offered_pairs).map(|_| Mutex::new(())).collect(),
             offered_pairs,
             // The largest data transfer, its vfio-user headers and the tunnel header.
@@ -362,9 +365,12 @@ impl Link {
         self.lock().backlog.remove(&id);
     }
 
-    /// Takes the "some channel got room again" flag.
-    pub fn take_room_made(&self) -> bool {
-        self.room_made.swap(false, Ordering::AcqRel)
+    /// Takes the "some channel got room again" flag of waker `waker` (an index into
+    /// the `wakes` given to [`Link::new`]).
+    pub fn take_room_made(&self, waker: usize) -> bool {
+        self.room_made
+            .get(waker)
+            .is_some_and(|f| f.swap(false, Ordering::AcqRel))
     }
 
     /// The guest memory table of connection `generation` changed (vhost-user
@@ -471,9 +477,9 @@ impl Link {
     }
 
     fn note_room(&self) {
-        self.room_made.store(true, Ordering::Release);
-        if let Some(w) = &self.wake {
-            let _ = w.write(1);
+        for (flag, wake) in self.room_made.iter().zip(&self.wakes) {
+            flag.store(true, Ordering::Release);
+            let _ = wake.write(1);
         }
     }
 
@@ -696,7 +702,7 @@ impl Link {
                     out.push(msg);
                 }
             }
-            if self.polling.load(Ordering::Acquire) {
+            if self.is_polled(pair) {
                 // Notifications stay off: the poller looks at this queue again soon.
                 break;
             }
@@ -716,31 +722,42 @@ impl Link {
             .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Starts or stops polling. Started: the driver's `g2h` notifications (kicks) are
-    /// left off after each drain, at most one more comes. Stopped: they are asked for
-    /// again on every `g2h` queue; returns whether a queue has buffers waiting already
-    /// (the caller must drain it before it sleeps, as no notification will come for
-    /// those).
-    pub fn set_polling(&self, on: bool) -> bool {
-        self.polling.store(on, Ordering::Release);
+    /// Whether a poller drains `g2h` queue `pair`.
+    fn is_polled(&self, pair: usize) -> bool {
+        self.polling
+            .get(pair)
+            .is_some_and(|p| p.load(Ordering::Acquire))
+    }
+
+    /// Starts or stops polling queue pair `pair`. Started: the driver's `g2h`
+    /// notifications (kicks) are left off after each drain, at most one more comes.
+    /// Stopped: they are asked for again; returns whether the queue has buffers
+    /// waiting already (the caller must drain it before it sleeps, as no notification
+    /// will come for those).
+    pub fn set_polling(&self, pair: usize, on: bool) -> bool {
+        let Some(flag) = self.polling.get(pair) else {
+            return false;
+        };
+        flag.store(on, Ordering::Release);
         let inner = self.lock();
-        let mut waiting = false;
         let Some(mem) = inner.mem.as_ref().filter(|_| !inner.broken) else {
             return false;
         };
+        // (A queue the VMM did not set up has no rings to write the flag in.)
+        let Some(vring) = inner
+            .vrings
+            .get(g2h_queue(pair as u16) as usize)
+            .filter(|v| is_ready(v))
+        else {
+            return false;
+        };
         let guard = mem.memory();
-        for pair in 0..inner.tx.len() {
-            // (A queue the VMM did not set up has no rings to write the flag in.)
-            let vring = inner.vrings.get(g2h_queue(pair as u16) as usize);
-            if let Some(vring) = vring.filter(|v| is_ready(v)) {
-                if on {
-                    disable_notification(vring, &guard);
-                } else {
-                    waiting |= enable_notification(vring, &guard).unwrap_or(false);
-                }
-            }
+        if on {
+            disable_notification(vring, &guard);
+            false
+        } else {
+            enable_notification(vring, &guard).unwrap_or(false)
         }
-        waiting
     }
 
     /// One look at queue pair `pair` for the poller: writes what waits for `h2g`
@@ -1173,7 +1190,7 @@ mod tests {
     fn link_over_rings_in(
         mem_size: usize,
     ) -> (Link, GuestMemoryAtomic<GuestMemoryMmap>, Arc<AtomicBool>) {
-        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let link = Link::new(1, RelayLimits::DEFAULT, Vec::new());
         let mem = GuestMemoryAtomic::new(
             GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap(),
         );
@@ -1275,7 +1292,7 @@ mod tests {
                 v
             })
             .collect();
-        let link = Link::new(1, RelayLimits::DEFAULT, None);
+        let link = Link::new(1, RelayLimits::DEFAULT, Vec::new());
         let dropped = connect(&link, &mem, &vrings, 1 << 20);
         (link, mem, vrings, dropped)
     }
@@ -1346,13 +1363,13 @@ mod tests {
         let link = Arc::new(link);
         let l = link.clone();
         assert!(returns(move || {
-            let _ = l.set_polling(true);
+            let _ = l.set_polling(0, true);
             let (got, more) = l.receive(0);
             assert!(got.is_empty() && !more);
             assert!(!l.poll(0));
             assert_eq!(l.send(&TunnelMessage::new(1, Body::SessionStart)), Ok(()));
             l.flush(0);
-            let _ = l.set_polling(false);
+            let _ = l.set_polling(0, false);
         }));
         assert_eq!(before, snapshot(), "guest memory untouched");
         assert!(!dropped.load(Ordering::Acquire), "not a broken ring");
@@ -1483,7 +1500,7 @@ mod tests {
         link.refuse_memory(link.generation());
         post(&given, 0, 1, 0x8000, 4096, true);
         assert_eq!(link.send(&msg), Err(LinkError::NotUp));
-        assert!(!link.poll(0) && !link.set_polling(false));
+        assert!(!link.poll(0) && !link.set_polling(0, false));
         assert_eq!(used_idx(&given, 0), 1, "nothing more is written");
         assert!(
             !dropped.load(Ordering::Acquire),

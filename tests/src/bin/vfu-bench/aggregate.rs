@@ -167,13 +167,23 @@ pub fn measure(
 }
 
 /// The table of `rows`, each against the 1-device row of its mode.
-pub fn table(rows: &[Row], depth: usize, duration: Duration) -> Table {
+pub fn table(rows: &[Row], depth: usize, duration: Duration, pairs: u16) -> Table {
     let (c, s) = if online_cpus() > 1 { (0, 1) } else { (0, 0) };
+    let pairs = if pairs == 1 {
+        "one queue pair (one relay switch thread, one tunnel worker, one vfu-guest engine \
+         thread)"
+            .to_string()
+    } else {
+        format!(
+            "{pairs} queue pairs (`--queue-pairs {pairs}`: per pair a relay switch thread, a \
+             tunnel worker and a vfu-guest engine thread; device N on pair N mod {pairs})"
+        )
+    };
     let mut t = Table::new(
         "Aggregate REGION_READ ops/s with 1, 8 and 64 devices",
         &format!(
             "One relay exporting N gpio devices, one loopback device VM serving them all \
-             (both on CPU {s}), one client connection per device, driven by at most {THREADS} \
+             (both on CPU {s}), over {pairs}, one client connection per device, driven by at most {THREADS} \
              client threads on CPU {c}. The load is the same in every row: {depth} one-byte \
              REGION_READs in flight in all (pipelined: {depth} on the one device, {depth}/N on \
              each of N), replies taken in order, for {:.1} s after a warm-up. Baseline: the \

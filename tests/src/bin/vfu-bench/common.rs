@@ -47,6 +47,22 @@ impl Mode {
         }
     }
 
+    /// This mode with `pairs` queue pairs offered by the relay and used by the device
+    /// VM (`--queue-pairs`; 1 is both daemons' default and adds nothing).
+    pub fn with_queue_pairs(&self, pairs: u16) -> Self {
+        let mut m = Self {
+            name: self.name,
+            relay: self.relay.clone(),
+            guest: self.guest.clone(),
+        };
+        if pairs != 1 {
+            for args in [&mut m.relay, &mut m.guest] {
+                args.extend(["--queue-pairs".to_string(), pairs.to_string()]);
+            }
+        }
+        m
+    }
+
     /// Poll mode: relay and device VM keep polling for `us` microseconds after the last
     /// message (`--poll-us`).
     pub fn poll(us: u64) -> Self {

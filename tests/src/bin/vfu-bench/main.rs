@@ -16,7 +16,7 @@
 //! QEMU TCG, unpinned).
 //!
 //! ```text
-//! target/release/vfu-bench report [--out DIR] [--quick] [--poll-us N]
+//! target/release/vfu-bench report [--out DIR] [--quick] [--poll-us N] [--queue-pairs N]
 //!                                 [--rounds N] [--writes N] [--multi-writes N]
 //! target/release/vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]
 //! ```
@@ -132,7 +132,7 @@ fn in_device_vm(
     measure(&mut c, rounds, writes).map_err(|e| format!("{e}; console:\n{}", vm.console()))
 }
 
-const USAGE: &str = "usage: vfu-bench report [--out DIR] [--quick] [--poll-us N] [--rounds N] [--writes N] [--multi-writes N]
+const USAGE: &str = "usage: vfu-bench report [--out DIR] [--quick] [--poll-us N] [--rounds N] [--writes N] [--multi-writes N] [--queue-pairs N]
        vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]";
 
 fn main() -> ExitCode {
@@ -166,6 +166,7 @@ fn main() -> ExitCode {
             ("--writes", Some(n)) if n > 1 => report.writes = Some(n),
             ("--multi-writes", Some(n)) if n > 1 => report.multi_writes = Some(n),
             ("--poll-us", Some(n)) => report.poll_us = n as u64,
+            ("--queue-pairs", Some(n)) if (1..=32).contains(&n) => report.queue_pairs = n as u16,
             ("--out", _) if value.is_some() => {
                 report.out = PathBuf::from(value.map_or("", String::as_str));
             }

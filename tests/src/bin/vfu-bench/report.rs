@@ -25,6 +25,9 @@ pub struct Options {
     pub writes: Option<usize>,
     /// Posted writes in REGION_WRITE_MULTI per path (default 1 000 000, quick 200 000).
     pub multi_writes: Option<usize>,
+    /// Queue pairs of the aggregate part's relay and device VM (each pair has its own
+    /// relay switch thread and tunnel worker, and its own vfu-guest engine thread).
+    pub queue_pairs: u16,
 }
 
 impl Default for Options {
@@ -36,6 +39,7 @@ impl Default for Options {
             rounds: None,
             writes: None,
             multi_writes: None,
+            queue_pairs: 1,
         }
     }
 }
@@ -335,15 +339,19 @@ pub fn run(o: &Options) -> Result<(), String> {
     // 3. Many devices.
     let mut agg = Vec::new();
     for mode in &modes {
+        let mode = mode.with_queue_pairs(o.queue_pairs);
         for n in DEVICE_COUNTS {
             eprintln!("vfu-bench: aggregate: {n} devices, {} mode", mode.name);
-            match aggregate::measure(mode, n, DEPTH, agg_warmup, agg_time) {
+            match aggregate::measure(&mode, n, DEPTH, agg_warmup, agg_time) {
                 Ok(r) => agg.push(r),
                 Err(e) => failed.push(format!("aggregate: {e}")),
             }
         }
     }
-    emit(&mut doc, &aggregate::table(&agg, DEPTH, agg_time));
+    emit(
+        &mut doc,
+        &aggregate::table(&agg, DEPTH, agg_time, o.queue_pairs),
+    );
 
     // 4. Idle CPU.
     let mut idle_rows = Vec::new();
