@@ -870,8 +870,7 @@ impl Channel {
         };
         let pending = client.remove_pending(pos).expect("position is valid");
         if client.paused && client.may_resume() && relay.link.has_room(self.id) {
-            client.paused = false;
-            relay.update_interest(self, client);
+            relay.resume_reading(self, client);
         }
         let mut result = match h.error {
             Some(errno) => Err(errno),
@@ -979,8 +978,7 @@ impl Channel {
             }
         }
         if client.paused && client.may_resume() && relay.link.has_room(self.id) {
-            client.paused = false;
-            relay.update_interest(self, client);
+            relay.resume_reading(self, client);
         }
     }
 

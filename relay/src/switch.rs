@@ -280,6 +280,17 @@ impl Relay {
         }
     }
 
+    /// Reads channel `channel`'s client again after a pause for back-pressure: its
+    /// switch thread waits for its input and reads what its reader holds already.
+    /// Called with the channel locked, like [`Relay::update_interest`].
+    pub fn resume_reading(&self, channel: &Channel, client: &mut Client) {
+        client.paused = false;
+        self.update_interest(channel, client);
+        let shard = self.shard_of(channel.id);
+        shard.ready().push(channel.id);
+        let _ = shard.wake.write(1);
+    }
+
     /// The DMA windows.
     pub fn windows(&self) -> std::sync::MutexGuard<'_, Windows> {
         self.windows.lock().unwrap_or_else(|p| p.into_inner())
@@ -319,6 +330,10 @@ struct Shard {
     poll: Epoll,
     wake: EventFd,
     devices: Mutex<HashMap<u32, Device>>,
+    /// Channels whose client must be read without waiting for its socket: messages
+    /// wait in its reader's buffer (which does not make the socket readable), after a
+    /// full batch or a pause for back-pressure.
+    ready: Mutex<Vec<u32>>,
 }
 
 impl Shard {
@@ -327,7 +342,12 @@ impl Shard {
             poll: Epoll::new()?,
             wake: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             devices: Mutex::new(HashMap::new()),
+            ready: Mutex::new(Vec::new()),
         })
+    }
+
+    fn ready(&self) -> MutexGuard<'_, Vec<u32>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn devices(&self) -> MutexGuard<'_, HashMap<u32, Device>> {
@@ -562,7 +582,11 @@ impl SwitchThread {
                         poll.worked();
                         continue;
                     }
-                    self.next_timeout()
+                    if self.shard().ready().is_empty() {
+                        self.next_timeout()
+                    } else {
+                        0
+                    }
                 }
             };
             let n = match self.shard().poll.wait(timeout, &mut events) {
@@ -577,6 +601,7 @@ impl SwitchThread {
                 self.handle(ev);
             }
             let mut worked = n > 0;
+            worked |= self.read_ready();
             if polling {
                 // The driver's messages, and the buffers it posted for ours.
                 let set_up = relay.link.pairs();
@@ -637,10 +662,8 @@ impl SwitchThread {
                 if set.contains(EventSet::OUT) {
                     flush_client(&relay, &devices, id);
                 }
-                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR)
-                    && !read_client(&relay, &mut devices, id)
-                {
-                    self.drop_client(&mut devices, id, "closed or failed");
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
+                    self.read(&mut devices, id);
                 }
             }
             kind => {
@@ -662,6 +685,31 @@ impl SwitchThread {
                 }
             }
         }
+    }
+
+    /// Reads the client of device `id` and deals with the outcome.
+    fn read(&self, devices: &mut HashMap<u32, Device>, id: u32) {
+        match read_client(&self.relay, devices, id) {
+            ReadOutcome::Idle => {}
+            ReadOutcome::Buffered => self.shard().ready().push(id),
+            ReadOutcome::Gone => self.drop_client(devices, id, "closed or failed"),
+        }
+    }
+
+    /// Reads the clients with messages in their reader's buffer. Returns whether there
+    /// were any.
+    fn read_ready(&self) -> bool {
+        let mut ids = std::mem::take(&mut *self.shard().ready());
+        if ids.is_empty() {
+            return false;
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let mut devices = self.shard().devices();
+        for id in ids {
+            self.read(&mut devices, id);
+        }
+        true
     }
 
     /// Answers the requests of this thread's devices that outlived the timeout, drops
@@ -758,8 +806,14 @@ impl SwitchThread {
             // The current client may have gone already with its EOF not yet read (a
             // quick reconnect): take what it sent first.
             let has_client = dev.client.is_some();
-            if has_client && !read_client(&relay, devices, id) {
-                self.drop_client(devices, id, "gone before the next client came");
+            if has_client {
+                match read_client(&relay, devices, id) {
+                    ReadOutcome::Idle => {}
+                    ReadOutcome::Buffered => self.shard().ready().push(id),
+                    ReadOutcome::Gone => {
+                        self.drop_client(devices, id, "gone before the next client came")
+                    }
+                }
             }
             let Some(dev) = devices.get_mut(&id) else {
                 return;
@@ -787,10 +841,13 @@ impl SwitchThread {
                 Ok(sock) => {
                     dev.client = Some(ClientReader {
                         sock: sock.clone(),
-                        reader: MessageReader::new(Limits {
-                            max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
-                            max_msg_fds: relay.limits.max_msg_fds as usize,
-                        }),
+                        reader: MessageReader::buffered(
+                            Limits {
+                                max_msg_size: relay.limits.max_data_xfer_size as usize + 4096,
+                                max_msg_fds: relay.limits.max_msg_fds as usize,
+                            },
+                            vfu_proto::vfio_user::request_may_carry_fds,
+                        ),
                     });
                     ch.on_client_connected(&relay, sock);
                 }
@@ -808,8 +865,7 @@ impl SwitchThread {
             }
             let mut st = ch.lock();
             if let Some(client) = st.client.as_mut().filter(|c| c.paused && c.may_read()) {
-                client.paused = false;
-                self.relay.update_interest(ch, client);
+                self.relay.resume_reading(ch, client);
             }
         }
     }
@@ -830,28 +886,41 @@ impl SwitchThread {
     }
 }
 
+/// What reading a client came to.
+enum ReadOutcome {
+    /// Nothing more to read until its socket is readable (or it is resumed).
+    Idle,
+    /// A batch was read and more messages wait in its reader's buffer.
+    Buffered,
+    /// The client must go.
+    Gone,
+}
+
 /// Reads and forwards up to [`BATCH`] messages of the client of device `id`.
-/// Returns false when the client must go.
-fn read_client(relay: &Relay, devices: &mut HashMap<u32, Device>, id: u32) -> bool {
+fn read_client(relay: &Relay, devices: &mut HashMap<u32, Device>, id: u32) -> ReadOutcome {
     let Some(Device {
         ch,
         client: Some(c),
         ..
     }) = devices.get_mut(&id)
     else {
-        return true;
+        return ReadOutcome::Idle;
     };
-    for _ in 0..BATCH {
+    for i in 0..BATCH {
+        if i > 0 && c.reader.drained() {
+            // The last read emptied the socket: epoll says when more comes.
+            return ReadOutcome::Idle;
+        }
         if !c.reader.is_mid_message() {
             // Back-pressure: while the device VM has not taken this channel's
             // messages, or too many requests are in flight, the rest stays in the
-            // client's socket.
+            // client's socket (and the reader's buffer); resuming reads it.
             let mut st = ch.lock();
             if let Some(client) = st.client.as_mut() {
                 if !client.may_read() || !relay.link.has_room(ch.id) {
                     client.paused = true;
                     relay.update_interest(ch, client);
-                    return true;
+                    return ReadOutcome::Idle;
                 }
             }
         }
@@ -859,7 +928,7 @@ fn read_client(relay: &Relay, devices: &mut HashMap<u32, Device>, id: u32) -> bo
             Ok(Some(Frame::Message(msg))) => {
                 let outcome = ch.on_client_message(relay, msg);
                 if outcome == SendOutcome::Broken {
-                    return false;
+                    return ReadOutcome::Gone;
                 }
                 relay.after_send(ch, outcome);
             }
@@ -875,20 +944,24 @@ fn read_client(relay: &Relay, devices: &mut HashMap<u32, Device>, id: u32) -> bo
                     };
                     drop(st);
                     if outcome == SendOutcome::Broken {
-                        return false;
+                        return ReadOutcome::Gone;
                     }
                     relay.after_send(ch, outcome);
                 }
             }
-            Ok(None) => return true,
-            Err(TransportError::Closed) => return false,
+            Ok(None) => return ReadOutcome::Idle,
+            Err(TransportError::Closed) => return ReadOutcome::Gone,
             Err(e) => {
                 warn!("{}: dropping client: {e}", ch.name);
-                return false;
+                return ReadOutcome::Gone;
             }
         }
     }
-    true
+    if c.reader.has_buffered_message() {
+        ReadOutcome::Buffered
+    } else {
+        ReadOutcome::Idle
+    }
 }
 
 fn flush_client(relay: &Relay, devices: &HashMap<u32, Device>, id: u32) {

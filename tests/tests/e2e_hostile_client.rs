@@ -2365,6 +2365,34 @@ fn map_unmap_cycles(conn: &mut Conn, n: u32) {
     writer.join().unwrap();
 }
 
+/// Proves that requests the relay has read ahead into its buffer are not forgotten
+/// when it stops reading a client at the in-flight limit (1024) and the socket is
+/// empty by then. With the device VM stopped (SIGSTOP), a client sends a one-byte
+/// config write and 1100 config reads in one write: the relay reads until 1024 are in
+/// flight, the last 77 already in its reader's buffer (which does not make the socket
+/// readable). The device VM goes on: every one of the 1101 requests is answered, in
+/// order, with nothing more sent by the client.
+#[test]
+fn requests_read_ahead_beyond_the_in_flight_limit_are_answered() {
+    let res = Resources::start("read-ahead");
+    let mut conn = res.versioned();
+    let guest = res._guest.pid() as libc::pid_t;
+    // SAFETY: kill(2) on the device VM process this test started.
+    assert_eq!(unsafe { libc::kill(guest, libc::SIGSTOP) }, 0);
+    let mut bytes = region_write_raw(id(0), pci_region::CONFIG, 0x3c, 1, &[0x0b]);
+    for i in 1..=1100 {
+        bytes.extend(region_read(id(i), pci_region::CONFIG, 0, 4));
+    }
+    conn.send(&bytes, &[]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(guest, libc::SIGCONT) }, 0);
+    for i in 0..=1100 {
+        conn.reply(id(i), 0)
+            .unwrap_or_else(|e| panic!("request {i} of 1101: {e}"));
+    }
+}
+
 /// 100k DMA map/unmap cycles (each with an fd; 10k of them with windows and the
 /// relay's own mapping), after 20k of warm-up, leave the relay with the fds it had and
 /// its resident memory within the tolerances.

@@ -13,7 +13,7 @@ pub mod fds;
 mod reader;
 mod writer;
 
-pub use reader::{Frame, MessageReader, RawMessage, Rejected};
+pub use reader::{Frame, MessageReader, RawMessage, Rejected, READ_BUFFER};
 pub use writer::MessageWriter;
 
 use std::io;

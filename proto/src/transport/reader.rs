@@ -65,6 +65,29 @@ enum State {
 
 /// Reads framed messages from a UNIX stream socket. Keep one per connection: it holds
 /// the part of a message read so far.
+///
+/// Two ways of reading: [`MessageReader::new`] reads exactly one message's bytes at a
+/// time (a `recvmsg` for the header, one for the payload), so nothing past the message
+/// leaves the socket. [`MessageReader::buffered`] reads whatever the socket holds into
+/// a buffer of [`READ_BUFFER`] bytes and hands the messages out of it: a message takes
+/// one `recvmsg` or a share of one instead of two, and a read that comes back short
+/// says the socket is empty without another call ([`MessageReader::drained`]). The
+/// buffered reader's caller must look at [`MessageReader::has_buffered_message`]
+/// before it waits for the socket to be readable: messages in the buffer do not make
+/// it so.
+///
+/// File descriptors belong to the message they were sent with. The unbuffered reader
+/// gives them to the message it is reading when they come (a sender sends a message's
+/// fds with its first bytes). A buffered read may take several messages at once, and
+/// the kernel ends a read right after the data that carried fds: they were sent with
+/// one of the messages that start in that read, the first of the last `sendmsg`, which
+/// the read does not show. The buffered reader gives them to the last message starting
+/// in the read that may carry fds (its caller says which commands may), else to the
+/// last message starting in it, else to the message the read continues. That is the
+/// sender's message when each `sendmsg` carries one message, and when a `sendmsg` of
+/// several carries the fds of its only message that may take them (a DMA_MAP with its
+/// DMA_UNMAP); only a `sendmsg` of two messages that may both take fds, the fds
+/// meant for the first, is read otherwise than by the unbuffered reader.
 #[derive(Debug)]
 pub struct MessageReader {
     limits: Limits,
@@ -73,6 +96,113 @@ pub struct MessageReader {
     /// fds of the current message beyond `max_msg_fds`, closed on arrival (the reader
     /// never holds more than the limit, however a peer spreads fds over a message).
     excess_fds: usize,
+    /// The buffer of a buffered reader.
+    buffer: Option<ReadBuffer>,
+    /// Which commands may carry fds (for the buffered reader).
+    may_carry_fds: fn(u16) -> bool,
+    /// The last `recvmsg` returned fewer bytes than asked for: the socket was empty.
+    short: bool,
+}
+
+/// Bytes a buffered reader takes from the socket at once; larger messages are read
+/// into their own payload, as by an unbuffered reader.
+pub const READ_BUFFER: usize = 16 << 10;
+
+/// What a buffered reader holds between calls.
+#[derive(Debug)]
+struct ReadBuffer {
+    bytes: Box<[u8]>,
+    /// `bytes[start..end]` are received and not handed out; `start` is where a message
+    /// begins.
+    start: usize,
+    end: usize,
+    /// Stream offset of `bytes[start]`: bytes received before it.
+    offset: u64,
+    /// fds received and not handed out yet: the stream offset of the last byte that
+    /// came with them, the fds, and how many more came and were closed at once.
+    pending: Vec<(u64, Vec<OwnedFd>, usize)>,
+}
+
+impl ReadBuffer {
+    fn available(&self) -> usize {
+        self.end - self.start
+    }
+
+    /// The size field of the header at `start`, if a whole header is there.
+    fn next_size(&self) -> Option<usize> {
+        (self.available() >= HEADER_SIZE).then(|| {
+            let b = &self.bytes[self.start + 4..self.start + 8];
+            u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
+        })
+    }
+
+    /// Hands out `n` bytes from `start`, with the fds that came with any of them.
+    fn consume(&mut self, n: usize) -> (Vec<OwnedFd>, usize) {
+        self.start += n;
+        self.offset += n as u64;
+        let (mut fds, mut excess) = (Vec::new(), 0);
+        let end = self.offset;
+        self.pending.retain_mut(|(at, f, x)| {
+            if *at < end {
+                fds.append(f);
+                excess += *x;
+                false
+            } else {
+                true
+            }
+        });
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        }
+        (fds, excess)
+    }
+
+    fn pending_fds(&self) -> usize {
+        self.pending.iter().map(|(_, f, _)| f.len()).sum()
+    }
+
+    /// The stream offset of the message that gets the fds of the read that filled
+    /// `bytes[from..self.end]` (see [`MessageReader`]).
+    fn fd_owner(&self, from: usize, may_carry_fds: fn(u16) -> bool) -> u64 {
+        let mut at = self.start;
+        let (mut current, mut last, mut last_carrier) = (self.start, None, None);
+        while at < self.end {
+            if at < from {
+                current = at;
+            } else {
+                last = Some(at);
+                // A start whose command is not here yet may be the carrier.
+                let carrier = self
+                    .bytes
+                    .get(at + 2..at + 4)
+                    .is_none_or(|c| may_carry_fds(u16::from_le_bytes([c[0], c[1]])));
+                if carrier {
+                    last_carrier = Some(at);
+                }
+            }
+            let Some(size) = self
+                .bytes
+                .get(at + 4..at + 8)
+                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .filter(|&s| s >= HEADER_SIZE && at + HEADER_SIZE <= self.end)
+            else {
+                break; // an incomplete or unframeable header: nothing starts after it
+            };
+            at += size;
+        }
+        let owner = last_carrier.or(last).unwrap_or(current);
+        self.offset + (owner - self.start) as u64
+    }
+}
+
+/// What the buffered path of a read came to.
+enum Buffered {
+    Frame(Frame),
+    WouldBlock,
+    /// The next message is larger than the buffer: its header is taken and the rest
+    /// is read as by an unbuffered reader.
+    Large,
 }
 
 /// Upper bound on a message whose payload the reader skips instead of closing the
@@ -90,7 +220,53 @@ impl MessageReader {
             },
             fds: Vec::new(),
             excess_fds: 0,
+            buffer: None,
+            short: false,
+            may_carry_fds: |_| true,
         }
+    }
+
+    /// A reader enforcing `limits` that reads through a buffer of [`READ_BUFFER`]
+    /// bytes (see [`MessageReader`]): for a caller that looks at
+    /// [`MessageReader::has_buffered_message`] before waiting for the socket.
+    /// `may_carry_fds` says which commands may come with fds.
+    pub fn buffered(limits: Limits, may_carry_fds: fn(u16) -> bool) -> Self {
+        Self {
+            may_carry_fds,
+            buffer: Some(ReadBuffer {
+                bytes: vec![0; READ_BUFFER].into_boxed_slice(),
+                start: 0,
+                end: 0,
+                offset: 0,
+                pending: Vec::new(),
+            }),
+            ..Self::new(limits)
+        }
+    }
+
+    /// Whether the next [`MessageReader::read`] hands out a message (or refuses one)
+    /// from the buffer, with no system call.
+    pub fn has_buffered_message(&self) -> bool {
+        if !self.at_message_start() {
+            return false;
+        }
+        let Some(b) = &self.buffer else {
+            return false;
+        };
+        b.next_size()
+            .is_some_and(|size| size < HEADER_SIZE || size <= b.available())
+    }
+
+    /// Whether the socket had nothing more to give when it was last read (that read
+    /// came back short) and no whole message waits in the buffer: a caller driven by
+    /// level-triggered readiness can stop reading until the socket is readable again,
+    /// without the `recvmsg` that would say `EAGAIN`.
+    pub fn drained(&self) -> bool {
+        self.short && !self.has_buffered_message()
+    }
+
+    fn at_message_start(&self) -> bool {
+        matches!(self.state, State::Header { filled: 0, .. })
     }
 
     /// The limits in force.
@@ -103,9 +279,11 @@ impl MessageReader {
         self.limits = limits;
     }
 
-    /// Whether part of a message has been read.
+    /// Whether part of a message has been read (and the rest has not).
     pub fn is_mid_message(&self) -> bool {
-        !matches!(self.state, State::Header { filled: 0, .. })
+        !self.at_message_start()
+            || self.buffer.as_ref().is_some_and(|b| b.available() > 0)
+                && !self.has_buffered_message()
     }
 
     /// Reads until one message is complete.
@@ -122,9 +300,17 @@ impl MessageReader {
     }
 
     fn read_inner(&mut self, sock: &UnixStream) -> Result<Option<Frame>, TransportError> {
+        if self.buffer.is_some() && self.at_message_start() {
+            match self.read_buffered(sock)? {
+                Buffered::Frame(f) => return Ok(Some(f)),
+                Buffered::WouldBlock => return Ok(None),
+                Buffered::Large => {}
+            }
+        }
         loop {
             match &mut self.state {
                 State::Header { buf, filled } => {
+                    let want = HEADER_SIZE - *filled;
                     let Some(n) = recv(
                         sock,
                         &mut buf[*filled..],
@@ -133,8 +319,10 @@ impl MessageReader {
                         &mut self.excess_fds,
                     )?
                     else {
+                        self.short = true;
                         return Ok(None);
                     };
+                    self.short = n < want;
                     if n == 0 {
                         return Err(if *filled == 0 {
                             TransportError::Closed
@@ -157,6 +345,7 @@ impl MessageReader {
                     if *filled == payload.len() {
                         return Ok(Some(self.finish()));
                     }
+                    let want = payload.len() - *filled;
                     let Some(n) = recv(
                         sock,
                         &mut payload[*filled..],
@@ -165,8 +354,10 @@ impl MessageReader {
                         &mut self.excess_fds,
                     )?
                     else {
+                        self.short = true;
                         return Ok(None);
                     };
+                    self.short = n < want;
                     if n == 0 {
                         return Err(TransportError::ClosedMidMessage {
                             received: HEADER_SIZE + *filled,
@@ -189,8 +380,10 @@ impl MessageReader {
                         &mut self.excess_fds,
                     )?
                     else {
+                        self.short = true;
                         return Ok(None);
                     };
+                    self.short = n < want;
                     if n == 0 {
                         return Err(TransportError::ClosedMidMessage {
                             received: 0,
@@ -199,6 +392,126 @@ impl MessageReader {
                     }
                     *remaining -= n;
                 }
+            }
+        }
+    }
+
+    /// The buffered path, at a message boundary: hands out the next message if the
+    /// buffer holds it whole, else reads what the socket has (one `recvmsg`) and looks
+    /// again.
+    fn read_buffered(&mut self, sock: &UnixStream) -> Result<Buffered, TransportError> {
+        let limits = self.limits;
+        let Some(b) = self.buffer.as_mut() else {
+            return Ok(Buffered::Large);
+        };
+        loop {
+            let available = b.available();
+            if available >= HEADER_SIZE {
+                let mut raw = [0u8; HEADER_SIZE];
+                raw.copy_from_slice(&b.bytes[b.start..b.start + HEADER_SIZE]);
+                let size = b.next_size().unwrap_or(0);
+                match Header::decode(&raw) {
+                    Err(DecodeError::SizeTooSmall { size }) => {
+                        return Err(TransportError::BadHeader(DecodeError::SizeTooSmall {
+                            size,
+                        }));
+                    }
+                    Ok(header) if size <= limits.max_msg_size && size <= available => {
+                        let payload = b.bytes[b.start + HEADER_SIZE..b.start + size].to_vec();
+                        let (fds, excess) = b.consume(size);
+                        return Ok(Buffered::Frame(frame(header, payload, fds, excess, limits)));
+                    }
+                    Ok(_) if size <= limits.max_msg_size && size <= b.bytes.len() => {}
+                    Ok(header) if size <= limits.max_msg_size => {
+                        // Larger than the buffer: what is here starts its payload.
+                        let mut payload = vec![0; header.payload_len()];
+                        let here = available - HEADER_SIZE;
+                        payload[..here].copy_from_slice(&b.bytes[b.start + HEADER_SIZE..b.end]);
+                        let (fds, excess) = b.consume(available);
+                        self.adopt_fds(fds, excess);
+                        self.state = State::Payload {
+                            header,
+                            payload,
+                            filled: here,
+                        };
+                        return Ok(Buffered::Large);
+                    }
+                    decoded => {
+                        // Refused, its size still usable (checked first): skip it.
+                        let (header, error) = match decoded {
+                            Ok(header) => (
+                                header,
+                                DecodeError::TooLarge {
+                                    size,
+                                    limit: limits.max_msg_size,
+                                },
+                            ),
+                            Err(error) => (raw_header(&raw), error),
+                        };
+                        if size > MAX_DISCARD {
+                            return Err(TransportError::BadHeader(error));
+                        }
+                        let here = size.min(available);
+                        let (fds, excess) = b.consume(here);
+                        drop(fds); // closed: the message is refused
+                        let _ = excess;
+                        if here == size {
+                            return Ok(Buffered::Frame(Frame::Rejected(Rejected {
+                                header,
+                                error,
+                            })));
+                        }
+                        self.state = State::Discard {
+                            header,
+                            remaining: size - here,
+                            error,
+                        };
+                        return Ok(Buffered::Large);
+                    }
+                }
+            }
+            // Not a whole message: read more behind what is here.
+            if b.start > 0 {
+                b.bytes.copy_within(b.start..b.end, 0);
+                b.end -= b.start;
+                b.start = 0;
+            }
+            let room = b.bytes.len() - b.end;
+            let allowed = (2 * limits.max_msg_fds).saturating_sub(b.pending_fds());
+            let (mut fds, mut excess) = (Vec::new(), 0);
+            let end = b.end;
+            let Some(n) = recv(sock, &mut b.bytes[end..], &mut fds, allowed, &mut excess)? else {
+                self.short = true;
+                return Ok(Buffered::WouldBlock);
+            };
+            self.short = n < room;
+            if n == 0 {
+                return Err(if available == 0 {
+                    TransportError::Closed
+                } else {
+                    TransportError::ClosedMidMessage {
+                        received: available,
+                        expected: b.next_size().unwrap_or(HEADER_SIZE),
+                    }
+                });
+            }
+            b.end += n;
+            if !fds.is_empty() || excess > 0 {
+                let owner = b.fd_owner(end, self.may_carry_fds);
+                b.pending.push((owner, fds, excess));
+            }
+        }
+    }
+
+    /// Makes `fds` the current message's, up to the limit (the rest is closed and
+    /// counted).
+    fn adopt_fds(&mut self, fds: Vec<OwnedFd>, excess: usize) {
+        self.excess_fds += excess;
+        for fd in fds {
+            if self.fds.len() < self.limits.max_msg_fds {
+                self.fds.push(fd);
+            } else {
+                self.excess_fds += 1;
             }
         }
     }
@@ -215,16 +528,7 @@ impl MessageReader {
             Err(error) => {
                 // The size field is still usable (it was checked first): skip the message
                 // so that the stream stays in sync, then report it. Re-read the raw size.
-                let size = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-                let header = Header {
-                    msg_id: u16::from_le_bytes([bytes[0], bytes[1]]),
-                    command: u16::from_le_bytes([bytes[2], bytes[3]]),
-                    size,
-                    msg_type: crate::vfio_user::MessageType::Command,
-                    no_reply: false,
-                    error: None,
-                };
-                return self.discard(header, error);
+                return self.discard(raw_header(bytes), error);
             }
         };
         let size = header.size as usize;
@@ -270,27 +574,7 @@ impl MessageReader {
         match state {
             State::Payload {
                 header, payload, ..
-            } => {
-                if excess > 0 {
-                    let count = fds.len() + excess;
-                    warn!(
-                        "message {} (command {}) carries {count} fds, limit {}; rejected",
-                        header.msg_id, header.command, self.limits.max_msg_fds
-                    );
-                    return Frame::Rejected(Rejected {
-                        header,
-                        error: DecodeError::TooManyFds {
-                            count,
-                            limit: self.limits.max_msg_fds,
-                        },
-                    });
-                }
-                Frame::Message(RawMessage {
-                    header,
-                    payload,
-                    fds,
-                })
-            }
+            } => frame(header, payload, fds, excess, self.limits),
             State::Discard { header, error, .. } => Frame::Rejected(Rejected { header, error }),
             State::Header { .. } => unreachable!("finish called without a message"),
         }
@@ -303,6 +587,54 @@ impl MessageReader {
         };
         self.fds.clear();
         self.excess_fds = 0;
+        self.short = false;
+        if let Some(b) = self.buffer.as_mut() {
+            b.start = 0;
+            b.end = 0;
+            b.pending.clear();
+        }
+    }
+}
+
+/// A whole message and its fds, or its refusal when more fds came with it than
+/// `limits` allow.
+fn frame(
+    header: Header,
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+    excess: usize,
+    limits: Limits,
+) -> Frame {
+    let count = fds.len() + excess;
+    if count > limits.max_msg_fds {
+        warn!(
+            "message {} (command {}) carries {count} fds, limit {}; rejected",
+            header.msg_id, header.command, limits.max_msg_fds
+        );
+        return Frame::Rejected(Rejected {
+            header,
+            error: DecodeError::TooManyFds {
+                count,
+                limit: limits.max_msg_fds,
+            },
+        });
+    }
+    Frame::Message(RawMessage {
+        header,
+        payload,
+        fds,
+    })
+}
+
+/// What can be told of a header that does not decode: its id, command and size.
+fn raw_header(bytes: &[u8; HEADER_SIZE]) -> Header {
+    Header {
+        msg_id: u16::from_le_bytes([bytes[0], bytes[1]]),
+        command: u16::from_le_bytes([bytes[2], bytes[3]]),
+        size: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+        msg_type: crate::vfio_user::MessageType::Command,
+        no_reply: false,
+        error: None,
     }
 }
 

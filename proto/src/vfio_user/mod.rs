@@ -112,6 +112,14 @@ pub enum Command {
     MigDataWrite = 18,
 }
 
+/// Whether a client's request with command number `command` may come with fds
+/// (DMA_MAP: the memory; DEVICE_SET_IRQS: eventfds). A transport that must tell which
+/// of several messages some fds came with asks this
+/// ([`crate::transport::MessageReader::buffered`]).
+pub fn request_may_carry_fds(command: u16) -> bool {
+    command == Command::DmaMap as u16 || command == Command::DeviceSetIrqs as u16
+}
+
 impl Command {
     /// Every command, in numeric order.
     pub const ALL: [Command; 17] = [

@@ -166,6 +166,27 @@ pub fn measure(
     })
 }
 
+/// `vfu-bench aggregate`: the report's aggregate part alone, event mode and (unless
+/// `poll_us` is 0) poll mode, with `pairs` queue pairs; prints its table.
+pub fn run(poll_us: u64, pairs: u16) -> Result<(), String> {
+    use crate::report::{DEPTH, DEVICE_COUNTS};
+    let (warmup, duration) = (Duration::from_millis(500), Duration::from_secs(2));
+    let mut modes = vec![Mode::event()];
+    if poll_us > 0 {
+        modes.push(Mode::poll(poll_us));
+    }
+    let mut rows = Vec::new();
+    for mode in &modes {
+        let mode = mode.with_queue_pairs(pairs);
+        for n in DEVICE_COUNTS {
+            eprintln!("vfu-bench: aggregate: {n} devices, {} mode", mode.name);
+            rows.push(measure(&mode, n, DEPTH, warmup, duration)?);
+        }
+    }
+    println!("{}", table(&rows, DEPTH, duration, pairs).markdown());
+    Ok(())
+}
+
 /// The table of `rows`, each against the 1-device row of its mode.
 pub fn table(rows: &[Row], depth: usize, duration: Duration, pairs: u16) -> Table {
     let (c, s) = if online_cpus() > 1 { (0, 1) } else { (0, 0) };

@@ -13,11 +13,13 @@
 //! were: `latency` (round trips and posted writes, event mode), `dma` (DMA and
 //! interrupts, event mode), `all` (both; the default), `memfd-io` (what the relay's copy
 //! path chooses between) and `device-vm` (round trips through a real device VM under
-//! QEMU TCG, unpinned).
+//! QEMU TCG, unpinned). `aggregate` runs the report's aggregate part alone (both
+//! modes, `--queue-pairs`), to look at one figure without the rest.
 //!
 //! ```text
 //! target/release/vfu-bench report [--out DIR] [--quick] [--poll-us N] [--queue-pairs N]
 //!                                 [--rounds N] [--writes N] [--multi-writes N]
+//! target/release/vfu-bench aggregate [--poll-us N] [--queue-pairs N]
 //! target/release/vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]
 //! ```
 
@@ -133,6 +135,7 @@ fn in_device_vm(
 }
 
 const USAGE: &str = "usage: vfu-bench report [--out DIR] [--quick] [--poll-us N] [--rounds N] [--writes N] [--multi-writes N] [--queue-pairs N]
+       vfu-bench aggregate [--poll-us N] [--queue-pairs N]
        vfu-bench [latency|dma|memfd-io|device-vm|all] [--rounds N] [--writes N]";
 
 fn main() -> ExitCode {
@@ -145,7 +148,7 @@ fn main() -> ExitCode {
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
-            "latency" | "dma" | "memfd-io" | "device-vm" | "all" | "report" => {
+            "latency" | "dma" | "memfd-io" | "device-vm" | "all" | "report" | "aggregate" => {
                 what = a.clone();
                 continue;
             }
@@ -185,6 +188,7 @@ fn main() -> ExitCode {
         "report" => report::run(&report),
         "latency" => latency::run(rounds, writes),
         "dma" => dma::run(),
+        "aggregate" => aggregate::run(report.poll_us, report.queue_pairs),
         "memfd-io" => memfd_io::run(),
         "device-vm" => device_vm(rounds, writes),
         _ => latency::run(rounds, writes).and_then(|()| dma::run()),

@@ -51,8 +51,8 @@ const POSTED: f64 = 1_000_000.0;
 const SCALE: f64 = 0.9;
 const IDLE_PERCENT: f64 = 1.0;
 /// In-flight requests of the aggregate part.
-const DEPTH: usize = 64;
-const DEVICE_COUNTS: [usize; 3] = [1, 8, 64];
+pub const DEPTH: usize = 64;
+pub const DEVICE_COUNTS: [usize; 3] = [1, 8, 64];
 
 /// "2026-11-21 14:03 UTC" from the system clock.
 fn utc_now() -> String {
