@@ -985,7 +985,7 @@ impl Target {
                     self.drop_client(channel);
                 }
             }
-            if self.relay.link.take_room_made() {
+            if self.relay.link.take_room_made(0) {
                 // What the switch does: read paused clients again.
                 for ch in self.relay.channels() {
                     if !self.relay.link.has_room(ch.id) {
