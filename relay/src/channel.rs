@@ -121,6 +121,50 @@ pub struct Client {
     /// connection itself, so a newer client on the same channel is never dropped for an
     /// older one's failure.
     broken: bool,
+    /// Its channel's id.
+    channel: u32,
+    /// Messages wait in the writer for the end of the batch being dispatched
+    /// ([`batch_client_writes`]).
+    deferred: bool,
+}
+
+std::thread_local! {
+    /// While this thread dispatches a batch of the device VM's messages: the channels
+    /// whose client has messages queued and not written yet.
+    static DEFERRED: std::cell::RefCell<Option<Vec<u32>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `dispatch` (the handling of one batch of the device VM's messages) with what
+/// it sends to clients queued, then writes each of those clients' queues at once: the
+/// replies of a batch to one client go out in one `sendmsg` (a few for many), not one
+/// each. Order is kept: a client's messages wait in its one queue, and whoever writes
+/// next writes them first.
+pub fn batch_client_writes<R>(relay: &Relay, dispatch: impl FnOnce() -> R) -> R {
+    let nested = DEFERRED.with(|d| {
+        let mut d = d.borrow_mut();
+        let nested = d.is_some();
+        if !nested {
+            *d = Some(Vec::new());
+        }
+        nested
+    });
+    let result = dispatch();
+    if nested {
+        return result;
+    }
+    let ids = DEFERRED.with(|d| d.borrow_mut().take()).unwrap_or_default();
+    for id in ids {
+        let Some(ch) = relay.channel(id) else {
+            continue;
+        };
+        let mut st = ch.lock();
+        if let Some(client) = st.client.as_mut().filter(|c| c.deferred) {
+            client.deferred = false;
+            let outcome = client.flush();
+            relay.after_send_locked(&ch, client, outcome);
+        }
+    }
+    result
 }
 
 /// The DMA regions of a client that went away, kept until the device VM acknowledges
@@ -229,8 +273,8 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 pub const MAX_IN_FLIGHT_BYTES: usize = 8 << 20;
 
 impl Client {
-    /// A freshly accepted client; `sock` is non-blocking.
-    pub fn new(sock: Arc<UnixStream>) -> Self {
+    /// A freshly accepted client of channel `channel`; `sock` is non-blocking.
+    pub fn new(sock: Arc<UnixStream>, channel: u32) -> Self {
         Self {
             sock,
             writer: MessageWriter::new(Limits {
@@ -246,6 +290,8 @@ impl Client {
             dma: DmaTable::default(),
             paused: false,
             broken: false,
+            channel,
+            deferred: false,
         }
     }
 
@@ -264,6 +310,19 @@ impl Client {
             // for without bound.
             self.broken = true;
             return SendOutcome::Broken;
+        }
+        if self.deferred {
+            return SendOutcome::Done; // written with the rest at the end of the batch
+        }
+        let batching = DEFERRED.with(|d| {
+            d.borrow_mut()
+                .as_mut()
+                .map(|ids| ids.push(self.channel))
+                .is_some()
+        });
+        if batching {
+            self.deferred = true;
+            return SendOutcome::Done;
         }
         self.flush()
     }
@@ -421,7 +480,7 @@ impl Channel {
     /// A client connected: tell the device VM a session starts.
     pub fn on_client_connected(&self, relay: &Relay, sock: Arc<UnixStream>) {
         let mut st = self.lock();
-        st.client = Some(Client::new(sock));
+        st.client = Some(Client::new(sock, self.id));
         st.connections += 1;
         let served = st.guest == GuestState::Served;
         drop(st);

@@ -427,3 +427,44 @@ fn buffered_reader_gives_fds_to_their_message() {
         }
     }
 }
+
+/// A writer with many messages queued sends them together, a message with fds
+/// starting a `sendmsg` of its own: both readers get every message in order, the fds
+/// with theirs, also when the socket fills part-way and the rest goes later.
+#[test]
+fn queued_messages_go_out_together_fds_with_theirs() {
+    for new_reader in READERS {
+        let (a, b) = UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let mut writer = MessageWriter::new(Limits::DEFAULT);
+        let (r, w) = pipe();
+        for id in 0..300u16 {
+            let fds = if id == 150 {
+                vec![w.try_clone().unwrap()]
+            } else {
+                vec![]
+            };
+            let command = if id == 150 { 2 } else { 9 };
+            let payload = vec![id as u8; 16 + usize::from(id) * 7];
+            writer.push(message(id, command, &payload), fds).unwrap();
+        }
+        drop(w);
+        let reader = std::thread::spawn(move || {
+            let mut reader = new_reader(Limits::DEFAULT);
+            (0..300u16)
+                .map(|_| expect_message(reader.read(&b).unwrap()))
+                .map(|m| (m.header.msg_id, m.fds.len(), m.payload))
+                .collect::<Vec<_>>()
+        });
+        while !writer.flush(&a).unwrap() {
+            std::thread::yield_now();
+        }
+        let got = reader.join().unwrap();
+        for (i, (id, fds, payload)) in got.into_iter().enumerate() {
+            assert_eq!(usize::from(id), i);
+            assert_eq!(fds, usize::from(id == 150), "message {id}");
+            assert_eq!(payload, vec![id as u8; 16 + usize::from(id) * 7]);
+        }
+        assert!(writers_closed(&r), "the fd was handed over once");
+    }
+}

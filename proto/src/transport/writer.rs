@@ -9,6 +9,12 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::{Limits, TransportError};
 
+/// Most messages one `sendmsg` of [`MessageWriter::flush`] carries.
+pub const GATHER: usize = 64;
+
+/// Bytes past which [`MessageWriter::flush`] adds no more messages to a `sendmsg`.
+pub const GATHER_BYTES: usize = 256 << 10;
+
 #[derive(Debug)]
 struct Outgoing {
     bytes: Vec<u8>,
@@ -77,33 +83,57 @@ impl MessageWriter {
 
     /// Writes as much as the socket takes. Returns `true` when the queue is empty,
     /// `false` when the socket would block (wait for it to become writable).
+    ///
+    /// Queued messages go out together, up to [`GATHER`] of them (and [`GATHER_BYTES`])
+    /// per `sendmsg`: a message with fds starts a `sendmsg` of its own, so its fds come
+    /// with its first byte and with no earlier message's bytes.
     pub fn flush(&mut self, sock: &UnixStream) -> Result<bool, TransportError> {
-        while let Some(out) = self.queue.front_mut() {
-            let rest = &out.bytes[out.sent..];
-            let res = if out.sent == 0 && !out.fds.is_empty() {
-                let raw: Vec<RawFd> = out.fds.iter().map(|f| f.as_raw_fd()).collect();
-                sock.send_with_fds(&[rest], &raw)
-            } else {
-                sock.send_with_fds(&[rest], &[])
-            };
-            match res {
-                Ok(n) => {
-                    out.sent += n;
-                    self.queued_bytes -= n;
-                    if n > 0 {
-                        // The fds went with the first byte.
-                        out.fds.clear();
-                    }
-                    if out.sent == out.bytes.len() {
-                        self.queue.pop_front();
-                    }
+        while !self.queue.is_empty() {
+            let mut iov: Vec<&[u8]> = Vec::with_capacity(GATHER.min(self.queue.len()));
+            let mut bytes = 0;
+            for (i, out) in self.queue.iter().enumerate() {
+                let fresh_with_fds = out.sent == 0 && !out.fds.is_empty();
+                if i > 0 && (fresh_with_fds || iov.len() == GATHER || bytes >= GATHER_BYTES) {
+                    break;
                 }
+                iov.push(&out.bytes[out.sent..]);
+                bytes += out.bytes.len() - out.sent;
+            }
+            let front = &self.queue[0];
+            let raw: Vec<RawFd> = if front.sent == 0 {
+                front.fds.iter().map(|f| f.as_raw_fd()).collect()
+            } else {
+                Vec::new()
+            };
+            match sock.send_with_fds(&iov, &raw) {
+                Ok(n) => self.advance(n),
                 Err(e) if e.errno() == libc::EINTR => continue,
                 Err(e) if e.errno() == libc::EAGAIN => return Ok(false),
                 Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
             }
         }
         Ok(true)
+    }
+
+    /// Counts `n` bytes written from the front of the queue.
+    fn advance(&mut self, mut n: usize) {
+        self.queued_bytes -= n;
+        if n > 0 {
+            if let Some(front) = self.queue.front_mut() {
+                front.fds.clear(); // they went with its first byte
+            }
+        }
+        while n > 0 {
+            let Some(out) = self.queue.front_mut() else {
+                break;
+            };
+            let take = n.min(out.bytes.len() - out.sent);
+            out.sent += take;
+            n -= take;
+            if out.sent == out.bytes.len() {
+                self.queue.pop_front();
+            }
+        }
     }
 
     /// Queues a message and writes until the whole queue is out, waiting for the socket

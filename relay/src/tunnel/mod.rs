@@ -150,9 +150,11 @@ pub fn drain_g2h(relay: &Relay, pair: usize) -> bool {
     loop {
         let (messages, more) = relay.link.receive(pair);
         took |= !messages.is_empty();
-        for msg in messages {
-            dispatch(relay, msg);
-        }
+        crate::channel::batch_client_writes(relay, || {
+            for msg in messages {
+                dispatch(relay, msg);
+            }
+        });
         relay.link.signal_pending();
         if !more {
             break;
