@@ -29,7 +29,10 @@ pub struct NullServer {
 fn serve(listener: UnixListener, cpu: usize) -> Result<(), String> {
     let _ = pin_to(cpu);
     let (sock, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
-    let mut reader = MessageReader::new(Limits::DEFAULT);
+    // The relay's way of reading (many messages per recvmsg), so that this stays the
+    // ceiling of what the client and the socket allow.
+    let mut reader =
+        MessageReader::buffered(Limits::DEFAULT, vfu_proto::vfio_user::request_may_carry_fds);
     let mut writer = MessageWriter::new(Limits::DEFAULT);
     let mut regs = [0u8; REGS];
     let range = |offset: u64, len: usize| {
