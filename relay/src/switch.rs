@@ -312,11 +312,6 @@ impl Relay {
     fn shard_of(&self, id: u32) -> &Shard {
         &self.shards[id as usize % self.shards.len()]
     }
-
-    /// How many switch threads there are (one per queue pair offered).
-    pub fn switch_threads(&self) -> usize {
-        self.shards.len()
-    }
 }
 
 /// One switch thread's share: what it waits on and the devices it owns. Another
@@ -663,7 +658,7 @@ impl SwitchThread {
                     flush_client(&relay, &devices, id);
                 }
                 if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
-                    self.read(&mut devices, id);
+                    self.read(&mut devices, id, "closed or failed");
                 }
             }
             kind => {
@@ -687,12 +682,13 @@ impl SwitchThread {
         }
     }
 
-    /// Reads the client of device `id` and deals with the outcome.
-    fn read(&self, devices: &mut HashMap<u32, Device>, id: u32) {
+    /// Reads the client of device `id` and deals with the outcome; `gone` says why it
+    /// is dropped if it must go.
+    fn read(&self, devices: &mut HashMap<u32, Device>, id: u32, gone: &str) {
         match read_client(&self.relay, devices, id) {
             ReadOutcome::Idle => {}
             ReadOutcome::Buffered => self.shard().ready().push(id),
-            ReadOutcome::Gone => self.drop_client(devices, id, "closed or failed"),
+            ReadOutcome::Gone => self.drop_client(devices, id, gone),
         }
     }
 
@@ -707,7 +703,7 @@ impl SwitchThread {
         ids.dedup();
         let mut devices = self.shard().devices();
         for id in ids {
-            self.read(&mut devices, id);
+            self.read(&mut devices, id, "closed or failed");
         }
         true
     }
@@ -807,13 +803,7 @@ impl SwitchThread {
             // quick reconnect): take what it sent first.
             let has_client = dev.client.is_some();
             if has_client {
-                match read_client(&relay, devices, id) {
-                    ReadOutcome::Idle => {}
-                    ReadOutcome::Buffered => self.shard().ready().push(id),
-                    ReadOutcome::Gone => {
-                        self.drop_client(devices, id, "gone before the next client came")
-                    }
-                }
+                self.read(devices, id, "gone before the next client came");
             }
             let Some(dev) = devices.get_mut(&id) else {
                 return;

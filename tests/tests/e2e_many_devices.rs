@@ -179,11 +179,11 @@ fn many_pairs(
     extra: &[&str],
 ) -> (Vec<std::path::PathBuf>, vfu_tests::Proc, vfu_tests::Proc) {
     let frontend = scratch.join("frontend.sock");
+    let devices = 2 * pairs;
     let pairs = pairs.to_string();
     let mut relay_args = vec!["--queue-pairs", &pairs];
     relay_args.extend(extra);
-    let n = 2 * pairs.parse::<usize>().unwrap();
-    let (names, sockets, relay) = gpio_relay(scratch, n, &relay_args);
+    let (names, sockets, relay) = gpio_relay(scratch, devices, &relay_args);
     let mut args = vec![
         "--loopback".to_string(),
         frontend.display().to_string(),

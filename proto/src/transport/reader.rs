@@ -118,8 +118,9 @@ struct ReadBuffer {
     end: usize,
     /// Stream offset of `bytes[start]`: bytes received before it.
     offset: u64,
-    /// fds received and not handed out yet: the stream offset of the last byte that
-    /// came with them, the fds, and how many more came and were closed at once.
+    /// fds received and not handed out yet: the stream offset of the message they go
+    /// to ([`ReadBuffer::fd_owner`]), the fds, and how many more came and were closed
+    /// at once.
     pending: Vec<(u64, Vec<OwnedFd>, usize)>,
 }
 
@@ -130,8 +131,13 @@ impl ReadBuffer {
 
     /// The size field of the header at `start`, if a whole header is there.
     fn next_size(&self) -> Option<usize> {
-        (self.available() >= HEADER_SIZE).then(|| {
-            let b = &self.bytes[self.start + 4..self.start + 8];
+        self.size_at(self.start)
+    }
+
+    /// The size field of the header at `at`, if a whole header is there.
+    fn size_at(&self, at: usize) -> Option<usize> {
+        (at + HEADER_SIZE <= self.end).then(|| {
+            let b = &self.bytes[at + 4..at + 8];
             u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize
         })
     }
@@ -181,12 +187,7 @@ impl ReadBuffer {
                     last_carrier = Some(at);
                 }
             }
-            let Some(size) = self
-                .bytes
-                .get(at + 4..at + 8)
-                .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .filter(|&s| s >= HEADER_SIZE && at + HEADER_SIZE <= self.end)
-            else {
+            let Some(size) = self.size_at(at).filter(|&s| s >= HEADER_SIZE) else {
                 break; // an incomplete or unframeable header: nothing starts after it
             };
             at += size;
@@ -200,8 +201,8 @@ impl ReadBuffer {
 enum Buffered {
     Frame(Frame),
     WouldBlock,
-    /// The next message is larger than the buffer: its header is taken and the rest
-    /// is read as by an unbuffered reader.
+    /// The next message is larger than the buffer, or refused: what the buffer held of
+    /// it is taken, and the rest is read (or skipped) as by an unbuffered reader.
     Large,
 }
 
@@ -310,19 +311,17 @@ impl MessageReader {
         loop {
             match &mut self.state {
                 State::Header { buf, filled } => {
-                    let want = HEADER_SIZE - *filled;
                     let Some(n) = recv(
                         sock,
                         &mut buf[*filled..],
                         &mut self.fds,
                         self.limits.max_msg_fds,
                         &mut self.excess_fds,
+                        &mut self.short,
                     )?
                     else {
-                        self.short = true;
                         return Ok(None);
                     };
-                    self.short = n < want;
                     if n == 0 {
                         return Err(if *filled == 0 {
                             TransportError::Closed
@@ -345,19 +344,17 @@ impl MessageReader {
                     if *filled == payload.len() {
                         return Ok(Some(self.finish()));
                     }
-                    let want = payload.len() - *filled;
                     let Some(n) = recv(
                         sock,
                         &mut payload[*filled..],
                         &mut self.fds,
                         self.limits.max_msg_fds,
                         &mut self.excess_fds,
+                        &mut self.short,
                     )?
                     else {
-                        self.short = true;
                         return Ok(None);
                     };
-                    self.short = n < want;
                     if n == 0 {
                         return Err(TransportError::ClosedMidMessage {
                             received: HEADER_SIZE + *filled,
@@ -378,12 +375,11 @@ impl MessageReader {
                         &mut self.fds,
                         self.limits.max_msg_fds,
                         &mut self.excess_fds,
+                        &mut self.short,
                     )?
                     else {
-                        self.short = true;
                         return Ok(None);
                     };
-                    self.short = n < want;
                     if n == 0 {
                         return Err(TransportError::ClosedMidMessage {
                             received: 0,
@@ -406,66 +402,19 @@ impl MessageReader {
         };
         loop {
             let available = b.available();
-            if available >= HEADER_SIZE {
+            if let Some(size) = b.next_size() {
                 let mut raw = [0u8; HEADER_SIZE];
                 raw.copy_from_slice(&b.bytes[b.start..b.start + HEADER_SIZE]);
-                let size = b.next_size().unwrap_or(0);
+                let within = size <= limits.max_msg_size;
                 match Header::decode(&raw) {
-                    Err(DecodeError::SizeTooSmall { size }) => {
-                        return Err(TransportError::BadHeader(DecodeError::SizeTooSmall {
-                            size,
-                        }));
-                    }
-                    Ok(header) if size <= limits.max_msg_size && size <= available => {
+                    Ok(header) if within && size <= available => {
                         let payload = b.bytes[b.start + HEADER_SIZE..b.start + size].to_vec();
                         let (fds, excess) = b.consume(size);
                         return Ok(Buffered::Frame(frame(header, payload, fds, excess, limits)));
                     }
-                    Ok(_) if size <= limits.max_msg_size && size <= b.bytes.len() => {}
-                    Ok(header) if size <= limits.max_msg_size => {
-                        // Larger than the buffer: what is here starts its payload.
-                        let mut payload = vec![0; header.payload_len()];
-                        let here = available - HEADER_SIZE;
-                        payload[..here].copy_from_slice(&b.bytes[b.start + HEADER_SIZE..b.end]);
-                        let (fds, excess) = b.consume(available);
-                        self.adopt_fds(fds, excess);
-                        self.state = State::Payload {
-                            header,
-                            payload,
-                            filled: here,
-                        };
-                        return Ok(Buffered::Large);
-                    }
-                    decoded => {
-                        // Refused, its size still usable (checked first): skip it.
-                        let (header, error) = match decoded {
-                            Ok(header) => (
-                                header,
-                                DecodeError::TooLarge {
-                                    size,
-                                    limit: limits.max_msg_size,
-                                },
-                            ),
-                            Err(error) => (raw_header(&raw), error),
-                        };
-                        if size > MAX_DISCARD {
-                            return Err(TransportError::BadHeader(error));
-                        }
-                        let here = size.min(available);
-                        let (fds, excess) = b.consume(here);
-                        drop(fds); // closed: the message is refused
-                        let _ = excess;
-                        if here == size {
-                            return Ok(Buffered::Frame(Frame::Rejected(Rejected {
-                                header,
-                                error,
-                            })));
-                        }
-                        self.state = State::Discard {
-                            header,
-                            remaining: size - here,
-                            error,
-                        };
+                    Ok(_) if within && size <= b.bytes.len() => {} // the rest comes
+                    _ => {
+                        self.hand_over(&raw, size.min(available))?;
                         return Ok(Buffered::Large);
                     }
                 }
@@ -476,15 +425,13 @@ impl MessageReader {
                 b.end -= b.start;
                 b.start = 0;
             }
-            let room = b.bytes.len() - b.end;
             let allowed = (2 * limits.max_msg_fds).saturating_sub(b.pending_fds());
             let (mut fds, mut excess) = (Vec::new(), 0);
             let end = b.end;
-            let Some(n) = recv(sock, &mut b.bytes[end..], &mut fds, allowed, &mut excess)? else {
-                self.short = true;
+            let into = &mut b.bytes[end..];
+            let Some(n) = recv(sock, into, &mut fds, allowed, &mut excess, &mut self.short)? else {
                 return Ok(Buffered::WouldBlock);
             };
-            self.short = n < room;
             if n == 0 {
                 return Err(if available == 0 {
                     TransportError::Closed
@@ -501,6 +448,31 @@ impl MessageReader {
                 b.pending.push((owner, fds, excess));
             }
         }
+    }
+
+    /// Leaves the message at the buffer's start, of which the buffer holds `here` bytes
+    /// (its header `raw` among them), to the unbuffered path: one larger than the
+    /// buffer, or one to refuse. [`MessageReader::start_payload`] judges the header as
+    /// for an unbuffered read; the bytes and fds the buffer holds become the message's.
+    fn hand_over(&mut self, raw: &[u8; HEADER_SIZE], here: usize) -> Result<(), TransportError> {
+        self.start_payload(raw)?;
+        let Some(b) = self.buffer.as_mut() else {
+            return Ok(());
+        };
+        let rest = &b.bytes[b.start + HEADER_SIZE..b.start + here];
+        match &mut self.state {
+            State::Payload {
+                payload, filled, ..
+            } => {
+                payload[..rest.len()].copy_from_slice(rest);
+                *filled = rest.len();
+            }
+            State::Discard { remaining, .. } => *remaining -= rest.len(),
+            State::Header { .. } => {}
+        }
+        let (fds, excess) = b.consume(here);
+        self.adopt_fds(fds, excess);
+        Ok(())
     }
 
     /// Makes `fds` the current message's, up to the limit (the rest is closed and
@@ -640,12 +612,15 @@ fn raw_header(bytes: &[u8; HEADER_SIZE]) -> Header {
 
 /// One `recvmsg` into `buf`, adding the fds that came with it to `fds` up to `limit`
 /// and closing (counting in `excess`) the rest. `None` on `EAGAIN`; retries `EINTR`.
+/// `short` says whether the socket gave less than `buf` asked for (nothing, on
+/// `EAGAIN`): it was empty then.
 fn recv(
     sock: &UnixStream,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
     limit: usize,
     excess: &mut usize,
+    short: &mut bool,
 ) -> Result<Option<usize>, TransportError> {
     let mut raw = [0 as RawFd; SCM_MAX_FD];
     loop {
@@ -669,10 +644,14 @@ fn recv(
                         *excess += 1; // dropping `owned` closes it
                     }
                 }
+                *short = n < buf.len();
                 return Ok(Some(n));
             }
             Err(e) if e.errno() == libc::EINTR => continue,
-            Err(e) if e.errno() == libc::EAGAIN => return Ok(None),
+            Err(e) if e.errno() == libc::EAGAIN => {
+                *short = true;
+                return Ok(None);
+            }
             // vmm-sys-util closes the fds of a truncated control message itself.
             Err(e) if e.errno() == libc::ENOBUFS => return Err(TransportError::FdsTruncated),
             Err(e) => return Err(io::Error::from_raw_os_error(e.errno()).into()),
